@@ -1,0 +1,270 @@
+//! The one error type of the library, with a stable numeric code per variant for the C ABI.
+
+use std::io;
+
+use crate::wire::WireError;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every way a kvtransfer call can fail.
+///
+/// Each variant has a stable numeric [`code`](Error::code); codes are never reused, so a C
+/// caller can switch on them across versions.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {field}: {reason}")]
+    InvalidConfig {
+        /// The field (or environment variable) at fault.
+        field: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An argument of a call is invalid (null pointer, bad enum value, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A request or registration has zero length.
+    #[error("zero-length {what}")]
+    ZeroLength {
+        /// What had zero length ("registration", "request").
+        what: &'static str,
+    },
+    /// A registration overlaps an existing segment.
+    #[error(
+        "memory [{addr:#x}, +{len}) overlaps registered segment {existing} [{existing_addr:#x}, +{existing_len})"
+    )]
+    OverlappingRegistration {
+        /// Start of the new range.
+        addr: u64,
+        /// Length of the new range.
+        len: u64,
+        /// The segment it overlaps.
+        existing: u32,
+        /// Start of that segment.
+        existing_addr: u64,
+        /// Length of that segment.
+        existing_len: u64,
+    },
+    /// A local address range is not inside one registered segment.
+    #[error("local memory [{addr:#x}, +{len}) is not inside a registered segment")]
+    UnregisteredAddress {
+        /// Start of the range.
+        addr: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// No segment with this id exists (locally, or at the peer for remote ids).
+    #[error("unknown segment {segment}")]
+    UnknownSegment {
+        /// The id asked for.
+        segment: u32,
+    },
+    /// A remote range falls outside the peer's segment.
+    #[error("remote range [+{offset}, +{len}) is outside segment {segment} of {segment_len} bytes")]
+    RemoteOutOfRange {
+        /// Segment id at the peer.
+        segment: u32,
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Length of that segment.
+        segment_len: u64,
+    },
+    /// A segment cannot be unregistered while transfers use it.
+    #[error("segment {segment} has {in_flight} transfer(s) in flight")]
+    SegmentBusy {
+        /// The segment.
+        segment: u32,
+        /// How many transfers hold it.
+        in_flight: u64,
+    },
+    /// No peer with this handle is known to the engine.
+    #[error("unknown peer {peer}")]
+    UnknownPeer {
+        /// The handle given.
+        peer: u64,
+    },
+    /// No batch with this id is known (never submitted, or already released).
+    #[error("unknown batch {batch}")]
+    UnknownBatch {
+        /// The batch id given.
+        batch: u64,
+    },
+    /// The connection to a peer was lost.
+    #[error("peer {peer} (epoch {epoch:#x}) lost: {reason}")]
+    PeerLost {
+        /// The peer's bootstrap address.
+        peer: String,
+        /// The peer's epoch.
+        epoch: u64,
+        /// What happened.
+        reason: String,
+    },
+    /// A deadline passed before the operation finished.
+    #[error("deadline of {after_ms} ms exceeded: {what}")]
+    Timeout {
+        /// What timed out.
+        what: String,
+        /// The deadline, in milliseconds.
+        after_ms: u64,
+    },
+    /// A transfer batch failed; the reason says which slice and why.
+    #[error("batch {batch} failed: {reason}")]
+    BatchFailed {
+        /// The batch id.
+        batch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused a request (its own check failed); `remote_code` is its error code.
+    #[error("peer rejected the request: {message} (peer code {remote_code})")]
+    RemoteRejected {
+        /// The peer's error code for the refusal.
+        remote_code: i32,
+        /// A description.
+        message: String,
+    },
+    /// The bootstrap handshake failed or the peer sent malformed protocol data.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] WireError),
+    /// The peer speaks another protocol version or is not a kvtransfer engine.
+    #[error("handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The requested transport is not available on this host.
+    #[error("transport {transport} unavailable: {reason}")]
+    TransportUnavailable {
+        /// Transport name.
+        transport: &'static str,
+        /// Why (library missing, no device, ...).
+        reason: String,
+    },
+    /// The engine is shutting down.
+    #[error("engine is shut down")]
+    Shutdown,
+    /// An operating-system call failed.
+    #[error("{call} failed: {source}")]
+    Io {
+        /// The call or operation.
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A Rust panic was caught at the C boundary.
+    #[error("internal panic: {0}")]
+    Panic(String),
+}
+
+impl Error {
+    /// The stable numeric code of this error (positive; the C ABI returns its negation).
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::InvalidConfig { .. } => 1,
+            Error::InvalidArgument(_) => 2,
+            Error::ZeroLength { .. } => 3,
+            Error::OverlappingRegistration { .. } => 4,
+            Error::UnregisteredAddress { .. } => 5,
+            Error::UnknownSegment { .. } => 6,
+            Error::RemoteOutOfRange { .. } => 7,
+            Error::SegmentBusy { .. } => 8,
+            Error::UnknownPeer { .. } => 9,
+            Error::UnknownBatch { .. } => 10,
+            Error::PeerLost { .. } => 11,
+            Error::Timeout { .. } => 12,
+            Error::BatchFailed { .. } => 13,
+            Error::RemoteRejected { .. } => 14,
+            Error::Protocol(_) => 15,
+            Error::Handshake { .. } => 16,
+            Error::TransportUnavailable { .. } => 17,
+            Error::Shutdown => 18,
+            Error::Io { .. } => 19,
+            Error::Panic(_) => 20,
+        }
+    }
+
+    /// Wraps an `io::Error` with the name of the failing call.
+    pub(crate) fn io(call: &'static str, source: io::Error) -> Self {
+        Error::Io { call, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_positive() {
+        let all = [
+            Error::InvalidConfig {
+                field: "x".into(),
+                reason: "y".into(),
+            },
+            Error::InvalidArgument("x".into()),
+            Error::ZeroLength { what: "request" },
+            Error::OverlappingRegistration {
+                addr: 0,
+                len: 1,
+                existing: 0,
+                existing_addr: 0,
+                existing_len: 1,
+            },
+            Error::UnregisteredAddress { addr: 0, len: 1 },
+            Error::UnknownSegment { segment: 1 },
+            Error::RemoteOutOfRange {
+                segment: 1,
+                offset: 0,
+                len: 1,
+                segment_len: 0,
+            },
+            Error::SegmentBusy {
+                segment: 1,
+                in_flight: 1,
+            },
+            Error::UnknownPeer { peer: 1 },
+            Error::UnknownBatch { batch: 1 },
+            Error::PeerLost {
+                peer: "p".into(),
+                epoch: 1,
+                reason: "r".into(),
+            },
+            Error::Timeout {
+                what: "w".into(),
+                after_ms: 1,
+            },
+            Error::BatchFailed {
+                batch: 1,
+                reason: "r".into(),
+            },
+            Error::RemoteRejected {
+                remote_code: 5,
+                message: "m".into(),
+            },
+            Error::Protocol(WireError::BadMagic { got: 0 }),
+            Error::Handshake {
+                peer: "p".into(),
+                reason: "r".into(),
+            },
+            Error::TransportUnavailable {
+                transport: "rdma",
+                reason: "r".into(),
+            },
+            Error::Shutdown,
+            Error::io("recv", io::Error::other("x")),
+            Error::Panic("p".into()),
+        ];
+        let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
+        assert!(codes.iter().all(|c| *c > 0));
+        let n = codes.len();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), n, "every variant has its own code");
+    }
+}
