@@ -1,20 +1,37 @@
 //! kvtransfer moves KV cache between the GPUs and hosts of prefill and decode servers.
 //!
-//! (crate docs filled in with the engine)
+//! An [`TransferEngine`] per process registers memory as segments, connects to peer engines
+//! through a small bootstrap handshake, and moves batches of one-sided WRITE and READ
+//! requests to and from the peers' segments. Requests are coalesced and sliced by a pure
+//! [planner](plan) and spread over several connections per peer. The transport is TCP today
+//! (real sockets, the target checks every frame against its registered segments); RDMA verbs
+//! come next behind the same interface.
+//!
+//! Errors are one [`Error`] enum with a stable numeric code per variant for the C ABI.
 
+pub(crate) mod batch;
+pub mod config;
+pub mod engine;
 pub mod error;
 pub mod memory;
 pub mod plan;
 pub mod request;
+pub(crate) mod transport;
 pub mod wire;
 
+pub use config::{EngineConfig, EngineConfigBuilder, TransportKind};
+pub use engine::{HostBuffer, PeerId, PeerInfo, TransferEngine};
 pub use error::{Error, Result};
 pub use memory::{MemoryKind, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
 
-/// Placeholder until the engine lands.
-pub struct TransferEngine;
-impl TransferEngine {
-    /// Placeholder.
-    pub fn register_memory(&self) {}
+/// Installs a `tracing` subscriber that logs to stderr with `filter` (e.g. `info`,
+/// `kvtransfer=debug`); `RUST_LOG` wins when set. Does nothing if one is already installed.
+pub fn init_logging(filter: &str) {
+    let f = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

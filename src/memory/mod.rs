@@ -119,8 +119,6 @@ struct TableInner {
     by_base: BTreeMap<u64, Arc<Segment>>,
     by_id: BTreeMap<u32, Arc<Segment>>,
     next_id: u32,
-    /// Bumped on every change, so peers' cached copies can be compared.
-    generation: u64,
 }
 
 impl SegmentTable {
@@ -164,7 +162,6 @@ impl SegmentTable {
         });
         t.by_base.insert(addr, seg.clone());
         t.by_id.insert(id, seg);
-        t.generation += 1;
         Ok(info)
     }
 
@@ -187,7 +184,6 @@ impl SegmentTable {
         let base = seg.info.base;
         t.by_id.remove(&id.0);
         t.by_base.remove(&base);
-        t.generation += 1;
         Ok(())
     }
 
@@ -229,11 +225,6 @@ impl SegmentTable {
             .values()
             .map(|s| s.info.clone())
             .collect()
-    }
-
-    /// A counter that changes whenever the table changes.
-    pub(crate) fn generation(&self) -> u64 {
-        self.inner.read().generation
     }
 }
 

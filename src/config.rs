@@ -1,0 +1,373 @@
+//! Typed engine configuration: defaults, a builder, and `KVT_*` environment overrides.
+//!
+//! | field | env | default |
+//! |---|---|---|
+//! | `listen` | `KVT_LISTEN` | `127.0.0.1:0` (port 0 = pick one) |
+//! | `transport` | `KVT_TRANSPORT` | `auto` (`auto`, `tcp`, `rdma`) |
+//! | `connections_per_peer` | `KVT_CONNECTIONS` | 2 |
+//! | `slice_size` | `KVT_SLICE_SIZE` | 1 MiB (accepts `K`/`M`/`G` suffixes) |
+//! | `min_stripe_bytes` | `KVT_MIN_STRIPE` | 256 KiB |
+//! | `inline_bytes` | `KVT_INLINE_BYTES` | 64 KiB |
+//! | `batch_timeout` | `KVT_BATCH_TIMEOUT_MS` | 30 000 ms |
+//! | `connect_timeout` | `KVT_CONNECT_TIMEOUT_MS` | 5 000 ms |
+//! | `busy_poll` | `KVT_BUSY_POLL_US` | 100 µs |
+//! | `log_level` | `KVT_LOG` | `warn` |
+//!
+//! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
+//! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Which transport carries data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// RDMA when a usable device exists on both ends, else TCP.
+    #[default]
+    Auto,
+    /// TCP sockets only.
+    Tcp,
+    /// RDMA verbs only (fails where no device is usable).
+    Rdma,
+}
+
+impl TransportKind {
+    /// Lower-case name (`auto`, `tcp`, `rdma`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
+        }
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportKind::Auto),
+            "tcp" => Ok(TransportKind::Tcp),
+            "rdma" => Ok(TransportKind::Rdma),
+            other => Err(invalid(
+                "transport",
+                format!("{other:?} is not auto, tcp or rdma"),
+            )),
+        }
+    }
+}
+
+/// Configuration of one [`TransferEngine`](crate::TransferEngine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Address the bootstrap listener binds (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Transport choice.
+    pub transport: TransportKind,
+    /// TCP data connections (or RDMA QPs per rail) opened to each peer.
+    pub connections_per_peer: usize,
+    /// Largest slice a request is split into, in bytes.
+    pub slice_size: u64,
+    /// Batches of at most this many bytes go on one connection instead of being striped.
+    pub min_stripe_bytes: u64,
+    /// Batches of at most this many bytes are written by the submitting thread itself
+    /// (no hand-off to a sender thread), which saves a thread wake-up per batch.
+    pub inline_bytes: u64,
+    /// Default deadline of a batch, from submission.
+    pub batch_timeout: Duration,
+    /// Deadline for connecting to a peer and completing the handshake.
+    pub connect_timeout: Duration,
+    /// How long progress threads keep polling a quiet connection before they sleep.
+    pub busy_poll: Duration,
+    /// `tracing` filter used by [`init_logging`](crate::init_logging) (e.g. `info`, `kvtransfer=debug`).
+    pub log_level: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            transport: TransportKind::Auto,
+            connections_per_peer: 2,
+            slice_size: 1 << 20,
+            min_stripe_bytes: 256 << 10,
+            inline_bytes: 64 << 10,
+            batch_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            busy_poll: Duration::from_micros(100),
+            log_level: "warn".to_string(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> EngineConfigBuilder {
+        EngineConfigBuilder {
+            config: EngineConfig::default(),
+            error: None,
+        }
+    }
+
+    /// The defaults with `KVT_*` environment overrides applied.
+    pub fn from_env() -> Result<Self> {
+        Self::builder().env_overrides().build()
+    }
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=64).contains(&self.connections_per_peer) {
+            return Err(invalid("connections_per_peer", "must be 1..=64"));
+        }
+        if self.slice_size < 4096 || self.slice_size > crate::wire::MAX_FRAME_PAYLOAD {
+            return Err(invalid("slice_size", "must be between 4 KiB and 1 GiB"));
+        }
+        if self.batch_timeout.is_zero() {
+            return Err(invalid("batch_timeout", "must be > 0"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid("connect_timeout", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Builds an [`EngineConfig`]; errors are reported by [`build`](Self::build).
+#[derive(Debug)]
+pub struct EngineConfigBuilder {
+    config: EngineConfig,
+    error: Option<Error>,
+}
+
+impl EngineConfigBuilder {
+    /// Bootstrap listen address, as `ip:port` or `host:port`.
+    pub fn listen(mut self, addr: impl AsRef<str>) -> Self {
+        match resolve(addr.as_ref()) {
+            Ok(a) => self.config.listen = a,
+            Err(e) => self.error = self.error.or(Some(e)),
+        }
+        self
+    }
+    /// Transport choice.
+    pub fn transport(mut self, t: TransportKind) -> Self {
+        self.config.transport = t;
+        self
+    }
+    /// Connections per peer.
+    pub fn connections_per_peer(mut self, n: usize) -> Self {
+        self.config.connections_per_peer = n;
+        self
+    }
+    /// Largest slice in bytes.
+    pub fn slice_size(mut self, bytes: u64) -> Self {
+        self.config.slice_size = bytes;
+        self
+    }
+    /// Striping threshold in bytes.
+    pub fn min_stripe_bytes(mut self, bytes: u64) -> Self {
+        self.config.min_stripe_bytes = bytes;
+        self
+    }
+    /// Inline-submission threshold in bytes.
+    pub fn inline_bytes(mut self, bytes: u64) -> Self {
+        self.config.inline_bytes = bytes;
+        self
+    }
+    /// Default batch deadline.
+    pub fn batch_timeout(mut self, d: Duration) -> Self {
+        self.config.batch_timeout = d;
+        self
+    }
+    /// Connect + handshake deadline.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.config.connect_timeout = d;
+        self
+    }
+    /// Busy-poll window of progress threads.
+    pub fn busy_poll(mut self, d: Duration) -> Self {
+        self.config.busy_poll = d;
+        self
+    }
+    /// Log filter.
+    pub fn log_level(mut self, level: impl Into<String>) -> Self {
+        self.config.log_level = level.into();
+        self
+    }
+
+    /// Applies every `KVT_*` variable that is set (see the module docs).
+    pub fn env_overrides(self) -> Self {
+        self.overrides_from(|k| std::env::var(k).ok())
+    }
+
+    /// Applies overrides from any key → value source (the environment, in production).
+    pub fn overrides_from(mut self, get: impl Fn(&str) -> Option<String>) -> Self {
+        let mut r = || -> Result<()> {
+            let c = &mut self.config;
+            if let Some(v) = get("KVT_LISTEN") {
+                c.listen = resolve(&v)?;
+            }
+            if let Some(v) = get("KVT_TRANSPORT") {
+                c.transport = v.parse()?;
+            }
+            if let Some(v) = get("KVT_CONNECTIONS") {
+                c.connections_per_peer = parse_num("KVT_CONNECTIONS", &v)? as usize;
+            }
+            if let Some(v) = get("KVT_SLICE_SIZE") {
+                c.slice_size = parse_size("KVT_SLICE_SIZE", &v)?;
+            }
+            if let Some(v) = get("KVT_MIN_STRIPE") {
+                c.min_stripe_bytes = parse_size("KVT_MIN_STRIPE", &v)?;
+            }
+            if let Some(v) = get("KVT_INLINE_BYTES") {
+                c.inline_bytes = parse_size("KVT_INLINE_BYTES", &v)?;
+            }
+            if let Some(v) = get("KVT_BATCH_TIMEOUT_MS") {
+                c.batch_timeout = Duration::from_millis(parse_num("KVT_BATCH_TIMEOUT_MS", &v)?);
+            }
+            if let Some(v) = get("KVT_CONNECT_TIMEOUT_MS") {
+                c.connect_timeout = Duration::from_millis(parse_num("KVT_CONNECT_TIMEOUT_MS", &v)?);
+            }
+            if let Some(v) = get("KVT_BUSY_POLL_US") {
+                c.busy_poll = Duration::from_micros(parse_num("KVT_BUSY_POLL_US", &v)?);
+            }
+            if let Some(v) = get("KVT_LOG") {
+                c.log_level = v;
+            }
+            Ok(())
+        };
+        if let Err(e) = r() {
+            self.error = self.error.or(Some(e));
+        }
+        self
+    }
+
+    /// Validates and returns the config.
+    pub fn build(self) -> Result<EngineConfig> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+fn resolve(s: &str) -> Result<SocketAddr> {
+    s.to_socket_addrs()
+        .map_err(|e| invalid("listen", format!("{s:?}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid("listen", format!("{s:?} resolves to nothing")))
+}
+
+fn parse_num(field: &str, s: &str) -> Result<u64> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|e| invalid(field, format!("{s:?}: {e}")))
+}
+
+/// Parses a byte size: a number with an optional `K`, `M` or `G` suffix (powers of 1024).
+pub fn parse_size(field: &str, s: &str) -> Result<u64> {
+    let t = s
+        .trim()
+        .trim_end_matches(['b', 'B'])
+        .trim_end_matches(['i']);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| invalid(field, format!("{s:?} is not a size like 4096, 64K or 1M")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_are_valid() {
+        EngineConfig::default().validate().unwrap();
+        assert_eq!(
+            EngineConfig::builder().build().unwrap(),
+            EngineConfig::default()
+        );
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let env: HashMap<&str, &str> = [
+            ("KVT_LISTEN", "127.0.0.1:5555"),
+            ("KVT_TRANSPORT", "TCP"),
+            ("KVT_CONNECTIONS", "4"),
+            ("KVT_SLICE_SIZE", "256K"),
+            ("KVT_BATCH_TIMEOUT_MS", "1500"),
+            ("KVT_BUSY_POLL_US", "0"),
+            ("KVT_LOG", "debug"),
+        ]
+        .into();
+        let c = EngineConfig::builder()
+            .connections_per_peer(1)
+            .overrides_from(|k| env.get(k).map(|v| v.to_string()))
+            .build()
+            .unwrap();
+        assert_eq!(c.listen.port(), 5555);
+        assert_eq!(c.transport, TransportKind::Tcp);
+        assert_eq!(c.connections_per_peer, 4);
+        assert_eq!(c.slice_size, 256 << 10);
+        assert_eq!(c.batch_timeout, Duration::from_millis(1500));
+        assert_eq!(c.busy_poll, Duration::ZERO);
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let e = EngineConfig::builder()
+            .overrides_from(|k| (k == "KVT_TRANSPORT").then(|| "ib".into()))
+            .build();
+        assert!(matches!(e, Err(Error::InvalidConfig { ref field, .. }) if field == "transport"));
+        let e = EngineConfig::builder()
+            .overrides_from(|k| (k == "KVT_SLICE_SIZE").then(|| "lots".into()))
+            .build();
+        assert!(
+            matches!(e, Err(Error::InvalidConfig { ref field, .. }) if field == "KVT_SLICE_SIZE")
+        );
+        assert!(
+            EngineConfig::builder()
+                .connections_per_peer(0)
+                .build()
+                .is_err()
+        );
+        assert!(EngineConfig::builder().slice_size(100).build().is_err());
+        assert!(
+            EngineConfig::builder()
+                .listen("not an address")
+                .build()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("x", "4096").unwrap(), 4096);
+        assert_eq!(parse_size("x", "64K").unwrap(), 65536);
+        assert_eq!(parse_size("x", "64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("x", "1m").unwrap(), 1 << 20);
+        assert_eq!(parse_size("x", "2G").unwrap(), 2 << 30);
+        assert!(parse_size("x", "").is_err());
+        assert!(parse_size("x", "99999999999999G").is_err());
+    }
+}

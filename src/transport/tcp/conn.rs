@@ -1,0 +1,485 @@
+//! Initiator side of one TCP data connection: posts slices as frames, matches acks and read
+//! responses to batches, and writes off everything outstanding when the connection dies.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use parking_lot::Mutex;
+
+use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::memory::{SegmentGuard, raw};
+use crate::request::Op;
+use crate::transport::{Work, describe_remote_code};
+use crate::wire::{FLAG_LAST, FrameHeader, FrameOp};
+
+struct PendingRead {
+    batch: Arc<Batch>,
+    guard: SegmentGuard,
+    addr: u64,
+    len: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Batches waiting for this connection's ack, by batch id.
+    acks: HashMap<u64, Arc<Batch>>,
+    /// Read requests in the order they were written (the target answers in order).
+    reads: VecDeque<PendingRead>,
+    /// Callers waiting for a segment list, in request order.
+    segment_lists: VecDeque<Sender<Vec<u8>>>,
+    closed: bool,
+}
+
+struct Inbound {
+    stream: TcpStream,
+    reader: FrameReader,
+    current_read: Option<PendingRead>,
+}
+
+/// One initiator-side data connection.
+pub(crate) struct TcpConn {
+    peer: String,
+    epoch: u64,
+    socket: TcpStream,
+    writer: Mutex<TcpStream>,
+    queue: Sender<Work>,
+    queued: AtomicUsize,
+    inbound: Mutex<Inbound>,
+    pending: Mutex<Pending>,
+    dead: AtomicBool,
+    dead_reason: Mutex<Option<String>>,
+    drivers: AtomicUsize,
+    last_driven: AtomicU64,
+    born: Instant,
+    stall: Duration,
+}
+
+impl TcpConn {
+    /// Wraps a connected, handshaken socket and starts its sender and receiver threads.
+    pub(crate) fn start(
+        stream: TcpStream,
+        peer: String,
+        epoch: u64,
+        index: usize,
+        stall: Duration,
+    ) -> Result<Arc<Self>> {
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| Error::io("setsockopt", e))?;
+        stream
+            .set_write_timeout(None)
+            .map_err(|e| Error::io("setsockopt", e))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("fcntl(O_NONBLOCK)", e))?;
+        let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
+        let (tx, rx) = unbounded();
+        let conn = Arc::new(TcpConn {
+            peer,
+            epoch,
+            writer: Mutex::new(clone(&stream)?),
+            inbound: Mutex::new(Inbound {
+                stream: clone(&stream)?,
+                reader: FrameReader::new(),
+                current_read: None,
+            }),
+            socket: stream,
+            queue: tx,
+            queued: AtomicUsize::new(0),
+            pending: Mutex::new(Pending::default()),
+            dead: AtomicBool::new(false),
+            dead_reason: Mutex::new(None),
+            drivers: AtomicUsize::new(0),
+            last_driven: AtomicU64::new(0),
+            born: Instant::now(),
+            stall,
+        });
+        let c = conn.clone();
+        thread::Builder::new()
+            .name(format!("kvt-tx{index}"))
+            .spawn(move || c.sender_loop(rx))
+            .map_err(|e| Error::io("spawn", e))?;
+        let c = conn.clone();
+        thread::Builder::new()
+            .name(format!("kvt-rx{index}"))
+            .spawn(move || c.receiver_loop())
+            .map_err(|e| Error::io("spawn", e))?;
+        Ok(conn)
+    }
+
+    /// `Err(PeerLost)` once the connection died.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    fn lost(&self) -> Error {
+        Error::PeerLost {
+            peer: self.peer.clone(),
+            epoch: self.epoch,
+            reason: self
+                .dead_reason
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()),
+        }
+    }
+
+    /// Hands `work` to the connection: written right here when `inline` and nothing is queued,
+    /// else by the sender thread.
+    pub(crate) fn post(&self, work: Work, inline: bool) {
+        if inline && self.queued.load(Ordering::Acquire) == 0 {
+            if let Some(mut w) = self.writer.try_lock() {
+                self.send(&mut w, work);
+                return;
+            }
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = self.queue.send(work) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            let work = e.into_inner();
+            work.batch.abandon_units(work.units(), "connection closed");
+        }
+    }
+
+    fn sender_loop(self: Arc<Self>, rx: Receiver<Work>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(work) => {
+                    let mut w = self.writer.lock();
+                    self.send(&mut w, work);
+                    drop(w);
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.dead.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Anything still queued is written off.
+        while let Ok(work) = rx.try_recv() {
+            work.batch.abandon_units(work.units(), "connection closed");
+        }
+    }
+
+    /// Writes one work item's frames. Called with the writer lock held, so the order in which
+    /// reads are queued in `pending` is the order they appear on the wire.
+    fn send(&self, w: &mut TcpStream, work: Work) {
+        let units = work.units();
+        if self.dead.load(Ordering::Acquire) {
+            let reason = self.lost().to_string();
+            work.batch.abandon_units(units, &reason);
+            return;
+        }
+        if work.batch.is_failed() {
+            work.batch
+                .abandon_units(units, "batch failed before it was sent");
+            return;
+        }
+        let batch_id = work.batch.id;
+        let last_write = work.slices.iter().rposition(|s| s.op == Op::Write);
+        {
+            let mut p = self.pending.lock();
+            if p.closed {
+                drop(p);
+                work.batch.abandon_units(units, &self.lost().to_string());
+                return;
+            }
+            if last_write.is_some() {
+                p.acks.insert(batch_id, work.batch.clone());
+            }
+            for s in work.slices.iter().filter(|s| s.op == Op::Read) {
+                p.reads.push_back(PendingRead {
+                    batch: work.batch.clone(),
+                    guard: work.guard_for(s.local_addr, s.len).clone(),
+                    addr: s.local_addr,
+                    len: s.len,
+                });
+            }
+        }
+        let headers: Vec<[u8; 40]> = work
+            .slices
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                FrameHeader {
+                    op: if s.op == Op::Write {
+                        FrameOp::Write
+                    } else {
+                        FrameOp::ReadRequest
+                    },
+                    flags: if Some(i) == last_write { FLAG_LAST } else { 0 },
+                    status: 0,
+                    segment: s.remote_segment.0,
+                    batch: batch_id,
+                    offset: s.remote_offset,
+                    len: s.len,
+                    tag: 0,
+                }
+                .encode()
+            })
+            .collect();
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2);
+        for (s, h) in work.slices.iter().zip(&headers) {
+            iov.push(IoSlice::new(h));
+            if s.op == Op::Write {
+                let guard = work.guard_for(s.local_addr, s.len);
+                iov.push(IoSlice::new(raw::bytes(
+                    guard,
+                    s.local_addr,
+                    s.len as usize,
+                )));
+            }
+        }
+        if let Err(e) = write_all_nb(w, &mut iov, self.stall) {
+            self.die(format!("send failed: {e}"));
+        }
+    }
+
+    /// Caller-driven progress: reads whatever the socket has, without blocking. Returns false
+    /// when another thread is already reading this connection.
+    pub(crate) fn progress(&self) -> bool {
+        self.last_driven
+            .store(self.born.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match self.inbound.try_lock() {
+            Some(mut inb) => {
+                self.drain(&mut inb);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks a caller as driving this connection (the receiver thread then stays asleep).
+    pub(crate) fn set_driving(&self, on: bool) {
+        if on {
+            self.drivers.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.drivers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn drain(&self, inb: &mut Inbound) -> usize {
+        let Inbound {
+            stream,
+            reader,
+            current_read,
+        } = inb;
+        let mut h = Handler {
+            conn: self,
+            current_read,
+        };
+        match reader.drain(stream, &mut h) {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = match e.kind() {
+                    io::ErrorKind::UnexpectedEof => "peer closed the connection".to_string(),
+                    io::ErrorKind::InvalidData => format!("protocol violation by peer: {e}"),
+                    _ => format!("receive failed: {e}"),
+                };
+                self.die(reason);
+                0
+            }
+        }
+    }
+
+    fn receiver_loop(self: Arc<Self>) {
+        while !self.dead.load(Ordering::Acquire) {
+            let now = self.born.elapsed().as_micros() as u64;
+            let recently_driven =
+                now.saturating_sub(self.last_driven.load(Ordering::Relaxed)) < 2_000;
+            if self.drivers.load(Ordering::Acquire) > 0 || recently_driven {
+                // A waiting caller reads this socket itself; stay out of its way.
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            if !wait_readable(&self.socket, Duration::from_millis(100)) {
+                continue;
+            }
+            let mut inb = self.inbound.lock();
+            self.drain(&mut inb);
+        }
+    }
+
+    /// Asks the target for its current segment list.
+    pub(crate) fn fetch_segments(&self, timeout: Duration) -> Result<Vec<u8>> {
+        let (tx, rx) = bounded(1);
+        {
+            let mut w = self.writer.lock();
+            {
+                let mut p = self.pending.lock();
+                if p.closed {
+                    return Err(self.lost());
+                }
+                p.segment_lists.push_back(tx);
+            }
+            let hdr = FrameHeader {
+                op: FrameOp::SegmentsRequest,
+                flags: 0,
+                status: 0,
+                segment: 0,
+                batch: 0,
+                offset: 0,
+                len: 0,
+                tag: 0,
+            }
+            .encode();
+            if let Err(e) = write_all_nb(&mut w, &mut [IoSlice::new(&hdr)], self.stall) {
+                drop(w);
+                self.die(format!("send failed: {e}"));
+                return Err(self.lost());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        self.set_driving(true);
+        let out = loop {
+            self.progress();
+            match rx.try_recv() {
+                Ok(v) => break Ok(v),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break Err(self.lost()),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            if Instant::now() > deadline {
+                break Err(Error::Timeout {
+                    what: "segment list from peer".into(),
+                    after_ms: timeout.as_millis() as u64,
+                });
+            }
+            thread::yield_now();
+        };
+        self.set_driving(false);
+        out
+    }
+
+    /// Kills the connection: everything outstanding on it fails with `reason`.
+    pub(crate) fn die(&self, reason: String) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(peer = %self.peer, %reason, "tcp connection lost");
+        *self.dead_reason.lock() = Some(reason.clone());
+        let _ = self.socket.shutdown(Shutdown::Both);
+        let (acks, reads) = {
+            let mut p = self.pending.lock();
+            p.closed = true;
+            p.segment_lists.clear();
+            (std::mem::take(&mut p.acks), std::mem::take(&mut p.reads))
+        };
+        let msg = self.lost().to_string();
+        for b in acks.into_values() {
+            b.complete_unit(Err(msg.clone()));
+        }
+        for r in reads {
+            r.batch.complete_unit(Err(msg.clone()));
+        }
+        if let Some(r) = self
+            .inbound
+            .try_lock()
+            .and_then(|mut i| i.current_read.take())
+        {
+            r.batch.complete_unit(Err(msg));
+        }
+    }
+
+    /// Closes the connection on purpose.
+    pub(crate) fn close(&self) {
+        self.die("connection closed locally".into());
+    }
+}
+
+struct Handler<'a> {
+    conn: &'a TcpConn,
+    current_read: &'a mut Option<PendingRead>,
+}
+
+fn protocol(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl FrameHandler for Handler<'_> {
+    fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink> {
+        match hdr.op {
+            FrameOp::Ack => Ok(Sink::Discard),
+            FrameOp::ReadResponse => {
+                let r = self
+                    .conn
+                    .pending
+                    .lock()
+                    .reads
+                    .pop_front()
+                    .ok_or_else(|| protocol("read response without a read request".into()))?;
+                if hdr.batch != r.batch.id {
+                    return Err(protocol(format!(
+                        "read response for batch {} while {} was expected",
+                        hdr.batch, r.batch.id
+                    )));
+                }
+                let sink = if hdr.status == 0 {
+                    if hdr.len != r.len {
+                        return Err(protocol(format!(
+                            "read response of {} bytes for a {}-byte read",
+                            hdr.len, r.len
+                        )));
+                    }
+                    Sink::Memory {
+                        guard: r.guard.clone(),
+                        addr: r.addr,
+                        batch: Some(r.batch.clone()),
+                    }
+                } else {
+                    Sink::Discard
+                };
+                *self.current_read = Some(r);
+                Ok(sink)
+            }
+            FrameOp::SegmentsResponse => Ok(Sink::Collect(Vec::with_capacity(
+                hdr.len.min(1 << 20) as usize,
+            ))),
+            other => Err(protocol(format!("unexpected {other:?} frame from target"))),
+        }
+    }
+
+    fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
+        let result = if hdr.status == 0 {
+            Ok(())
+        } else {
+            Err(describe_remote_code(hdr.status, hdr))
+        };
+        match hdr.op {
+            FrameOp::Ack => {
+                let b = self.conn.pending.lock().acks.remove(&hdr.batch);
+                match b {
+                    Some(b) => b.complete_unit(result),
+                    None => return Err(protocol(format!("ack for unknown batch {}", hdr.batch))),
+                }
+            }
+            FrameOp::ReadResponse => {
+                if let Some(r) = self.current_read.take() {
+                    r.batch.complete_unit(result);
+                }
+            }
+            FrameOp::SegmentsResponse => {
+                if let (Sink::Collect(v), Some(tx)) =
+                    (sink, self.conn.pending.lock().segment_lists.pop_front())
+                {
+                    let _ = tx.send(v);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! Socket helpers shared by both ends of a TCP data connection: readiness waits, vectored
+//! writes on non-blocking sockets, and the resumable frame reader.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::batch::Batch;
+use crate::memory::{SegmentGuard, raw};
+use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
+
+/// Waits until `s` is readable (or `timeout` passes); true if readable or in error.
+pub(crate) fn wait_readable(s: &TcpStream, timeout: Duration) -> bool {
+    wait_for(s, PollFlags::POLLIN, timeout)
+}
+
+fn wait_for(s: &TcpStream, what: PollFlags, timeout: Duration) -> bool {
+    let mut fds = [PollFd::new(s.as_fd(), what)];
+    let ms =
+        PollTimeout::try_from(timeout.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(n) => n > 0,
+        Err(nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}
+
+/// Writes every byte of `bufs` to a non-blocking socket, waiting for room when it is full.
+/// Gives up with `TimedOut` when the peer accepts nothing for `stall`.
+pub(crate) fn write_all_nb(
+    s: &mut TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> io::Result<()> {
+    let mut stalled_since: Option<Instant> = None;
+    while !bufs.is_empty() {
+        match s.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
+            Ok(n) => {
+                stalled_since = None;
+                IoSlice::advance_slices(&mut bufs, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stall {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer stopped reading",
+                    ));
+                }
+                wait_for(s, PollFlags::POLLOUT, Duration::from_millis(50));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Where the payload of the frame being read goes.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Into memory at this address (validated and pinned by whoever chose it). With a batch,
+    /// each chunk is copied under the batch's copy permit and the rest is discarded once the
+    /// batch fails.
+    Memory {
+        guard: SegmentGuard,
+        addr: u64,
+        batch: Option<Arc<Batch>>,
+    },
+    /// Read and thrown away.
+    Discard,
+    /// Collected into a buffer (small control payloads).
+    Collect(Vec<u8>),
+}
+
+/// Decides what to do with frames as the reader decodes them.
+pub(crate) trait FrameHandler {
+    /// A header arrived. Returns where its payload (if any) goes.
+    fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink>;
+    /// The frame, payload included, has been read completely.
+    fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()>;
+}
+
+struct Current {
+    hdr: FrameHeader,
+    done: u64,
+    sink: Sink,
+}
+
+/// Payloads at least this large bypass the receive buffer and are read straight into place.
+const DIRECT_MIN: u64 = 16 << 10;
+
+/// Reads frames from a non-blocking socket, resumably: [`drain`](Self::drain) returns when the
+/// socket has nothing more and picks up mid-frame next time.
+pub(crate) struct FrameReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    cur: Option<Current>,
+}
+
+impl FrameReader {
+    pub(crate) fn new() -> Self {
+        FrameReader {
+            buf: vec![0u8; 256 << 10].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            cur: None,
+        }
+    }
+
+    /// Processes every frame the socket has; returns how many frames completed. `Err` on EOF,
+    /// socket error or a protocol violation: the connection is then unusable.
+    pub(crate) fn drain(
+        &mut self,
+        s: &mut TcpStream,
+        h: &mut impl FrameHandler,
+    ) -> io::Result<usize> {
+        let mut frames = 0;
+        loop {
+            if self.cur.is_none() {
+                if self.end - self.start < FRAME_HEADER_LEN && !self.fill(s)? {
+                    return Ok(frames);
+                }
+                if self.end - self.start < FRAME_HEADER_LEN {
+                    continue;
+                }
+                let mut raw_hdr = [0u8; FRAME_HEADER_LEN];
+                raw_hdr.copy_from_slice(&self.buf[self.start..self.start + FRAME_HEADER_LEN]);
+                self.start += FRAME_HEADER_LEN;
+                let hdr = FrameHeader::decode(&raw_hdr)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let sink = h.on_header(&hdr)?;
+                self.cur = Some(Current { hdr, done: 0, sink });
+            }
+            if !self.payload(s)? {
+                return Ok(frames);
+            }
+            let cur = self.cur.take().expect("current frame");
+            h.on_frame(&cur.hdr, cur.sink)?;
+            frames += 1;
+        }
+    }
+
+    /// Refills the buffer; false when the socket would block.
+    fn fill(&mut self, s: &mut TcpStream) -> io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match s.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed by peer",
+                    ));
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves payload bytes of the current frame to its sink; true when the payload is complete.
+    fn payload(&mut self, s: &mut TcpStream) -> io::Result<bool> {
+        loop {
+            let cur = self.cur.as_mut().expect("current frame");
+            let total = cur.hdr.payload_len();
+            if cur.done >= total {
+                return Ok(true);
+            }
+            let want = total - cur.done;
+            let buffered = (self.end - self.start) as u64;
+            if buffered > 0 {
+                let n = want.min(buffered) as usize;
+                deliver(
+                    &mut cur.sink,
+                    cur.done,
+                    &self.buf[self.start..self.start + n],
+                );
+                self.start += n;
+                cur.done += n as u64;
+                continue;
+            }
+            if want >= DIRECT_MIN {
+                match read_direct(s, cur, want as usize)? {
+                    Direct::Read(n) => {
+                        cur.done += n as u64;
+                        continue;
+                    }
+                    Direct::WouldBlock => return Ok(false),
+                    Direct::NotMemory => {}
+                }
+            }
+            if !self.fill(s)? {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+enum Direct {
+    Read(usize),
+    WouldBlock,
+    NotMemory,
+}
+
+/// Reads up to `want` payload bytes straight into the sink's memory, bypassing the buffer.
+fn read_direct(s: &mut TcpStream, cur: &mut Current, want: usize) -> io::Result<Direct> {
+    let Sink::Memory { guard, addr, batch } = &cur.sink else {
+        return Ok(Direct::NotMemory);
+    };
+    let permit = batch.as_ref().map(|b| b.copy_permit());
+    if matches!(permit, Some(None)) {
+        drop(permit);
+        // The batch failed: nothing more may land; the rest is read into the buffer and dropped.
+        cur.sink = Sink::Discard;
+        return Ok(Direct::NotMemory);
+    }
+    loop {
+        match raw::read_into(guard, addr + cur.done, want, s) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by peer mid-frame",
+                ));
+            }
+            Ok(n) => return Ok(Direct::Read(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Direct::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn deliver(sink: &mut Sink, at: u64, chunk: &[u8]) {
+    match sink {
+        Sink::Memory { guard, addr, batch } => {
+            let permit = batch.as_ref().map(|b| b.copy_permit());
+            if !matches!(permit, Some(None)) {
+                raw::copy_in(guard, *addr + at, chunk);
+                return;
+            }
+        }
+        Sink::Discard => return,
+        Sink::Collect(v) => {
+            v.extend_from_slice(chunk);
+            return;
+        }
+    }
+    // The batch failed: discard this and every later chunk of the frame.
+    *sink = Sink::Discard;
+}

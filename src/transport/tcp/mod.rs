@@ -1,0 +1,106 @@
+//! TCP transport: one-sided WRITE/READ emulated over real sockets.
+//!
+//! Each peer gets several data connections to its bootstrap port. A connection opens with the
+//! handshake of [`wire`](crate::wire) in both directions, then carries frames: a fixed 40-byte
+//! header plus payload. The target checks each frame against its registered segments before
+//! touching memory and reads payloads straight into place; it acknowledges each batch once
+//! per connection, after the batch's last frame on it.
+
+mod conn;
+mod io;
+mod target;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use conn::TcpConn;
+pub(crate) use target::serve;
+
+use crate::error::{Error, Result};
+use crate::wire::{self, Hello, PREAMBLE_LEN};
+
+/// Reads one handshake message from a blocking socket (whose read timeout bounds the wait).
+pub(crate) fn read_hello(s: &mut TcpStream, peer: &str) -> Result<Hello> {
+    let mut pre = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut pre)
+        .map_err(|e| handshake_io(peer, "reading the handshake preamble", e))?;
+    let body_len = wire::decode_preamble(&pre)?;
+    let mut body = vec![0u8; body_len];
+    s.read_exact(&mut body)
+        .map_err(|e| handshake_io(peer, "reading the handshake body", e))?;
+    Ok(wire::decode_hello_body(&body)?)
+}
+
+/// Writes one handshake message.
+pub(crate) fn write_hello(s: &mut TcpStream, hello: &Hello, peer: &str) -> Result<()> {
+    s.write_all(&wire::encode_hello(hello))
+        .map_err(|e| handshake_io(peer, "sending the handshake", e))
+}
+
+fn handshake_io(peer: &str, doing: &str, e: std::io::Error) -> Error {
+    Error::Handshake {
+        peer: peer.to_string(),
+        reason: format!("{doing}: {e}"),
+    }
+}
+
+/// Opens `count` data connections to `addr`, handshaking on each. Returns the peer's hello
+/// (from the first connection) and the connected sockets.
+pub(crate) fn connect(
+    addr: SocketAddr,
+    count: usize,
+    timeout: Duration,
+    hello: impl Fn(u16) -> Hello,
+) -> Result<(Hello, Vec<TcpStream>)> {
+    let peer = addr.to_string();
+    let mut first: Option<Hello> = None;
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut s =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io("connect", e))?;
+        s.set_nodelay(true)
+            .map_err(|e| Error::io("setsockopt(TCP_NODELAY)", e))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| Error::io("setsockopt", e))?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| Error::io("setsockopt", e))?;
+        write_hello(&mut s, &hello(i as u16), &peer)?;
+        let theirs = read_hello(&mut s, &peer)?;
+        if let Some(f) = &first {
+            if (f.engine_id, f.epoch) != (theirs.engine_id, theirs.epoch) {
+                return Err(Error::Handshake {
+                    peer,
+                    reason: "peer restarted while connections were being opened".into(),
+                });
+            }
+        } else {
+            first = Some(theirs);
+        }
+        streams.push(s);
+    }
+    Ok((first.expect("count >= 1"), streams))
+}
+
+/// A peer reached over TCP: its data connections, one per lane.
+pub(crate) struct TcpLink {
+    pub(crate) conns: Vec<Arc<TcpConn>>,
+}
+
+impl TcpLink {
+    /// Starts the connections' threads.
+    pub(crate) fn start(
+        streams: Vec<TcpStream>,
+        peer: &str,
+        epoch: u64,
+        stall: Duration,
+    ) -> Result<Self> {
+        let conns = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| TcpConn::start(s, peer.to_string(), epoch, i, stall))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TcpLink { conns })
+    }
+}

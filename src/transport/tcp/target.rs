@@ -1,0 +1,190 @@
+//! Target side of a TCP data connection: checks every frame against the registered segments,
+//! lands write payloads straight in place, serves reads, and acknowledges per batch.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
+use crate::memory::{SegmentTable, raw};
+use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
+
+/// Serves one accepted data connection until it closes, errs or the engine shuts down.
+pub(crate) fn serve(
+    stream: TcpStream,
+    segments: Arc<SegmentTable>,
+    shutdown: Arc<AtomicBool>,
+    busy_poll: Duration,
+    stall: Duration,
+    peer: String,
+) {
+    if let Err(e) = stream.set_nonblocking(true) {
+        tracing::warn!(%peer, "cannot serve connection: {e}");
+        return;
+    }
+    let (mut input, out) = match stream.try_clone() {
+        Ok(out) => (stream, out),
+        Err(e) => {
+            tracing::warn!(%peer, "cannot serve connection: {e}");
+            return;
+        }
+    };
+    let mut reader = FrameReader::new();
+    let mut h = Target {
+        segments,
+        out,
+        errors: HashMap::new(),
+        stall,
+    };
+    let mut last_activity = Instant::now();
+    while !shutdown.load(Ordering::Acquire) {
+        match reader.drain(&mut input, &mut h) {
+            Ok(0) => {}
+            Ok(_) => last_activity = Instant::now(),
+            Err(e) => {
+                match e.kind() {
+                    io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "initiator closed the connection")
+                    }
+                    _ => tracing::warn!(%peer, "closing data connection: {e}"),
+                }
+                break;
+            }
+        }
+        if last_activity.elapsed() < busy_poll {
+            // Stay hot for the next frame: a sleeping thread costs tens of µs to wake.
+            std::thread::yield_now();
+        } else {
+            wait_readable(&input, Duration::from_millis(100));
+        }
+    }
+    let _ = input.shutdown(std::net::Shutdown::Both);
+}
+
+struct Target {
+    segments: Arc<SegmentTable>,
+    out: TcpStream,
+    /// First error code per batch on this connection, reported in its ack.
+    errors: HashMap<u64, u16>,
+    stall: Duration,
+}
+
+impl Target {
+    fn reply(&mut self, hdr: FrameHeader, payload: &[u8]) -> io::Result<()> {
+        let h = hdr.encode();
+        let mut iov = [IoSlice::new(&h), IoSlice::new(payload)];
+        write_all_nb(&mut self.out, &mut iov, self.stall)
+    }
+
+    fn serve_read(&mut self, hdr: &FrameHeader) -> io::Result<()> {
+        let mut resp = FrameHeader {
+            op: FrameOp::ReadResponse,
+            flags: 0,
+            status: 0,
+            len: 0,
+            ..*hdr
+        };
+        match self
+            .segments
+            .pin_range(crate::memory::SegmentId(hdr.segment), hdr.offset, hdr.len)
+        {
+            Ok(guard) => {
+                resp.len = hdr.len;
+                let addr = guard.segment().addr() + hdr.offset;
+                let h = resp.encode();
+                let mut iov = [
+                    IoSlice::new(&h),
+                    IoSlice::new(raw::bytes(&guard, addr, hdr.len as usize)),
+                ];
+                write_all_nb(&mut self.out, &mut iov, self.stall)
+            }
+            Err(e) => {
+                tracing::debug!("refusing read: {e}");
+                resp.status = e.code() as u16;
+                self.reply(resp, &[])
+            }
+        }
+    }
+}
+
+impl FrameHandler for Target {
+    fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink> {
+        match hdr.op {
+            FrameOp::Write => {
+                match self.segments.pin_range(
+                    crate::memory::SegmentId(hdr.segment),
+                    hdr.offset,
+                    hdr.len,
+                ) {
+                    Ok(guard) => {
+                        let addr = guard.segment().addr() + hdr.offset;
+                        Ok(Sink::Memory {
+                            guard,
+                            addr,
+                            batch: None,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::debug!("refusing write: {e}");
+                        self.errors.entry(hdr.batch).or_insert(e.code() as u16);
+                        Ok(Sink::Discard)
+                    }
+                }
+            }
+            FrameOp::ReadRequest | FrameOp::SegmentsRequest => Ok(Sink::Discard),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected {other:?} frame from initiator"),
+            )),
+        }
+    }
+
+    fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
+        drop(sink); // releases the segment pin of a write
+        match hdr.op {
+            FrameOp::Write if hdr.flags & FLAG_LAST != 0 => {
+                let status = self.errors.remove(&hdr.batch).unwrap_or(0);
+                let ack = FrameHeader {
+                    op: FrameOp::Ack,
+                    flags: 0,
+                    status,
+                    segment: 0,
+                    batch: hdr.batch,
+                    offset: 0,
+                    len: 0,
+                    tag: 0,
+                };
+                self.reply(ack, &[])
+            }
+            FrameOp::ReadRequest => self.serve_read(hdr),
+            FrameOp::SegmentsRequest => {
+                let list: Vec<SegmentDesc> = self
+                    .segments
+                    .list()
+                    .into_iter()
+                    .map(|info| SegmentDesc {
+                        info,
+                        keys: Vec::new(),
+                    })
+                    .collect();
+                let mut payload = Vec::new();
+                encode_segments(&list, &mut payload);
+                let resp = FrameHeader {
+                    op: FrameOp::SegmentsResponse,
+                    flags: 0,
+                    status: 0,
+                    segment: 0,
+                    batch: 0,
+                    offset: 0,
+                    len: payload.len() as u64,
+                    tag: 0,
+                };
+                self.reply(resp, &payload)
+            }
+            _ => Ok(()),
+        }
+    }
+}
