@@ -67,7 +67,7 @@ impl Batch {
 
     /// Current status; never blocks.
     pub(crate) fn status(&self) -> BatchStatus {
-        match self.state.load(Ordering::Acquire) {
+        match self.state.load(Ordering::SeqCst) {
             PENDING => BatchStatus::Pending,
             DONE => BatchStatus::Done,
             _ => BatchStatus::Failed(self.reason.lock().clone().unwrap_or_default()),
@@ -76,12 +76,12 @@ impl Batch {
 
     /// True once the batch failed.
     pub(crate) fn is_failed(&self) -> bool {
-        self.state.load(Ordering::Acquire) == FAILED
+        self.state.load(Ordering::SeqCst) == FAILED
     }
 
     /// True once the batch is done or failed.
     pub(crate) fn is_final(&self) -> bool {
-        self.state.load(Ordering::Acquire) != PENDING
+        self.state.load(Ordering::SeqCst) != PENDING
     }
 
     /// Units still outstanding.
@@ -98,7 +98,7 @@ impl Batch {
         let mut r = self.reason.lock();
         if self
             .state
-            .compare_exchange(PENDING, FAILED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(PENDING, FAILED, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
             *r = Some(reason.into());
@@ -120,7 +120,7 @@ impl Batch {
             let mut r = self.reason.lock();
             if self
                 .state
-                .compare_exchange(PENDING, FAILED, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(PENDING, FAILED, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
                 *r = Some(format!(
@@ -149,7 +149,7 @@ impl Batch {
         if before == 1 {
             let _ = self
                 .state
-                .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire);
+                .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::SeqCst);
             // Nothing of this batch is in the transport any more: unpin local memory.
             self.guards.lock().clear();
             self.notify();

@@ -595,7 +595,7 @@ impl Engine {
             // more than a small transfer takes.
             lanes
                 .iter()
-                .for_each(|&l| p.link.conns[l as usize].set_driving(true));
+                .for_each(|&l| p.link.conns[l as usize].start_driving());
             while !b.is_final() && Instant::now() < spin_until {
                 for &l in lanes {
                     p.link.conns[l as usize].progress();
@@ -605,9 +605,10 @@ impl Engine {
                 }
                 thread::yield_now();
             }
+            let sleeping = !b.is_final();
             lanes
                 .iter()
-                .for_each(|&l| p.link.conns[l as usize].set_driving(false));
+                .for_each(|&l| p.link.conns[l as usize].stop_driving(sleeping));
         }
         while !b.is_final() {
             let now = Instant::now();

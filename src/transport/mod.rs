@@ -19,9 +19,16 @@ pub(crate) struct Work {
 }
 
 impl Work {
-    /// Completion units this work adds to its batch: one ack if it has writes, one per read.
+    /// Completion units this work adds to its batch (see [`units_of`]).
     pub(crate) fn units(&self) -> u32 {
         units_of(&self.slices)
+    }
+
+    /// Writes the work off: its pins are dropped first, then its units fail with `reason`.
+    pub(crate) fn abandon(self, reason: &str) {
+        let (batch, n) = (self.batch.clone(), self.units());
+        drop(self);
+        batch.abandon_units(n, reason);
     }
 
     /// The pin covering `[addr, addr + len)`.
@@ -36,10 +43,15 @@ impl Work {
     }
 }
 
-/// Completion units of a lane's slices: one ack if any writes, plus one per read slice.
+/// Completion units of a lane's slices: one for the sender having finished with the local
+/// memory, one ack if any writes, plus one per read slice; none for an empty lane. Counting the sender's own unit means
+/// a batch never completes while a thread may still read its memory.
 pub(crate) fn units_of(slices: &[Slice]) -> u32 {
+    if slices.is_empty() {
+        return 0;
+    }
     let reads = slices.iter().filter(|s| s.op == Op::Read).count() as u32;
-    reads + u32::from(reads as usize != slices.len())
+    1 + reads + u32::from(reads as usize != slices.len())
 }
 
 /// Turns a peer's refusal code into a batch failure reason.

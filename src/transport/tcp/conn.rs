@@ -4,8 +4,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,7 @@ pub(crate) struct TcpConn {
     last_driven: AtomicU64,
     born: Instant,
     stall: Duration,
+    receiver: OnceLock<thread::Thread>,
 }
 
 impl TcpConn {
@@ -101,6 +102,7 @@ impl TcpConn {
             last_driven: AtomicU64::new(0),
             born: Instant::now(),
             stall,
+            receiver: OnceLock::new(),
         });
         let c = conn.clone();
         thread::Builder::new()
@@ -108,10 +110,11 @@ impl TcpConn {
             .spawn(move || c.sender_loop(rx))
             .map_err(|e| Error::io("spawn", e))?;
         let c = conn.clone();
-        thread::Builder::new()
+        let rx_thread = thread::Builder::new()
             .name(format!("kvt-rx{index}"))
             .spawn(move || c.receiver_loop())
             .map_err(|e| Error::io("spawn", e))?;
+        let _ = conn.receiver.set(rx_thread.thread().clone());
         Ok(conn)
     }
 
@@ -147,8 +150,7 @@ impl TcpConn {
         self.queued.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.queue.send(work) {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            let work = e.into_inner();
-            work.batch.abandon_units(work.units(), "connection closed");
+            e.into_inner().abandon("connection closed");
         }
     }
 
@@ -171,23 +173,32 @@ impl TcpConn {
         }
         // Anything still queued is written off.
         while let Ok(work) = rx.try_recv() {
-            work.batch.abandon_units(work.units(), "connection closed");
+            work.abandon("connection closed");
         }
     }
 
-    /// Writes one work item's frames. Called with the writer lock held, so the order in which
-    /// reads are queued in `pending` is the order they appear on the wire.
+    /// Writes one work item's frames, then completes its "sent" unit once the work (and its
+    /// pins) is dropped. Called with the writer lock held, so the order in which reads are
+    /// queued in `pending` is the order they appear on the wire.
     fn send(&self, w: &mut TcpStream, work: Work) {
-        let units = work.units();
+        match self.send_frames(w, &work) {
+            Ok(()) => {
+                let batch = work.batch.clone();
+                drop(work);
+                batch.complete_unit(Ok(()));
+            }
+            Err(reason) => work.abandon(&reason),
+        }
+    }
+
+    /// `Err` when nothing was registered or written (the caller writes every unit off); once
+    /// the work's acks and reads are registered, failures go through [`die`](Self::die).
+    fn send_frames(&self, w: &mut TcpStream, work: &Work) -> std::result::Result<(), String> {
         if self.dead.load(Ordering::Acquire) {
-            let reason = self.lost().to_string();
-            work.batch.abandon_units(units, &reason);
-            return;
+            return Err(self.lost().to_string());
         }
         if work.batch.is_failed() {
-            work.batch
-                .abandon_units(units, "batch failed before it was sent");
-            return;
+            return Err("batch failed before it was sent".into());
         }
         let batch_id = work.batch.id;
         let last_write = work.slices.iter().rposition(|s| s.op == Op::Write);
@@ -195,8 +206,7 @@ impl TcpConn {
             let mut p = self.pending.lock();
             if p.closed {
                 drop(p);
-                work.batch.abandon_units(units, &self.lost().to_string());
-                return;
+                return Err(self.lost().to_string());
             }
             if last_write.is_some() {
                 p.acks.insert(batch_id, work.batch.clone());
@@ -244,9 +254,17 @@ impl TcpConn {
                 )));
             }
         }
-        if let Err(e) = write_all_nb(w, &mut iov, self.stall) {
+        let sent = write_all_nb(w, &mut iov, self.stall);
+        tracing::trace!(
+            batch = batch_id,
+            slices = work.slices.len(),
+            ?sent,
+            "frames written"
+        );
+        if let Err(e) = sent {
             self.die(format!("send failed: {e}"));
         }
+        Ok(())
     }
 
     /// Caller-driven progress: reads whatever the socket has, without blocking. Returns false
@@ -264,11 +282,19 @@ impl TcpConn {
     }
 
     /// Marks a caller as driving this connection (the receiver thread then stays asleep).
-    pub(crate) fn set_driving(&self, on: bool) {
-        if on {
-            self.drivers.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.drivers.fetch_sub(1, Ordering::AcqRel);
+    pub(crate) fn start_driving(&self) {
+        self.drivers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends [`start_driving`](Self::start_driving). With `hand_back`, the caller is about to
+    /// sleep and the receiver thread takes over at once; otherwise it stays asleep a little
+    /// longer in case the caller comes back (a latency loop does, every few µs).
+    pub(crate) fn stop_driving(&self, hand_back: bool) {
+        if self.drivers.fetch_sub(1, Ordering::AcqRel) == 1 && hand_back {
+            self.last_driven.store(0, Ordering::Relaxed);
+            if let Some(t) = self.receiver.get() {
+                t.unpark();
+            }
         }
     }
 
@@ -290,7 +316,15 @@ impl TcpConn {
                     io::ErrorKind::InvalidData => format!("protocol violation by peer: {e}"),
                     _ => format!("receive failed: {e}"),
                 };
-                self.die(reason);
+                self.die(reason.clone());
+                // We hold the inbound lock, so `die` could not clear the half-read frame:
+                // drop it (and its pin) here, then write its read off.
+                reader.reset();
+                if let Some(r) = current_read.take() {
+                    let batch = r.batch.clone();
+                    drop(r);
+                    batch.complete_unit(Err(reason));
+                }
                 0
             }
         }
@@ -344,7 +378,7 @@ impl TcpConn {
             }
         }
         let deadline = Instant::now() + timeout;
-        self.set_driving(true);
+        self.start_driving();
         let out = loop {
             self.progress();
             match rx.try_recv() {
@@ -360,7 +394,7 @@ impl TcpConn {
             }
             thread::yield_now();
         };
-        self.set_driving(false);
+        self.stop_driving(true);
         out
     }
 
@@ -369,7 +403,11 @@ impl TcpConn {
         if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::warn!(peer = %self.peer, %reason, "tcp connection lost");
+        if reason.ends_with("locally") {
+            tracing::debug!(peer = %self.peer, %reason, "tcp connection closed");
+        } else {
+            tracing::warn!(peer = %self.peer, %reason, "tcp connection lost");
+        }
         *self.dead_reason.lock() = Some(reason.clone());
         let _ = self.socket.shutdown(Shutdown::Both);
         let (acks, reads) = {
@@ -383,7 +421,9 @@ impl TcpConn {
             b.complete_unit(Err(msg.clone()));
         }
         for r in reads {
-            r.batch.complete_unit(Err(msg.clone()));
+            let batch = r.batch.clone();
+            drop(r);
+            batch.complete_unit(Err(msg.clone()));
         }
         if let Some(r) = self
             .inbound
@@ -453,6 +493,14 @@ impl FrameHandler for Handler<'_> {
     }
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
+        // A read's pin goes before its unit completes: completion may unregister the memory.
+        let collected = match sink {
+            Sink::Collect(v) => Some(v),
+            other => {
+                drop(other);
+                None
+            }
+        };
         let result = if hdr.status == 0 {
             Ok(())
         } else {
@@ -460,6 +508,7 @@ impl FrameHandler for Handler<'_> {
         };
         match hdr.op {
             FrameOp::Ack => {
+                tracing::trace!(batch = hdr.batch, "ack received");
                 let b = self.conn.pending.lock().acks.remove(&hdr.batch);
                 match b {
                     Some(b) => b.complete_unit(result),
@@ -468,13 +517,16 @@ impl FrameHandler for Handler<'_> {
             }
             FrameOp::ReadResponse => {
                 if let Some(r) = self.current_read.take() {
-                    r.batch.complete_unit(result);
+                    let batch = r.batch.clone();
+                    drop(r);
+                    batch.complete_unit(result);
                 }
             }
             FrameOp::SegmentsResponse => {
-                if let (Sink::Collect(v), Some(tx)) =
-                    (sink, self.conn.pending.lock().segment_lists.pop_front())
-                {
+                if let (Some(v), Some(tx)) = (
+                    collected,
+                    self.conn.pending.lock().segment_lists.pop_front(),
+                ) {
                     let _ = tx.send(v);
                 }
             }

@@ -114,6 +114,13 @@ impl FrameReader {
         }
     }
 
+    /// Forgets a half-read frame (after the connection failed).
+    pub(crate) fn reset(&mut self) {
+        self.cur = None;
+        self.start = 0;
+        self.end = 0;
+    }
+
     /// Processes every frame the socket has; returns how many frames completed. `Err` on EOF,
     /// socket error or a protocol violation: the connection is then unusable.
     pub(crate) fn drain(

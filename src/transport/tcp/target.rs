@@ -147,6 +147,7 @@ impl FrameHandler for Target {
         match hdr.op {
             FrameOp::Write if hdr.flags & FLAG_LAST != 0 => {
                 let status = self.errors.remove(&hdr.batch).unwrap_or(0);
+                tracing::trace!(batch = hdr.batch, status, "ack");
                 let ack = FrameHeader {
                     op: FrameOp::Ack,
                     flags: 0,
