@@ -537,11 +537,21 @@ impl Engine {
         }
         let guards: Arc<[SegmentGuard]> = self.validate(&p, requests)?.into();
         let lanes = p.link.conns.len();
+        let total: u64 = requests.iter().map(|r| r.len).sum();
+        let first_lane = if total <= self.config.min_stripe_bytes {
+            // A small batch goes to the idlest lane (ties: the lowest), so one stream of small
+            // transfers stays on one hot connection while concurrent submitters spread out.
+            (0..lanes)
+                .min_by_key(|&i| p.link.conns[i].outstanding())
+                .unwrap_or(0)
+        } else {
+            self.lane_rotation.fetch_add(1, Ordering::Relaxed) % lanes
+        };
         let params = PlanParams {
             max_slice: self.config.slice_size,
             lanes,
             min_stripe_bytes: self.config.min_stripe_bytes,
-            first_lane: self.lane_rotation.fetch_add(1, Ordering::Relaxed) % lanes,
+            first_lane,
         };
         let planned = plan(requests, &params);
         let units: u32 = planned.lanes.iter().map(|l| units_of(l)).sum();

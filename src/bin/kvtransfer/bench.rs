@@ -88,7 +88,8 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Skip the end-of-run check of the destination bytes.
+    /// Skip the end-of-run check of the destination bytes (writes are read back and compared;
+    /// reads are compared with the pattern a fresh target fills its buffer with).
     #[arg(long)]
     no_verify: bool,
 }
@@ -275,7 +276,8 @@ fn measure(
                     let mut inflight: VecDeque<(kvtransfer::BatchId, Instant)> = VecDeque::new();
                     while !stop.load(Ordering::Relaxed) || !inflight.is_empty() {
                         while inflight.len() < depth && !stop.load(Ordering::Relaxed) {
-                            inflight.push_back((engine.submit(peer, reqs)?, Instant::now()));
+                            let t0 = Instant::now();
+                            inflight.push_back((engine.submit(peer, reqs)?, t0));
                         }
                         let Some((id, t0)) = inflight.pop_front() else {
                             break;

@@ -118,6 +118,13 @@ impl TcpConn {
         Ok(conn)
     }
 
+    /// Acks and read responses this connection still waits for (a load measure for choosing
+    /// a lane).
+    pub(crate) fn outstanding(&self) -> usize {
+        let p = self.pending.lock();
+        p.acks.len() + p.reads.len() + self.queued.load(Ordering::Relaxed)
+    }
+
     /// `Err(PeerLost)` once the connection died.
     pub(crate) fn check_alive(&self) -> Result<()> {
         if self.dead.load(Ordering::Acquire) {
