@@ -48,7 +48,7 @@ impl Batch {
         lanes: Vec<u16>,
         guards: Vec<SegmentGuard>,
     ) -> Self {
-        let b = Batch {
+        Batch {
             id,
             peer,
             deadline: Instant::now() + timeout,
@@ -61,8 +61,7 @@ impl Batch {
             guards: Mutex::new(if units == 0 { Vec::new() } else { guards }),
             waiting: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
-        };
-        b
+        }
     }
 
     /// Current status; never blocks.

@@ -102,6 +102,7 @@ pub(crate) struct FrameReader {
     start: usize,
     end: usize,
     cur: Option<Current>,
+    header_only: bool,
 }
 
 impl FrameReader {
@@ -111,6 +112,7 @@ impl FrameReader {
             start: 0,
             end: 0,
             cur: None,
+            header_only: false,
         }
     }
 
@@ -131,7 +133,14 @@ impl FrameReader {
         let mut frames = 0;
         loop {
             if self.cur.is_none() {
-                if self.end - self.start < FRAME_HEADER_LEN && !self.fill(s)? {
+                // After a large frame, read just the next header: its payload is probably large
+                // too and is better read straight into place than through the buffer.
+                let max = if self.header_only {
+                    FRAME_HEADER_LEN - (self.end - self.start)
+                } else {
+                    usize::MAX
+                };
+                if self.end - self.start < FRAME_HEADER_LEN && !self.fill(s, max)? {
                     return Ok(frames);
                 }
                 if self.end - self.start < FRAME_HEADER_LEN {
@@ -149,13 +158,14 @@ impl FrameReader {
                 return Ok(frames);
             }
             let cur = self.cur.take().expect("current frame");
+            self.header_only = cur.hdr.payload_len() >= DIRECT_MIN;
             h.on_frame(&cur.hdr, cur.sink)?;
             frames += 1;
         }
     }
 
     /// Refills the buffer; false when the socket would block.
-    fn fill(&mut self, s: &mut TcpStream) -> io::Result<bool> {
+    fn fill(&mut self, s: &mut TcpStream, max: usize) -> io::Result<bool> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -165,7 +175,8 @@ impl FrameReader {
             self.start = 0;
         }
         loop {
-            match s.read(&mut self.buf[self.end..]) {
+            let stop = self.buf.len().min(self.end + max);
+            match s.read(&mut self.buf[self.end..stop]) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -214,7 +225,7 @@ impl FrameReader {
                     Direct::NotMemory => {}
                 }
             }
-            if !self.fill(s)? {
+            if !self.fill(s, usize::MAX)? {
                 return Ok(false);
             }
         }

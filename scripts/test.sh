@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test of kvtransfer: formatting, lints, unit, property, integration (in- and
+# cross-process TCP), doc tests. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CARGO_TERM_COLOR=never
+start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start )) s)"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --quiet --release --all-targets -- -D warnings
+
+step "cargo test (unit, property, integration, doc)"
+cargo test --release --all-targets --no-fail-fast
+cargo test --release --doc
+
+step "benches compile and run once (no timing asserted)"
+cargo bench --quiet --no-run
+
+step "done in $(( $(date +%s) - start )) s"
