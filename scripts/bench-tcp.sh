@@ -21,15 +21,19 @@ iperf() { # block size -> GB/s (receiver side)
   awk -v b="$bps" 'BEGIN { printf "%.2f", b / 8e9 }'
 }
 
-echo "| block | kvtransfer write GB/s (128 blocks/batch) | iperf3 -l GB/s | ratio |"
-echo "|---|---|---|---|"
+echo "| block | kvtransfer write GB/s, contiguous (coalesced) | kvtransfer write GB/s, reversed (one slice per block) | iperf3 -l GB/s | ratio (reversed / iperf3) |"
+echo "|---|---|---|---|---|"
 for bs in 4K 64K 1M; do
-  j=$(./target/release/kvtransfer bench --role loopback --transport tcp --block-size "$bs" --batch-size 128 \
-        --duration "$secs" --json)
-  echo "$j" >> "$out"
-  kv=$(echo "$j" | jq '.gbps')
+  row=()
+  for layout in contiguous reversed; do
+    j=$(./target/release/kvtransfer bench --role loopback --transport tcp --block-size "$bs" --batch-size 128 \
+          --layout "$layout" --duration "$secs" --json)
+    echo "$j" >> "$out"
+    row+=("$(echo "$j" | jq '.gbps')")
+  done
   ip=$(iperf "$bs")
-  awk -v bs="$bs" -v k="$kv" -v i="$ip" 'BEGIN { printf "| %s | %.2f | %.2f | %.2fx |\n", bs, k, i, k / i }'
+  awk -v bs="$bs" -v c="${row[0]}" -v r="${row[1]}" -v i="$ip" \
+    'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.2fx |\n", bs, c, r, i, r / i }'
 done
 j=$(./target/release/kvtransfer bench --role loopback --transport tcp --mode latency --block-size 4K \
       --duration "$secs" --json)

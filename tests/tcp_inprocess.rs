@@ -112,3 +112,28 @@ fn poll_reports_pending_then_done() {
     ));
     assert_eq!(dst.to_vec(), src.to_vec());
 }
+
+#[test]
+fn reversed_blocks_land_in_their_slots() {
+    let target = engine();
+    let initiator = engine();
+    let (bs, n) = (65536u64, 128u64);
+    let dst = target.alloc((bs * n) as usize).unwrap();
+    let src = initiator.alloc((bs * n) as usize).unwrap();
+    let data = pattern((bs * n) as usize, 11);
+    src.write(0, &data);
+    let peer = initiator.connect(target.local_addr()).unwrap();
+    let reqs: Vec<Request> = (0..n)
+        .map(|i| Request::write(src.addr() + i * bs, bs, dst.segment(), (n - 1 - i) * bs))
+        .collect();
+    initiator.transfer_sync(peer, &reqs).unwrap();
+    let got = dst.to_vec();
+    for i in 0..n as usize {
+        let s = n as usize - 1 - i;
+        let b = bs as usize;
+        assert!(
+            got[s * b..(s + 1) * b] == data[i * b..(i + 1) * b],
+            "block {i} -> slot {s}"
+        );
+    }
+}

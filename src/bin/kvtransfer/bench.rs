@@ -36,6 +36,15 @@ pub(crate) enum BenchOp {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+pub(crate) enum Layout {
+    /// Block i goes to remote offset i: the planner coalesces a batch into large slices.
+    Contiguous,
+    /// Block i goes to remote slot (n-1-i): nothing coalesces, every block is its own slice.
+    Reversed,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Mode {
     /// Batches of blocks, as fast as possible.
     Throughput,
@@ -61,6 +70,9 @@ pub(crate) struct BenchArgs {
     /// Blocks per batch (throughput mode).
     #[arg(long, default_value_t = 128)]
     batch_size: u64,
+    /// Where blocks land remotely (contiguous coalesces; reversed keeps blocks separate).
+    #[arg(long, value_enum, default_value = "contiguous")]
+    layout: Layout,
     /// Batches each thread keeps in flight.
     #[arg(long, default_value_t = 2)]
     depth: usize,
@@ -106,6 +118,7 @@ struct Report {
     mode: Mode,
     block_size: u64,
     batch_size: u64,
+    layout: Layout,
     threads: usize,
     connections: usize,
     depth: usize,
@@ -236,12 +249,17 @@ fn measure(
             (0..batch)
                 .map(|i| {
                     let off = t * region + i * a.block_size;
+                    let slot = match a.layout {
+                        Layout::Contiguous => i,
+                        Layout::Reversed => batch - 1 - i,
+                    };
+                    let roff = t * region + slot * a.block_size;
                     match a.op {
                         BenchOp::Write => {
-                            Request::write(local.addr() + off, a.block_size, remote, off)
+                            Request::write(local.addr() + off, a.block_size, remote, roff)
                         }
                         BenchOp::Read => {
-                            Request::read(local.addr() + off, a.block_size, remote, off)
+                            Request::read(local.addr() + off, a.block_size, remote, roff)
                         }
                     }
                 })
@@ -328,6 +346,7 @@ fn measure(
         mode: a.mode,
         block_size: a.block_size,
         batch_size: batch,
+        layout: a.layout,
         threads: a.threads,
         connections: engine.peer_info(peer)?.lanes,
         depth,
@@ -378,17 +397,35 @@ fn verify(
     region: u64,
 ) -> Result<bool> {
     let total = region * a.threads as u64;
+    let bs = a.block_size as usize;
+    let blocks = (region / a.block_size) as usize;
+    // Block i of a thread's region pairs with remote slot `slot(i)`; reversed is its own inverse.
+    let slot = |i: usize| match a.layout {
+        Layout::Contiguous => i,
+        Layout::Reversed => blocks - 1 - i,
+    };
+    let permute = |src: &[u8]| -> Vec<u8> {
+        let mut out = vec![0u8; src.len()];
+        for t in 0..a.threads {
+            let base = t * region as usize;
+            for i in 0..blocks {
+                let (from, to) = (base + slot(i) * bs, base + i * bs);
+                out[to..to + bs].copy_from_slice(&src[from..from + bs]);
+            }
+        }
+        out
+    };
     let mut got = vec![0u8; total as usize];
     let expected: Vec<u8> = match a.op {
         BenchOp::Write => {
             let check = engine.alloc(total as usize)?;
             engine.transfer_sync(peer, &[Request::read(check.addr(), total, remote, 0)])?;
             check.read(0, &mut got);
-            local.to_vec()
+            permute(&local.to_vec())
         }
         BenchOp::Read => {
             local.read(0, &mut got);
-            (0..total).map(pattern_byte).collect()
+            permute(&(0..total).map(pattern_byte).collect::<Vec<u8>>())
         }
     };
     if got != expected {
