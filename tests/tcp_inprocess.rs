@@ -137,3 +137,80 @@ fn reversed_blocks_land_in_their_slots() {
         );
     }
 }
+
+/// Random sizes from 1 byte to 200 KiB, writes and reads mixed in one batch, so frames cross
+/// every boundary of the receiver's buffered and direct paths.
+#[test]
+fn mixed_sizes_and_ops_in_one_batch() {
+    let target = engine();
+    let initiator = engine();
+    let len = 8 << 20;
+    let dst = target.alloc(len).unwrap();
+    let src = initiator.alloc(len).unwrap();
+    let sink = initiator.alloc(len).unwrap();
+    let remote_init = pattern(len, 99);
+    dst.write(0, &remote_init);
+    let data = pattern(len, 5);
+    src.write(0, &data);
+    let peer = initiator.connect(target.local_addr()).unwrap();
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Writes fill the first half of the remote segment, reads take the untouched second half.
+    let (mut w_off, mut r_off, mut reqs) = (0u64, 0u64, Vec::new());
+    let half = (len / 2) as u64;
+    while w_off < half - 300_000 && r_off < half - 300_000 {
+        let size = match next() % 4 {
+            0 => 1 + next() % 64,
+            1 => 1 + next() % 8192,
+            2 => 16_000 + next() % 20_000,
+            _ => 1 + next() % 200_000,
+        };
+        if next() % 3 == 0 {
+            reqs.push(Request::read(
+                sink.addr() + r_off,
+                size,
+                dst.segment(),
+                half + r_off,
+            ));
+            r_off += size;
+        } else {
+            reqs.push(Request::write(
+                src.addr() + w_off,
+                size,
+                dst.segment(),
+                w_off,
+            ));
+            w_off += size;
+        }
+        // Gaps keep neighbours from coalescing.
+        w_off += next() % 3;
+        r_off += next() % 3;
+    }
+    initiator.transfer_sync(peer, &reqs).unwrap();
+    let remote = dst.to_vec();
+    let local = sink.to_vec();
+    for r in &reqs {
+        let (o, l) = (r.remote_offset as usize, r.len as usize);
+        match r.op {
+            kvtransfer::Op::Write => {
+                let s = (r.local_addr - src.addr()) as usize;
+                assert!(
+                    remote[o..o + l] == data[s..s + l],
+                    "write of {l} bytes at {o}"
+                );
+            }
+            kvtransfer::Op::Read => {
+                let s = (r.local_addr - sink.addr()) as usize;
+                assert!(
+                    local[s..s + l] == remote_init[o..o + l],
+                    "read of {l} bytes at {o}"
+                );
+            }
+        }
+    }
+}

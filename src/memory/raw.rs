@@ -9,7 +9,7 @@
 //! bug and panics rather than touching memory.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::io::{self, Read};
+use std::io::{self, IoSliceMut, Read};
 
 use super::SegmentGuard;
 
@@ -42,11 +42,13 @@ pub(crate) fn copy_in(guard: &SegmentGuard, addr: u64, src: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as usize as *mut u8, src.len()) }
 }
 
-/// Reads from `r` straight into registered memory `[addr, addr + len)`; returns bytes read.
-pub(crate) fn read_into(
+/// Reads from `r` into registered memory `[addr, addr + len)` and, in the same call, up to
+/// `tail.len()` further bytes into `tail` (the start of the next frame). Returns bytes read.
+pub(crate) fn read_into_then(
     guard: &SegmentGuard,
     addr: u64,
     len: usize,
+    tail: &mut [u8],
     r: &mut impl Read,
 ) -> io::Result<usize> {
     check(guard, addr, len);
@@ -54,7 +56,7 @@ pub(crate) fn read_into(
     // reads or writes the range while a transfer into it is in flight, so this exclusive borrow
     // for the duration of one `read` does not alias.
     let dst = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len) };
-    r.read(dst)
+    r.read_vectored(&mut [IoSliceMut::new(dst), IoSliceMut::new(tail)])
 }
 
 /// A page-aligned, zeroed heap allocation whose bytes are only ever reached through raw

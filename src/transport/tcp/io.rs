@@ -216,9 +216,15 @@ impl FrameReader {
                 continue;
             }
             if want >= DIRECT_MIN {
-                match read_direct(s, cur, want as usize)? {
+                // The buffer is empty: the bytes after this payload (the next header) land at
+                // its start, so a stream of large frames costs one read per frame.
+                self.start = 0;
+                self.end = 0;
+                match read_direct(s, cur, want as usize, &mut self.buf[..FRAME_HEADER_LEN])? {
                     Direct::Read(n) => {
-                        cur.done += n as u64;
+                        let payload = n.min(want as usize);
+                        cur.done += payload as u64;
+                        self.end = n - payload;
                         continue;
                     }
                     Direct::WouldBlock => return Ok(false),
@@ -239,7 +245,12 @@ enum Direct {
 }
 
 /// Reads up to `want` payload bytes straight into the sink's memory, bypassing the buffer.
-fn read_direct(s: &mut TcpStream, cur: &mut Current, want: usize) -> io::Result<Direct> {
+fn read_direct(
+    s: &mut TcpStream,
+    cur: &mut Current,
+    want: usize,
+    tail: &mut [u8],
+) -> io::Result<Direct> {
     let Sink::Memory { guard, addr, batch } = &cur.sink else {
         return Ok(Direct::NotMemory);
     };
@@ -251,7 +262,7 @@ fn read_direct(s: &mut TcpStream, cur: &mut Current, want: usize) -> io::Result<
         return Ok(Direct::NotMemory);
     }
     loop {
-        match raw::read_into(guard, addr + cur.done, want, s) {
+        match raw::read_into_then(guard, addr + cur.done, want, tail, s) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
