@@ -18,7 +18,8 @@ step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc
 
-step "benches compile and run once (no timing asserted)"
-cargo bench --quiet --no-run
+step "examples and the main job run (small demo, every byte verified)"
+cargo run --release --quiet --example write_read
+./target/release/kvtransfer demo --pages 32 --rounds 1
 
 step "done in $(( $(date +%s) - start )) s"
