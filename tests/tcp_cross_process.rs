@@ -224,3 +224,53 @@ fn peer_killed_mid_write_batch_fails_it() {
 fn peer_killed_mid_read_batch_fails_it() {
     killed_mid_batch(kvtransfer::Op::Read);
 }
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn stalled_peer_fails_the_batch_at_its_deadline() {
+    let t = spawn_target("64M");
+    let e = engine(Duration::from_secs(30));
+    let peer = e.connect(t.addr.as_str()).unwrap();
+    let local = e.alloc(64 << 20).unwrap();
+    // A stopped process keeps its sockets open: only the deadline can end the batch.
+    signal(&t.child, "-STOP");
+    let reqs: Vec<Request> = (0..64u64)
+        .map(|i| Request::write(local.addr() + (i << 20), 1 << 20, t.segment, i << 20))
+        .collect();
+    let started = Instant::now();
+    let id = e
+        .submit_with_timeout(peer, &reqs, Duration::from_millis(300))
+        .unwrap();
+    let err = e.wait(id).unwrap_err();
+    let took = started.elapsed();
+    signal(&t.child, "-CONT");
+    match err {
+        Error::BatchFailed { reason, .. } => {
+            assert!(reason.contains("deadline of 300 ms"), "{reason}")
+        }
+        other => panic!("expected a deadline failure, got {other}"),
+    }
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "failed after {took:?}"
+    );
+    // The local memory stays pinned until the transport is done with it, then is released.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        match e.unregister_memory(local.segment()) {
+            Ok(()) => break,
+            Err(Error::SegmentBusy { .. }) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+}
