@@ -4,13 +4,9 @@
 set -euo pipefail
 
 need=()
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-# sideway's bindings (RDMA transport) are generated with bindgen, which needs libclang.
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 \
-  || need+=(libclang-dev)
-command -v cc >/dev/null 2>&1 || need+=(gcc)
-for extra in "$@"; do
-  command -v "$extra" >/dev/null 2>&1 || need+=("$extra")
+# cmake and libclang (bindgen) build rdma-mummy-sys, the run-time verbs loader under sideway.
+for pkg in cmake libclang-dev gcc "$@"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -12,6 +12,9 @@
 //! | `connect_timeout` | `KVT_CONNECT_TIMEOUT_MS` | 5 000 ms |
 //! | `busy_poll` | `KVT_BUSY_POLL_US` | 100 µs |
 //! | `log_level` | `KVT_LOG` | `warn` |
+//! | `devices` | `KVT_DEVICES` | all active ports (`mlx5_0,mlx5_3` or `dev:port`) |
+//! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
+//! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
 //!
 //! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
 //! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
@@ -84,6 +87,12 @@ pub struct EngineConfig {
     pub busy_poll: Duration,
     /// `tracing` filter used by [`init_logging`](crate::init_logging) (e.g. `info`, `kvtransfer=debug`).
     pub log_level: String,
+    /// RDMA devices allowed as rails (`mlx5_0`, or `mlx5_0:1` for one port); `None` = all.
+    pub devices: Option<Vec<String>>,
+    /// GID index to use on every rail; `None` = choose the RoCEv2 IPv4-mapped one.
+    pub gid_index: Option<u16>,
+    /// RC queue pairs per (peer, rail) pair.
+    pub qps_per_rail: usize,
 }
 
 impl Default for EngineConfig {
@@ -99,6 +108,9 @@ impl Default for EngineConfig {
             connect_timeout: Duration::from_secs(5),
             busy_poll: Duration::from_micros(100),
             log_level: "warn".to_string(),
+            devices: None,
+            gid_index: None,
+            qps_per_rail: 2,
         }
     }
 }
@@ -124,6 +136,9 @@ impl EngineConfig {
         }
         if self.slice_size < 4096 || self.slice_size > crate::wire::MAX_FRAME_PAYLOAD {
             return Err(invalid("slice_size", "must be between 4 KiB and 1 GiB"));
+        }
+        if !(1..=16).contains(&self.qps_per_rail) {
+            return Err(invalid("qps_per_rail", "must be 1..=16"));
         }
         if self.batch_timeout.is_zero() {
             return Err(invalid("batch_timeout", "must be > 0"));
@@ -198,6 +213,21 @@ impl EngineConfigBuilder {
         self.config.busy_poll = d;
         self
     }
+    /// RDMA device allow-list.
+    pub fn devices<S: Into<String>>(mut self, devices: impl IntoIterator<Item = S>) -> Self {
+        self.config.devices = Some(devices.into_iter().map(Into::into).collect());
+        self
+    }
+    /// GID index for every rail.
+    pub fn gid_index(mut self, index: u16) -> Self {
+        self.config.gid_index = Some(index);
+        self
+    }
+    /// QPs per (peer, rail) pair.
+    pub fn qps_per_rail(mut self, n: usize) -> Self {
+        self.config.qps_per_rail = n;
+        self
+    }
     /// Log filter.
     pub fn log_level(mut self, level: impl Into<String>) -> Self {
         self.config.log_level = level.into();
@@ -242,6 +272,24 @@ impl EngineConfigBuilder {
             }
             if let Some(v) = get("KVT_LOG") {
                 c.log_level = v;
+            }
+            if let Some(v) = get("KVT_DEVICES") {
+                let list: Vec<String> = v
+                    .split(',')
+                    .map(|d| d.trim().to_string())
+                    .filter(|d| !d.is_empty())
+                    .collect();
+                c.devices = (!list.is_empty()).then_some(list);
+            }
+            if let Some(v) = get("KVT_GID_INDEX") {
+                c.gid_index = Some(
+                    parse_num("KVT_GID_INDEX", &v)?
+                        .try_into()
+                        .map_err(|_| invalid("KVT_GID_INDEX", "too large"))?,
+                );
+            }
+            if let Some(v) = get("KVT_QPS_PER_RAIL") {
+                c.qps_per_rail = parse_num("KVT_QPS_PER_RAIL", &v)? as usize;
             }
             Ok(())
         };
@@ -317,6 +365,9 @@ mod tests {
             ("KVT_BATCH_TIMEOUT_MS", "1500"),
             ("KVT_BUSY_POLL_US", "0"),
             ("KVT_LOG", "debug"),
+            ("KVT_DEVICES", "mlx5_0, mlx5_3:1"),
+            ("KVT_GID_INDEX", "3"),
+            ("KVT_QPS_PER_RAIL", "4"),
         ]
         .into();
         let c = EngineConfig::builder()
@@ -331,6 +382,12 @@ mod tests {
         assert_eq!(c.batch_timeout, Duration::from_millis(1500));
         assert_eq!(c.busy_poll, Duration::ZERO);
         assert_eq!(c.log_level, "debug");
+        assert_eq!(
+            c.devices,
+            Some(vec!["mlx5_0".to_string(), "mlx5_3:1".to_string()])
+        );
+        assert_eq!(c.gid_index, Some(3));
+        assert_eq!(c.qps_per_rail, 4);
     }
 
     #[test]

@@ -17,8 +17,11 @@ use crate::memory::raw::RawAlloc;
 use crate::memory::{MemoryKind, SegmentGuard, SegmentId, SegmentInfo, SegmentTable};
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Request};
-use crate::transport::tcp::{self, TcpLink};
-use crate::transport::{Work, units_of};
+use crate::transport::rdma::{
+    self, Notification, Notifier, RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport,
+};
+use crate::transport::tcp::{self, ServeContext, TcpConn, TcpLink};
+use crate::transport::{Link, Work};
 use crate::wire::{ConnPurpose, Endpoint, Hello, SegmentDesc, TransportId, decode_segments};
 
 /// Handle of a connected peer within one engine.
@@ -44,13 +47,20 @@ pub struct PeerInfo {
 
 struct Peer {
     info: PeerInfo,
-    segments: RwLock<HashMap<u32, SegmentInfo>>,
-    link: TcpLink,
+    segments: RwLock<HashMap<u32, SegmentDesc>>,
+    link: Link,
 }
 
 impl Peer {
     fn check_alive(&self) -> Result<()> {
-        self.link.conns.iter().try_for_each(|c| c.check_alive())
+        self.link.check_alive().map_err(|e| match e {
+            Error::PeerLost { reason, .. } => Error::PeerLost {
+                peer: self.info.addr.to_string(),
+                epoch: self.info.epoch,
+                reason,
+            },
+            other => other,
+        })
     }
 }
 
@@ -61,6 +71,8 @@ struct Engine {
     local_addr: SocketAddr,
     transport: TransportKind,
     segments: Arc<SegmentTable>,
+    rdma: Option<Arc<RdmaTransport>>,
+    notifier: Arc<Notifier>,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
     batches: Mutex<HashMap<u64, Arc<Batch>>>,
@@ -103,18 +115,23 @@ impl TransferEngine {
     /// Starts an engine: binds the bootstrap listener and starts accepting peers.
     pub fn new(config: EngineConfig) -> Result<Self> {
         config.validate()?;
-        let transport = match config.transport {
-            TransportKind::Tcp => TransportKind::Tcp,
-            TransportKind::Auto => {
-                tracing::info!("transport auto: no RDMA transport in this build, using tcp");
-                TransportKind::Tcp
-            }
-            TransportKind::Rdma => {
-                return Err(Error::TransportUnavailable {
-                    transport: "rdma",
-                    reason: "this build has no RDMA transport yet; use tcp or auto".into(),
-                });
-            }
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let notifier = Arc::new(Notifier::default());
+        let rdma = match config.transport {
+            TransportKind::Tcp => None,
+            TransportKind::Auto => match open_rdma(&config, &notifier, &shutdown) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::info!("transport auto: using tcp ({e})");
+                    None
+                }
+            },
+            TransportKind::Rdma => Some(open_rdma(&config, &notifier, &shutdown)?),
+        };
+        let transport = if rdma.is_some() {
+            TransportKind::Rdma
+        } else {
+            TransportKind::Tcp
         };
         let listener = TcpListener::bind(config.listen).map_err(|e| Error::io("bind", e))?;
         listener
@@ -129,12 +146,14 @@ impl TransferEngine {
             local_addr,
             transport,
             segments: Arc::new(SegmentTable::default()),
+            rdma,
+            notifier,
             peers: RwLock::new(HashMap::new()),
             next_peer: AtomicU64::new(1),
             batches: Mutex::new(HashMap::new()),
             next_batch: AtomicU64::new(1),
             lane_rotation: AtomicUsize::new(0),
-            shutdown: Arc::new(AtomicBool::new(false)),
+            shutdown,
             config,
         });
         let e = inner.clone();
@@ -178,10 +197,7 @@ impl TransferEngine {
     /// caller must not read or write a part of it while a transfer that writes that part is in
     /// flight (as with RDMA, the engine writes it from other threads).
     pub unsafe fn register_memory(&self, addr: *mut u8, len: usize) -> Result<SegmentInfo> {
-        let info =
-            self.inner
-                .segments
-                .register(addr as usize as u64, len as u64, MemoryKind::Host)?;
+        let info = self.inner.register(addr as usize as u64, len as u64)?;
         tracing::debug!(
             segment = info.id.0,
             addr = format_args!("{:#x}", info.base),
@@ -193,7 +209,7 @@ impl TransferEngine {
 
     /// Unregisters a segment. Refused with [`Error::SegmentBusy`] while transfers use it.
     pub fn unregister_memory(&self, segment: SegmentId) -> Result<()> {
-        self.inner.segments.unregister(segment)
+        self.inner.unregister(segment)
     }
 
     /// Allocates and registers `len` zeroed, page-aligned bytes owned by the returned buffer.
@@ -204,14 +220,11 @@ impl TransferEngine {
             });
         }
         let mem = RawAlloc::zeroed(len).map_err(|e| Error::io("alloc", e))?;
-        let info = self
-            .inner
-            .segments
-            .register(mem.addr(), len as u64, MemoryKind::Host)?;
+        let info = self.inner.register(mem.addr(), len as u64)?;
         Ok(HostBuffer {
             mem: Some(mem),
             info,
-            segments: self.inner.segments.clone(),
+            engine: self.inner.clone(),
         })
     }
 
@@ -239,7 +252,7 @@ impl TransferEngine {
     /// The peer's segments as last learned (handshake or refresh).
     pub fn remote_segments(&self, peer: PeerId) -> Result<Vec<SegmentInfo>> {
         let p = self.inner.peer(peer)?;
-        let mut v: Vec<_> = p.segments.read().values().cloned().collect();
+        let mut v: Vec<_> = p.segments.read().values().map(|d| d.info.clone()).collect();
         v.sort_by_key(|s| s.id);
         Ok(v)
     }
@@ -259,7 +272,7 @@ impl TransferEngine {
             .write()
             .remove(&peer.0)
             .ok_or(Error::UnknownPeer { peer: peer.0 })?;
-        p.link.conns.iter().for_each(|c| c.close());
+        p.link.close();
         Ok(())
     }
 
@@ -278,7 +291,26 @@ impl TransferEngine {
         requests: &[Request],
         timeout: Duration,
     ) -> Result<BatchId> {
-        self.inner.submit(peer, requests, timeout)
+        self.inner.submit(peer, requests, timeout, None)
+    }
+
+    /// Submits a batch that also tells the peer engine, in band, when its data has landed:
+    /// each lane's data is followed by a notification part (RDMA WRITE_WITH_IMM, or a frame
+    /// on TCP), and the peer's [`notifications`](Self::notifications) reports `tag` once every
+    /// part arrived, hence after all the batch's bytes. `tag` keeps its low 24 bits.
+    pub fn submit_with_notify(
+        &self,
+        peer: PeerId,
+        requests: &[Request],
+        tag: u32,
+    ) -> Result<BatchId> {
+        self.inner
+            .submit(peer, requests, self.inner.config.batch_timeout, Some(tag))
+    }
+
+    /// Takes the notifications that completed since the last call (never blocks).
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.inner.notifier.take()
     }
 
     /// Status of a batch; never blocks. Drives progress on the batch's connections when no
@@ -323,31 +355,65 @@ impl Drop for TransferEngine {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::Release);
         for p in self.inner.peers.write().drain().map(|(_, p)| p) {
-            p.link.conns.iter().for_each(|c| c.close());
+            p.link.close();
         }
     }
 }
 
 impl Engine {
-    fn hello(&self, purpose: ConnPurpose, conn_index: u16) -> Hello {
+    /// Registers a segment in the table and, with RDMA, on every rail.
+    fn register(&self, addr: u64, len: u64) -> Result<SegmentInfo> {
+        let info = self.segments.register(addr, len, MemoryKind::Host)?;
+        if let Some(r) = &self.rdma {
+            if let Err(e) = r.register(&info) {
+                let _ = self.segments.unregister(info.id);
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    fn unregister(&self, id: SegmentId) -> Result<()> {
+        self.segments.unregister(id)?;
+        if let Some(r) = &self.rdma {
+            r.unregister(id.0);
+        }
+        Ok(())
+    }
+
+    /// Every segment with its per-rail keys, as peers see them.
+    fn describe_segments(
+        segments: &SegmentTable,
+        rdma: Option<&RdmaTransport>,
+    ) -> Vec<SegmentDesc> {
+        segments
+            .list()
+            .into_iter()
+            .map(|info| SegmentDesc {
+                keys: rdma.map(|r| r.keys(info.id.0)).unwrap_or_default(),
+                info,
+            })
+            .collect()
+    }
+
+    fn hello(&self, purpose: ConnPurpose, conn_index: u16, rdma: Option<&RdmaEndpoint>) -> Hello {
+        let mut endpoints = vec![Endpoint {
+            transport: TransportId::Tcp,
+            data: Vec::new(),
+        }];
+        if let Some(e) = rdma {
+            endpoints.push(Endpoint {
+                transport: TransportId::Rdma,
+                data: e.encode(),
+            });
+        }
         Hello {
             engine_id: self.engine_id,
             epoch: self.epoch,
             purpose,
             conn_index,
-            segments: self
-                .segments
-                .list()
-                .into_iter()
-                .map(|info| SegmentDesc {
-                    info,
-                    keys: Vec::new(),
-                })
-                .collect(),
-            endpoints: vec![Endpoint {
-                transport: TransportId::Tcp,
-                data: Vec::new(),
-            }],
+            segments: Self::describe_segments(&self.segments, self.rdma.as_deref()),
+            endpoints,
         }
     }
 
@@ -380,6 +446,7 @@ impl Engine {
 
     fn serve_conn(self: Arc<Self>, mut s: TcpStream, from: SocketAddr) {
         let peer = from.to_string();
+        let mut accepted = None;
         let setup = (|| -> Result<Hello> {
             s.set_nonblocking(false)
                 .map_err(|e| Error::io("fcntl", e))?;
@@ -390,56 +457,116 @@ impl Engine {
             s.set_write_timeout(Some(self.config.connect_timeout))
                 .map_err(|e| Error::io("setsockopt", e))?;
             let theirs = tcp::read_hello(&mut s, &peer)?;
+            let offer = rdma_endpoint(&theirs)?;
+            let answer = match (&self.rdma, offer) {
+                (Some(r), Some(offer)) if theirs.purpose == ConnPurpose::Control => {
+                    let (answer, qps) = r.accept(&offer, theirs.engine_id, theirs.epoch)?;
+                    accepted = Some(qps);
+                    Some(answer)
+                }
+                _ => None,
+            };
             tcp::write_hello(
                 &mut s,
-                &self.hello(ConnPurpose::TcpData, theirs.conn_index),
+                &self.hello(theirs.purpose, theirs.conn_index, answer.as_ref()),
                 &peer,
             )?;
             Ok(theirs)
         })();
         match setup {
-            Ok(h) if h.purpose == ConnPurpose::TcpData => {
-                tracing::debug!(%peer, epoch = format_args!("{:#x}", h.epoch), conn = h.conn_index, "data connection accepted");
-                tcp::serve(
-                    s,
-                    self.segments.clone(),
-                    self.shutdown.clone(),
-                    self.config.busy_poll,
-                    self.config.batch_timeout,
+            Ok(h) => {
+                tracing::debug!(%peer, epoch = format_args!("{:#x}", h.epoch), conn = h.conn_index,
+                    rdma = accepted.is_some(), "connection accepted");
+                let rdma = self.rdma.clone();
+                let segments = self.segments.clone();
+                let ctx = ServeContext {
+                    segments: self.segments.clone(),
+                    describe: Arc::new(move || {
+                        Engine::describe_segments(&segments, rdma.as_deref())
+                    }),
+                    notifier: self.notifier.clone(),
+                    shutdown: self.shutdown.clone(),
+                    busy_poll: self.config.busy_poll,
+                    stall: self.config.batch_timeout,
                     peer,
-                );
+                    peer_engine: h.engine_id,
+                    peer_epoch: h.epoch,
+                };
+                tcp::serve(s, ctx);
+                // The control connection is gone: the peer's QPs stop here (AcceptedQps drop).
+                drop(accepted);
             }
-            Ok(h) => tracing::warn!(%peer, "rejecting connection with purpose {:?}", h.purpose),
             Err(e) => tracing::warn!(%peer, "rejecting connection: {e}"),
         }
     }
 
     fn connect(&self, addr: SocketAddr) -> Result<PeerId> {
-        let n = self.config.connections_per_peer;
-        let (theirs, streams) = tcp::connect(addr, n, self.config.connect_timeout, |i| {
-            self.hello(ConnPurpose::TcpData, i)
-        })?;
-        let link = TcpLink::start(
-            streams,
-            &addr.to_string(),
-            theirs.epoch,
-            self.config.batch_timeout,
-        )?;
+        let peer = addr.to_string();
+        let timeout = self.config.connect_timeout;
+        let stall = self.config.batch_timeout;
+        let prepared = match &self.rdma {
+            Some(r) => Some(RdmaLink::prepare(r, self.config.qps_per_rail)?),
+            None => None,
+        };
+        let offer = prepared.as_ref().map(|(_, o)| o.clone());
+        let purpose = if offer.is_some() {
+            ConnPurpose::Control
+        } else {
+            ConnPurpose::TcpData
+        };
+        let (theirs, first) =
+            tcp::connect_one(addr, timeout, &self.hello(purpose, 0, offer.as_ref()))?;
+        let answer = rdma_endpoint(&theirs)?;
+        let link = match (prepared, answer) {
+            (Some((lanes, _)), Some(answer)) => {
+                let r = self.rdma.as_ref().expect("prepared with rdma");
+                let control = TcpConn::start(first, peer.clone(), theirs.epoch, 0, stall)?;
+                let link = RdmaLink::finish(r, lanes, &answer, control.clone())?;
+                let lanes = link.lanes.clone();
+                control.on_death(move |reason| RdmaLink::fail_all(&lanes, reason));
+                Link::Rdma(link)
+            }
+            (prepared, _) => {
+                if prepared.is_some() && self.config.transport == TransportKind::Rdma {
+                    return Err(Error::TransportUnavailable {
+                        transport: "rdma",
+                        reason: format!("peer {peer} offers no RDMA endpoint"),
+                    });
+                }
+                let mut streams = vec![first];
+                for i in 1..self.config.connections_per_peer {
+                    let (h, s) = tcp::connect_one(
+                        addr,
+                        timeout,
+                        &self.hello(ConnPurpose::TcpData, i as u16, None),
+                    )?;
+                    if (h.engine_id, h.epoch) != (theirs.engine_id, theirs.epoch) {
+                        return Err(Error::Handshake {
+                            peer,
+                            reason: "peer restarted while connections were being opened".into(),
+                        });
+                    }
+                    streams.push(s);
+                }
+                Link::Tcp(TcpLink::start(streams, &peer, theirs.epoch, stall)?)
+            }
+        };
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         let info = PeerInfo {
             id: PeerId(id),
             addr,
             engine_id: theirs.engine_id,
             epoch: theirs.epoch,
-            transport: "tcp",
-            lanes: link.conns.len(),
+            transport: link.name(),
+            lanes: link.lanes(),
         };
         let segments = theirs
             .segments
             .into_iter()
-            .map(|d| (d.info.id.0, d.info))
+            .map(|d| (d.info.id.0, d))
             .collect();
-        tracing::info!(peer = %addr, epoch = format_args!("{:#x}", info.epoch), lanes = n, "connected");
+        tracing::info!(peer = %addr, epoch = format_args!("{:#x}", info.epoch), lanes = info.lanes,
+            transport = info.transport, "connected");
         self.peers.write().insert(
             id,
             Arc::new(Peer {
@@ -468,14 +595,9 @@ impl Engine {
     }
 
     fn refresh(&self, p: &Peer) -> Result<()> {
-        let conn = p
-            .link
-            .conns
-            .first()
-            .ok_or(Error::UnknownPeer { peer: p.info.id.0 })?;
-        let bytes = conn.fetch_segments(self.config.connect_timeout)?;
+        let bytes = p.link.fetch_segments(self.config.connect_timeout)?;
         let list = decode_segments(&bytes)?;
-        *p.segments.write() = list.into_iter().map(|d| (d.info.id.0, d.info)).collect();
+        *p.segments.write() = list.into_iter().map(|d| (d.info.id.0, d)).collect();
         Ok(())
     }
 
@@ -503,14 +625,14 @@ impl Engine {
                 .as_ref()
                 .is_none_or(|s| s.id != r.remote_segment)
             {
-                let mut found = remote.get(&r.remote_segment.0).cloned();
+                let mut found = remote.get(&r.remote_segment.0).map(|d| d.info.clone());
                 if found.is_none() && !refreshed {
                     // The peer may have registered it after the handshake.
                     drop(remote);
                     self.refresh(p)?;
                     refreshed = true;
                     remote = p.segments.read();
-                    found = remote.get(&r.remote_segment.0).cloned();
+                    found = remote.get(&r.remote_segment.0).map(|d| d.info.clone());
                 }
                 last_remote = Some(found.ok_or(Error::UnknownSegment {
                     segment: r.remote_segment.0,
@@ -524,7 +646,13 @@ impl Engine {
         Ok(guards)
     }
 
-    fn submit(&self, peer: PeerId, requests: &[Request], timeout: Duration) -> Result<BatchId> {
+    fn submit(
+        &self,
+        peer: PeerId,
+        requests: &[Request],
+        timeout: Duration,
+        notify: Option<u32>,
+    ) -> Result<BatchId> {
         if self.shutdown.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
@@ -536,13 +664,13 @@ impl Engine {
             ));
         }
         let guards: Arc<[SegmentGuard]> = self.validate(&p, requests)?.into();
-        let lanes = p.link.conns.len();
+        let lanes = p.link.lanes();
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let first_lane = if total <= self.config.min_stripe_bytes {
             // A small batch goes to the idlest lane (ties: the lowest), so one stream of small
             // transfers stays on one hot connection while concurrent submitters spread out.
             (0..lanes)
-                .min_by_key(|&i| p.link.conns[i].outstanding())
+                .min_by_key(|&i| p.link.outstanding(i))
                 .unwrap_or(0)
         } else {
             self.lane_rotation.fetch_add(1, Ordering::Relaxed) % lanes
@@ -554,11 +682,12 @@ impl Engine {
             first_lane,
         };
         let planned = plan(requests, &params);
-        let units: u32 = planned.lanes.iter().map(|l| units_of(l)).sum();
+        let units: u32 = planned.lanes.iter().map(|l| p.link.units_of(l)).sum();
         let used: Vec<u16> = (0..lanes)
             .filter(|i| !planned.lanes[*i].is_empty())
             .map(|i| i as u16)
             .collect();
+        let notify = notify.map(|tag| rdma::imm_encode(tag, used.len() as u32));
         let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
         let batch = Arc::new(Batch::new(
             id,
@@ -570,16 +699,24 @@ impl Engine {
         ));
         self.batches.lock().insert(id, batch.clone());
         let inline = planned.total_bytes <= self.config.inline_bytes;
+        let remote_segments = p.segments.read();
+        let remote = |seg: u32, rail: u16| {
+            remote_segments.get(&seg).and_then(|d| {
+                d.keys
+                    .iter()
+                    .find(|k| k.rail == rail)
+                    .map(|k| (d.info.base, k.rkey))
+            })
+        };
         for (lane, slices) in planned.lanes.into_iter().enumerate() {
             if !slices.is_empty() {
-                p.link.conns[lane].post(
-                    Work {
-                        batch: batch.clone(),
-                        slices,
-                        guards: guards.clone(),
-                    },
-                    inline,
-                );
+                let work = Work {
+                    batch: batch.clone(),
+                    slices,
+                    guards: guards.clone(),
+                    notify,
+                };
+                p.link.post(lane, work, inline, &remote);
             }
         }
         Ok(BatchId(id))
@@ -593,7 +730,7 @@ impl Engine {
     fn progress(&self, b: &Batch) {
         if let Some((p, lanes)) = self.lanes_of(b) {
             for &l in lanes {
-                p.link.conns[l as usize].progress();
+                p.link.progress(l as usize);
             }
         }
     }
@@ -603,12 +740,10 @@ impl Engine {
         if let Some((p, lanes)) = self.lanes_of(b) {
             // Spin first, reading the connections ourselves: waking a sleeping thread costs
             // more than a small transfer takes.
-            lanes
-                .iter()
-                .for_each(|&l| p.link.conns[l as usize].start_driving());
+            lanes.iter().for_each(|&l| p.link.start_driving(l as usize));
             while !b.is_final() && Instant::now() < spin_until {
                 for &l in lanes {
-                    p.link.conns[l as usize].progress();
+                    p.link.progress(l as usize);
                 }
                 if b.is_final() || b.check_deadline(Instant::now()) {
                     break;
@@ -618,7 +753,7 @@ impl Engine {
             let sleeping = !b.is_final();
             lanes
                 .iter()
-                .for_each(|&l| p.link.conns[l as usize].stop_driving(sleeping));
+                .for_each(|&l| p.link.stop_driving(l as usize, sleeping));
         }
         while !b.is_final() {
             let now = Instant::now();
@@ -630,15 +765,69 @@ impl Engine {
     }
 }
 
+/// The RDMA endpoint a handshake carries, if any.
+fn rdma_endpoint(h: &Hello) -> Result<Option<RdmaEndpoint>> {
+    match h
+        .endpoints
+        .iter()
+        .find(|e| e.transport == TransportId::Rdma)
+    {
+        Some(e) => Ok(Some(RdmaEndpoint::decode(&e.data)?)),
+        None => Ok(None),
+    }
+}
+
+/// Discovers the RDMA rails this config allows and opens them.
+fn open_rdma(
+    config: &EngineConfig,
+    notifier: &Arc<Notifier>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<Arc<RdmaTransport>> {
+    let sysfs = std::path::Path::new("/sys");
+    let ports = crate::topology::discover(sysfs)?;
+    let allow = config.devices.as_deref();
+    let choice: Vec<RailChoice> = crate::topology::usable_rails(&ports, allow, config.gid_index)?
+        .into_iter()
+        .map(|(port, gid)| RailChoice {
+            device: port.device.clone(),
+            port: port.port,
+            gid_index: gid.index as u8,
+        })
+        .collect();
+    if choice.is_empty() {
+        return Err(Error::NoRdmaDevice {
+            reason: match allow {
+                Some(list) => format!("no active RDMA port among the allowed devices {list:?}"),
+                None => "no active RDMA port".into(),
+            },
+        });
+    }
+    RdmaTransport::open(
+        &choice,
+        notifier.clone(),
+        shutdown.clone(),
+        config.busy_poll,
+    )
+}
+
 /// Page-aligned host memory allocated and registered by an engine; unregistered on drop.
 ///
 /// Its bytes are reached through [`read`](Self::read) and [`write`](Self::write) copies,
 /// since the engine may write them from other threads while a transfer is in flight.
-#[derive(Debug)]
 pub struct HostBuffer {
     mem: Option<RawAlloc>,
     info: SegmentInfo,
-    segments: Arc<SegmentTable>,
+    engine: Arc<Engine>,
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer")
+            .field("segment", &self.info.id)
+            .field("addr", &self.info.base)
+            .field("len", &self.info.len)
+            .finish()
+    }
 }
 
 impl HostBuffer {
@@ -676,7 +865,7 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        if let Err(e) = self.segments.unregister(self.info.id) {
+        if let Err(e) = self.engine.unregister(self.info.id) {
             if !matches!(e, Error::UnknownSegment { .. }) {
                 // A transfer may still touch it: leaking is the only safe choice.
                 tracing::error!("leaking buffer of segment {}: {e}", self.info.id);

@@ -161,6 +161,37 @@ pub enum Error {
     /// A Rust panic was caught at the C boundary.
     #[error("internal panic: {0}")]
     Panic(String),
+    /// rdma-core's `libibverbs.so.1` could not be loaded.
+    #[error("RDMA unavailable: rdma-core (libibverbs.so.1) is not installed")]
+    RdmaCoreMissing,
+    /// The kernel has no RDMA support (no `/sys/class/infiniband_verbs`).
+    #[error("RDMA unavailable: the kernel has no RDMA support (no /sys/class/infiniband_verbs)")]
+    RdmaKernelMissing,
+    /// No usable RDMA device.
+    #[error("RDMA unavailable: {reason}")]
+    NoRdmaDevice {
+        /// Why (none present, none allowed, ...).
+        reason: String,
+    },
+    /// A device port is not active.
+    #[error("RDMA port {device}:{port} is {state}, not active")]
+    PortDown {
+        /// Device name.
+        device: String,
+        /// Port number.
+        port: u8,
+        /// Its state.
+        state: String,
+    },
+    /// A verbs call failed.
+    #[error("{call} failed: {source}")]
+    Verbs {
+        /// The verb.
+        call: &'static str,
+        /// What it reported.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -187,6 +218,11 @@ impl Error {
             Error::Shutdown => 18,
             Error::Io { .. } => 19,
             Error::Panic(_) => 20,
+            Error::RdmaCoreMissing => 21,
+            Error::RdmaKernelMissing => 22,
+            Error::NoRdmaDevice { .. } => 23,
+            Error::PortDown { .. } => 24,
+            Error::Verbs { .. } => 25,
         }
     }
 
@@ -259,6 +295,18 @@ mod tests {
             Error::Shutdown,
             Error::io("recv", io::Error::other("x")),
             Error::Panic("p".into()),
+            Error::RdmaCoreMissing,
+            Error::RdmaKernelMissing,
+            Error::NoRdmaDevice { reason: "r".into() },
+            Error::PortDown {
+                device: "d".into(),
+                port: 1,
+                state: "DOWN".into(),
+            },
+            Error::Verbs {
+                call: "ibv_reg_mr",
+                source: io::Error::other("x"),
+            },
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
         assert!(codes.iter().all(|c| *c > 0));

@@ -16,6 +16,7 @@ pub mod error;
 pub mod memory;
 pub mod plan;
 pub mod request;
+pub mod topology;
 pub(crate) mod transport;
 pub mod wire;
 
@@ -24,6 +25,7 @@ pub use engine::{HostBuffer, PeerId, PeerInfo, TransferEngine};
 pub use error::{Error, Result};
 pub use memory::{MemoryKind, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
+pub use transport::rdma::Notification;
 
 /// Installs a `tracing` subscriber that logs to stderr with `filter` (e.g. `info`,
 /// `kvtransfer=debug`); `RUST_LOG` wins when set. Does nothing if one is already installed.

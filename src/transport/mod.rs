@@ -1,9 +1,11 @@
 //! Transports: how planned slices reach a peer. The engine above sees only [`Work`] posted to
 //! lanes of a peer link; TCP (and later RDMA) live below.
 
+pub(crate) mod rdma;
 pub(crate) mod tcp;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::batch::Batch;
 use crate::memory::SegmentGuard;
@@ -16,6 +18,8 @@ pub(crate) struct Work {
     pub(crate) batch: Arc<Batch>,
     pub(crate) slices: Vec<Slice>,
     pub(crate) guards: Arc<[SegmentGuard]>,
+    /// Notification part (`rdma::imm_encode`) sent after this lane's data, if any.
+    pub(crate) notify: Option<u32>,
 }
 
 impl Work {
@@ -67,4 +71,106 @@ pub(crate) fn describe_remote_code(code: u16, hdr: &FrameHeader) -> String {
         "peer refused {:?} of batch {} (segment {}, offset {}): {what} (peer error code {code})",
         hdr.op, hdr.batch, hdr.segment, hdr.offset
     )
+}
+
+/// How a peer is reached: the engine above sees lanes and works, not the transport.
+pub(crate) enum Link {
+    /// TCP data connections, one per lane.
+    Tcp(tcp::TcpLink),
+    /// RC QPs, one per lane, plus a TCP control connection.
+    Rdma(rdma::RdmaLink),
+}
+
+impl Link {
+    /// Transport name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Link::Tcp(_) => "tcp",
+            Link::Rdma(_) => "rdma",
+        }
+    }
+
+    /// Number of lanes.
+    pub(crate) fn lanes(&self) -> usize {
+        match self {
+            Link::Tcp(l) => l.conns.len(),
+            Link::Rdma(l) => l.lanes.len(),
+        }
+    }
+
+    /// Completion units a lane's slices add to a batch.
+    pub(crate) fn units_of(&self, slices: &[Slice]) -> u32 {
+        match self {
+            Link::Tcp(_) => units_of(slices),
+            // One signalled completion at the end of the lane's chain covers it all.
+            Link::Rdma(_) => u32::from(!slices.is_empty()),
+        }
+    }
+
+    /// Hands a lane its work.
+    pub(crate) fn post(
+        &self,
+        lane: usize,
+        work: Work,
+        inline: bool,
+        remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
+    ) {
+        match self {
+            Link::Tcp(l) => l.conns[lane].post(work, inline),
+            Link::Rdma(l) => l.post(lane, work, remote),
+        }
+    }
+
+    /// Caller-driven progress on a lane (TCP reads its socket; RDMA has pollers).
+    pub(crate) fn progress(&self, lane: usize) {
+        if let Link::Tcp(l) = self {
+            l.conns[lane].progress();
+        }
+    }
+
+    /// See [`tcp::TcpConn::start_driving`].
+    pub(crate) fn start_driving(&self, lane: usize) {
+        if let Link::Tcp(l) = self {
+            l.conns[lane].start_driving();
+        }
+    }
+
+    /// See [`tcp::TcpConn::stop_driving`].
+    pub(crate) fn stop_driving(&self, lane: usize, hand_back: bool) {
+        if let Link::Tcp(l) = self {
+            l.conns[lane].stop_driving(hand_back);
+        }
+    }
+
+    /// Load of a lane, for choosing the idlest.
+    pub(crate) fn outstanding(&self, lane: usize) -> usize {
+        match self {
+            Link::Tcp(l) => l.conns[lane].outstanding(),
+            Link::Rdma(l) => l.outstanding(lane),
+        }
+    }
+
+    /// `Err(PeerLost)` once the peer is gone.
+    pub(crate) fn check_alive(&self) -> crate::error::Result<()> {
+        match self {
+            Link::Tcp(l) => l.conns.iter().try_for_each(|c| c.check_alive()),
+            Link::Rdma(l) => l.check_alive(),
+        }
+    }
+
+    /// Asks the peer for its segment list (encoded).
+    pub(crate) fn fetch_segments(&self, timeout: Duration) -> crate::error::Result<Vec<u8>> {
+        match self {
+            Link::Tcp(l) => l.conns[0].fetch_segments(timeout),
+            Link::Rdma(l) => l.control.fetch_segments(timeout),
+        }
+    }
+
+    /// Closes every connection; outstanding work fails.
+    pub(crate) fn close(&self) {
+        match self {
+            Link::Tcp(l) => l.conns.iter().for_each(|c| c.close()),
+            Link::Rdma(l) => l.close(),
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod devices;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measures bandwidth or latency of batched transfers.
     Bench(bench::BenchArgs),
+    /// Lists RDMA ports, the GID each would use, and which transport `auto` picks.
+    Devices(devices::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Devices(a) => devices::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,9 @@ struct Inbound {
     current_read: Option<PendingRead>,
 }
 
+/// Called with the reason when a connection dies.
+type DeathHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// One initiator-side data connection.
 pub(crate) struct TcpConn {
     peer: String,
@@ -61,6 +64,7 @@ pub(crate) struct TcpConn {
     born: Instant,
     stall: Duration,
     receiver: OnceLock<thread::Thread>,
+    on_death: OnceLock<DeathHook>,
 }
 
 impl TcpConn {
@@ -103,6 +107,7 @@ impl TcpConn {
             born: Instant::now(),
             stall,
             receiver: OnceLock::new(),
+            on_death: OnceLock::new(),
         });
         let c = conn.clone();
         thread::Builder::new()
@@ -116,6 +121,16 @@ impl TcpConn {
             .map_err(|e| Error::io("spawn", e))?;
         let _ = conn.receiver.set(rx_thread.thread().clone());
         Ok(conn)
+    }
+
+    /// Runs `f` with the reason when the connection dies (an RDMA link stops its QPs).
+    pub(crate) fn on_death(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_death.set(Box::new(f));
+        if self.dead.load(Ordering::Acquire) {
+            if let Some(f) = self.on_death.get() {
+                f(&self.lost().to_string());
+            }
+        }
     }
 
     /// Acks and read responses this connection still waits for (a load measure for choosing
@@ -249,7 +264,20 @@ impl TcpConn {
                 .encode()
             })
             .collect();
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2);
+        let notify = work.notify.map(|tag| {
+            FrameHeader {
+                op: FrameOp::Notify,
+                flags: 0,
+                status: 0,
+                segment: 0,
+                batch: batch_id,
+                offset: 0,
+                len: 0,
+                tag: tag as u64,
+            }
+            .encode()
+        });
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2 + 1);
         for (s, h) in work.slices.iter().zip(&headers) {
             iov.push(IoSlice::new(h));
             if s.op == Op::Write {
@@ -260,6 +288,9 @@ impl TcpConn {
                     s.len as usize,
                 )));
             }
+        }
+        if let Some(n) = &notify {
+            iov.push(IoSlice::new(n));
         }
         let sent = write_all_nb(w, &mut iov, self.stall);
         tracing::trace!(
@@ -414,6 +445,9 @@ impl TcpConn {
             tracing::debug!(peer = %self.peer, %reason, "tcp connection closed");
         } else {
             tracing::warn!(peer = %self.peer, %reason, "tcp connection lost");
+        }
+        if let Some(f) = self.on_death.get() {
+            f(&reason);
         }
         *self.dead_reason.lock() = Some(reason.clone());
         let _ = self.socket.shutdown(Shutdown::Both);

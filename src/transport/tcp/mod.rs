@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use conn::TcpConn;
-pub(crate) use target::serve;
+pub(crate) use target::{ServeContext, serve};
 
 use crate::error::{Error, Result};
 use crate::wire::{self, Hello, PREAMBLE_LEN};
@@ -46,41 +46,24 @@ fn handshake_io(peer: &str, doing: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Opens `count` data connections to `addr`, handshaking on each. Returns the peer's hello
-/// (from the first connection) and the connected sockets.
-pub(crate) fn connect(
+/// Opens one connection to `addr` and exchanges handshakes; returns the peer's hello and the
+/// socket (blocking, with `timeout` as its read/write timeout).
+pub(crate) fn connect_one(
     addr: SocketAddr,
-    count: usize,
     timeout: Duration,
-    hello: impl Fn(u16) -> Hello,
-) -> Result<(Hello, Vec<TcpStream>)> {
+    hello: &Hello,
+) -> Result<(Hello, TcpStream)> {
     let peer = addr.to_string();
-    let mut first: Option<Hello> = None;
-    let mut streams = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut s =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io("connect", e))?;
-        s.set_nodelay(true)
-            .map_err(|e| Error::io("setsockopt(TCP_NODELAY)", e))?;
-        s.set_read_timeout(Some(timeout))
-            .map_err(|e| Error::io("setsockopt", e))?;
-        s.set_write_timeout(Some(timeout))
-            .map_err(|e| Error::io("setsockopt", e))?;
-        write_hello(&mut s, &hello(i as u16), &peer)?;
-        let theirs = read_hello(&mut s, &peer)?;
-        if let Some(f) = &first {
-            if (f.engine_id, f.epoch) != (theirs.engine_id, theirs.epoch) {
-                return Err(Error::Handshake {
-                    peer,
-                    reason: "peer restarted while connections were being opened".into(),
-                });
-            }
-        } else {
-            first = Some(theirs);
-        }
-        streams.push(s);
-    }
-    Ok((first.expect("count >= 1"), streams))
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io("connect", e))?;
+    s.set_nodelay(true)
+        .map_err(|e| Error::io("setsockopt(TCP_NODELAY)", e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Error::io("setsockopt", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| Error::io("setsockopt", e))?;
+    write_hello(&mut s, hello, &peer)?;
+    let theirs = read_hello(&mut s, &peer)?;
+    Ok((theirs, s))
 }
 
 /// A peer reached over TCP: its data connections, one per lane.

@@ -10,17 +10,36 @@ use std::time::{Duration, Instant};
 
 use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
 use crate::memory::{SegmentTable, raw};
+use crate::transport::rdma::{Notifier, imm_decode};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
 
+/// Who is on the other end and what the target side needs to answer it.
+pub(crate) struct ServeContext {
+    pub(crate) segments: Arc<SegmentTable>,
+    /// Describes the segments (with their per-rail keys) for segment-list requests.
+    pub(crate) describe: Arc<dyn Fn() -> Vec<SegmentDesc> + Send + Sync>,
+    pub(crate) notifier: Arc<Notifier>,
+    pub(crate) shutdown: Arc<AtomicBool>,
+    pub(crate) busy_poll: Duration,
+    pub(crate) stall: Duration,
+    pub(crate) peer: String,
+    pub(crate) peer_engine: u64,
+    pub(crate) peer_epoch: u64,
+}
+
 /// Serves one accepted data connection until it closes, errs or the engine shuts down.
-pub(crate) fn serve(
-    stream: TcpStream,
-    segments: Arc<SegmentTable>,
-    shutdown: Arc<AtomicBool>,
-    busy_poll: Duration,
-    stall: Duration,
-    peer: String,
-) {
+pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
+    let ServeContext {
+        segments,
+        describe,
+        notifier,
+        shutdown,
+        busy_poll,
+        stall,
+        peer,
+        peer_engine,
+        peer_epoch,
+    } = ctx;
     if let Err(e) = stream.set_nonblocking(true) {
         tracing::warn!(%peer, "cannot serve connection: {e}");
         return;
@@ -35,6 +54,10 @@ pub(crate) fn serve(
     let mut reader = FrameReader::new();
     let mut h = Target {
         segments,
+        describe,
+        notifier,
+        peer_engine,
+        peer_epoch,
         out,
         errors: HashMap::new(),
         stall,
@@ -66,6 +89,10 @@ pub(crate) fn serve(
 
 struct Target {
     segments: Arc<SegmentTable>,
+    describe: Arc<dyn Fn() -> Vec<SegmentDesc> + Send + Sync>,
+    notifier: Arc<Notifier>,
+    peer_engine: u64,
+    peer_epoch: u64,
     out: TcpStream,
     /// First error code per batch on this connection, reported in its ack.
     errors: HashMap<u64, u16>,
@@ -134,7 +161,7 @@ impl FrameHandler for Target {
                     }
                 }
             }
-            FrameOp::ReadRequest | FrameOp::SegmentsRequest => Ok(Sink::Discard),
+            FrameOp::ReadRequest | FrameOp::SegmentsRequest | FrameOp::Notify => Ok(Sink::Discard),
             other => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unexpected {other:?} frame from initiator"),
@@ -161,16 +188,14 @@ impl FrameHandler for Target {
                 self.reply(ack, &[])
             }
             FrameOp::ReadRequest => self.serve_read(hdr),
+            FrameOp::Notify => {
+                let (tag, parts) = imm_decode(hdr.tag as u32);
+                self.notifier
+                    .part(self.peer_engine, self.peer_epoch, tag, parts);
+                Ok(())
+            }
             FrameOp::SegmentsRequest => {
-                let list: Vec<SegmentDesc> = self
-                    .segments
-                    .list()
-                    .into_iter()
-                    .map(|info| SegmentDesc {
-                        info,
-                        keys: Vec::new(),
-                    })
-                    .collect();
+                let list: Vec<SegmentDesc> = (self.describe)();
                 let mut payload = Vec::new();
                 encode_segments(&list, &mut payload);
                 let resp = FrameHeader {

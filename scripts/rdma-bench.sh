@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# kvtransfer over RDMA next to perftest's ib_write_bw, same Soft-RoCE devices, same guest boot.
+#   bash scripts/rdma-bench.sh [seconds-per-point]
+# Prints a Markdown table (MB/s = 10^6 bytes/s). It is emulated hardware (the guest runs under
+# TCG at tens of MB/s): compare ratios, not absolute numbers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-4}
+if [ "${KVT_VM:-}" != 1 ]; then
+  bash scripts/setup.sh jq
+  bash scripts/rdma-vm/setup.sh
+  cargo build --release --quiet --bin kvtransfer
+  exec bash scripts/rdma-vm/run.sh --timeout 900 -- bash scripts/rdma-bench.sh "$secs"
+fi
+
+# --- inside the guest ---
+kv=./target/release/kvtransfer
+gid=${KVT_GID_INDEX:-1}
+
+perftest() { # size, server dev, client dev, server ip -> MB/s (perftest's BW average)
+  local out try
+  for try in 1 2 3; do  # TCG sometimes breaks perftest's clock calibration: it then says 0.00
+    ib_write_bw -d "$2" -x "$gid" -s "$1" -D "$secs" -F >/dev/null 2>&1 &
+    local srv=$!
+    sleep 1
+    out=$(ib_write_bw -d "$3" -x "$gid" -s "$1" -D "$secs" -F "$4" 2>/dev/null | awk '$1 == '"$1"' { print $4 }')
+    wait "$srv" 2>/dev/null || true
+    if [ -n "$out" ] && awk -v v="$out" 'BEGIN { exit !(v > 0) }'; then echo "$out"; return; fi
+  done
+  echo 0
+}
+
+kvbench() { # block size, target devices, initiator devices -> MB/s
+  local fifo; fifo=$(mktemp -u); mkfifo "$fifo"
+  KVT_DEVICES=$2 $kv bench --role target --transport rdma --buffer-size 256M >"$fifo" 2>/dev/null &
+  local tgt=$!
+  local addr; addr=$(head -n1 "$fifo" | jq -r .listening)
+  local json
+  json=$(KVT_DEVICES=$3 $kv bench --role initiator --target "$addr" --transport rdma \
+           --block-size "$1" --batch-size 32 --duration "$secs" --json 2>/dev/null || echo '{}')
+  kill "$tgt" 2>/dev/null; wait "$tgt" 2>/dev/null || true; rm -f "$fifo"
+  echo "$json" | jq -r '(.gbps // 0) * 1000 | . * 10 | round / 10'
+}
+
+echo "| block | ib_write_bw 1 rail (A0→B0) MB/s | kvtransfer 1 rail MB/s | ratio | kvtransfer 2 rails (A0,A1→B0,B1) MB/s | 2 rails / 1 rail |"
+echo "|---|---|---|---|---|---|"
+for bs in 65536 1048576; do
+  pt=$(perftest "$bs" rxeB0 rxeA0 "${KVT_IP_B0:-198.18.0.3}")
+  one=$(kvbench "$bs" rxeB0 rxeA0)
+  two=$(kvbench "$bs" rxeB0,rxeB1 rxeA0,rxeA1)
+  awk -v bs="$bs" -v p="$pt" -v o="$one" -v t="$two" 'BEGIN {
+    printf "| %d KiB | %.1f | %.1f | %.2fx | %.1f | %.2fx |\n", bs / 1024, p, o, (p > 0 ? o / p : 0), t, (o > 0 ? t / o : 0) }'
+done

@@ -1,0 +1,358 @@
+//! RDMA verbs transport: rails (HCA ports), memory regions per segment and rail, RC queue
+//! pairs per (peer, rail), work-request chains with selective signalling, one completion
+//! poller per rail, and write-with-immediate notifications.
+//!
+//! Bootstrap rides on the engine's TCP listener: the initiator opens one *control* connection
+//! whose handshake carries its rails and one fresh QP per lane; the target pairs initiator
+//! rail i with its rail `i % rails`, connects a QP to each and answers with its own. The
+//! control connection stays open (segment refreshes, liveness); when it closes, the target
+//! moves that peer's QPs to ERROR so nothing more of it can land.
+
+pub(crate) mod endpoint;
+mod link;
+pub(crate) mod verbs;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use sideway::ibverbs::memory_region::MemoryRegion;
+
+pub(crate) use endpoint::{QpInfo, RailInfo, RdmaEndpoint};
+pub(crate) use link::RdmaLink;
+use verbs::{Completion, Qp, Rail};
+
+use crate::error::{Error, Result};
+use crate::memory::SegmentInfo;
+use crate::wire::RailKey;
+
+/// Receive WRs kept posted on each target QP for write-with-immediate notifications.
+const RECV_DEPTH: u32 = 128;
+
+/// What the rails of this engine are and how they were chosen.
+#[derive(Debug, Clone)]
+pub(crate) struct RailChoice {
+    pub(crate) device: String,
+    pub(crate) port: u8,
+    pub(crate) gid_index: u8,
+}
+
+/// A notification delivered to the target: `tag` from the peer `(engine_id, epoch)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Notification {
+    /// The sending engine's id.
+    pub engine_id: u64,
+    /// The sending engine's epoch.
+    pub epoch: u64,
+    /// The tag given to `submit_with_notify` (24 bits).
+    pub tag: u32,
+}
+
+/// Collects notifications: each arrives as one part per lane the batch used, and is delivered
+/// once all parts are in (each part follows its lane's data, so all data has landed).
+#[derive(Debug, Default)]
+pub(crate) struct Notifier {
+    parts: Mutex<HashMap<(u64, u64, u32), u32>>,
+    ready: Mutex<Vec<Notification>>,
+}
+
+impl Notifier {
+    /// Records one part of `tag`'s notification, of `total` parts.
+    pub(crate) fn part(&self, engine_id: u64, epoch: u64, tag: u32, total: u32) {
+        let mut parts = self.parts.lock();
+        let n = parts.entry((engine_id, epoch, tag)).or_insert(0);
+        *n += 1;
+        if *n >= total {
+            parts.remove(&(engine_id, epoch, tag));
+            self.ready.lock().push(Notification {
+                engine_id,
+                epoch,
+                tag,
+            });
+        }
+    }
+
+    /// Takes every complete notification.
+    pub(crate) fn take(&self) -> Vec<Notification> {
+        std::mem::take(&mut *self.ready.lock())
+    }
+}
+
+/// Encodes a notification part: 24-bit tag and the number of parts.
+pub(crate) fn imm_encode(tag: u32, parts: u32) -> u32 {
+    (tag & 0x00ff_ffff) << 8 | (parts & 0xff)
+}
+
+/// Decodes [`imm_encode`].
+pub(crate) fn imm_decode(imm: u32) -> (u32, u32) {
+    (imm >> 8, (imm & 0xff).max(1))
+}
+
+/// A completion token: the work requests one signalled WR covers, and what finishes with it.
+pub(crate) struct Token {
+    pub(crate) covers: u32,
+    pub(crate) lane: Arc<link::Lane>,
+    pub(crate) finish: Option<Arc<link::Finish>>,
+}
+
+struct TargetQp {
+    qp: Arc<Qp>,
+    engine_id: u64,
+    epoch: u64,
+}
+
+/// The engine's RDMA state.
+pub(crate) struct RdmaTransport {
+    pub(crate) rails: Vec<Arc<Rail>>,
+    mrs: RwLock<HashMap<u32, Vec<Arc<MemoryRegion>>>>,
+    pub(crate) tokens: Vec<Mutex<HashMap<u64, Token>>>,
+    pub(crate) next_token: AtomicU64,
+    target_qps: Mutex<HashMap<u64, TargetQp>>,
+    next_qp_key: AtomicU64,
+    pub(crate) notifier: Arc<Notifier>,
+    shutdown: Arc<AtomicBool>,
+    busy_poll: Duration,
+}
+
+impl RdmaTransport {
+    /// Opens the chosen rails and starts one completion poller per rail.
+    pub(crate) fn open(
+        choice: &[RailChoice],
+        notifier: Arc<Notifier>,
+        shutdown: Arc<AtomicBool>,
+        busy_poll: Duration,
+    ) -> Result<Arc<Self>> {
+        if choice.is_empty() {
+            return Err(Error::NoRdmaDevice {
+                reason: "no active RDMA port selected".into(),
+            });
+        }
+        let list = verbs::device_list()?;
+        let rails = choice
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Rail::open(&list, i as u16, &c.device, c.port, c.gid_index).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let t = Arc::new(RdmaTransport {
+            tokens: rails.iter().map(|_| Mutex::new(HashMap::new())).collect(),
+            rails,
+            mrs: RwLock::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            target_qps: Mutex::new(HashMap::new()),
+            next_qp_key: AtomicU64::new(1),
+            notifier,
+            shutdown,
+            busy_poll,
+        });
+        for r in 0..t.rails.len() {
+            let weak = Arc::downgrade(&t);
+            thread::Builder::new()
+                .name(format!("kvt-cq{r}"))
+                .spawn(move || poll_loop(weak, r))
+                .map_err(|e| Error::io("spawn", e))?;
+        }
+        for r in &t.rails {
+            tracing::info!(rail = r.info.index, device = %r.device, port = r.info.port, gid_index = r.gid_index,
+                mtu = r.info.mtu, "rdma rail open");
+        }
+        Ok(t)
+    }
+
+    /// This engine's rails as peers see them.
+    pub(crate) fn rail_infos(&self) -> Vec<RailInfo> {
+        self.rails.iter().map(|r| r.info).collect()
+    }
+
+    /// Registers a segment on every rail; returns its keys.
+    pub(crate) fn register(&self, seg: &SegmentInfo) -> Result<Vec<RailKey>> {
+        let mrs = self
+            .rails
+            .iter()
+            .map(|r| r.register(seg.base, seg.len))
+            .collect::<Result<Vec<_>>>()?;
+        let keys = mrs
+            .iter()
+            .zip(&self.rails)
+            .map(|(m, r)| RailKey {
+                rail: r.info.index,
+                rkey: m.rkey(),
+            })
+            .collect();
+        self.mrs.write().insert(seg.id.0, mrs);
+        Ok(keys)
+    }
+
+    /// Deregisters a segment's memory regions.
+    pub(crate) fn unregister(&self, segment: u32) {
+        self.mrs.write().remove(&segment);
+    }
+
+    /// Keys of a registered segment.
+    pub(crate) fn keys(&self, segment: u32) -> Vec<RailKey> {
+        self.mrs
+            .read()
+            .get(&segment)
+            .map(|m| {
+                m.iter()
+                    .zip(&self.rails)
+                    .map(|(m, r)| RailKey {
+                        rail: r.info.index,
+                        rkey: m.rkey(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The local key of `segment` on `rail`.
+    pub(crate) fn lkey(&self, segment: u32, rail: usize) -> Option<u32> {
+        self.mrs
+            .read()
+            .get(&segment)
+            .and_then(|m| m.get(rail))
+            .map(|m| m.lkey())
+    }
+
+    /// Target side of the bootstrap: connects one QP to each of the initiator's, returns the
+    /// answer to send and a handle that tears the QPs down when dropped.
+    pub(crate) fn accept(
+        self: &Arc<Self>,
+        theirs: &RdmaEndpoint,
+        engine_id: u64,
+        epoch: u64,
+    ) -> Result<(RdmaEndpoint, AcceptedQps)> {
+        let mut answer = RdmaEndpoint {
+            rails: self.rail_infos(),
+            qps: Vec::with_capacity(theirs.qps.len()),
+        };
+        let mut keys = Vec::new();
+        let accepted = |keys: Vec<u64>| AcceptedQps {
+            transport: self.clone(),
+            keys,
+        };
+        for q in &theirs.qps {
+            let remote_rail = theirs
+                .rails
+                .iter()
+                .find(|r| r.index == q.rail)
+                .expect("validated by the decoder");
+            let rail = &self.rails[q.rail as usize % self.rails.len()];
+            let qp = match rail.create_qp(16, RECV_DEPTH, 1) {
+                Ok(qp) => Arc::new(qp),
+                Err(e) => {
+                    drop(accepted(keys));
+                    return Err(e);
+                }
+            };
+            let key = self.next_qp_key.fetch_add(1, Ordering::Relaxed);
+            let setup = qp
+                .connect(remote_rail, q.qpn, q.psn)
+                .and_then(|()| qp.post_recvs(RECV_DEPTH, key));
+            self.target_qps.lock().insert(
+                key,
+                TargetQp {
+                    qp: qp.clone(),
+                    engine_id,
+                    epoch,
+                },
+            );
+            keys.push(key);
+            if let Err(e) = setup {
+                drop(accepted(keys));
+                return Err(e);
+            }
+            answer.qps.push(QpInfo {
+                rail: rail.info.index,
+                qpn: qp.qpn,
+                psn: qp.psn,
+                peer_rail: q.rail,
+            });
+        }
+        Ok((answer, accepted(keys)))
+    }
+
+    fn on_recv(&self, c: &Completion) {
+        let (qp, who) = match self.target_qps.lock().get(&c.wr_id) {
+            Some(t) => (t.qp.clone(), (t.engine_id, t.epoch)),
+            None => return,
+        };
+        if c.status != 0 {
+            tracing::debug!(
+                status = verbs::wc_status_name(c.status),
+                "receive completion with error"
+            );
+            return;
+        }
+        if let Some(imm) = c.imm {
+            let (tag, parts) = imm_decode(imm);
+            self.notifier.part(who.0, who.1, tag, parts);
+        }
+        if let Err(e) = qp.post_recvs(1, c.wr_id) {
+            tracing::warn!("cannot replenish receive WR: {e}");
+        }
+    }
+}
+
+/// QPs accepted for one peer; moved to ERROR and destroyed when the peer's control connection
+/// ends.
+pub(crate) struct AcceptedQps {
+    transport: Arc<RdmaTransport>,
+    keys: Vec<u64>,
+}
+
+impl Drop for AcceptedQps {
+    fn drop(&mut self) {
+        let mut map = self.transport.target_qps.lock();
+        for k in &self.keys {
+            if let Some(t) = map.remove(k) {
+                t.qp.set_error();
+            }
+        }
+    }
+}
+
+fn poll_loop(weak: std::sync::Weak<RdmaTransport>, rail: usize) {
+    let mut batch = Vec::with_capacity(64);
+    let mut idle_since = Instant::now();
+    let mut sleep = Duration::from_micros(20);
+    loop {
+        let Some(t) = weak.upgrade() else { return };
+        if t.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        batch.clear();
+        let r = &t.rails[rail];
+        if let Err(e) = verbs::poll_cq(&r.send_cq, &mut batch) {
+            tracing::error!("rail {rail}: {e}");
+        }
+        let sends = batch.len();
+        for c in batch.drain(..) {
+            let token = t.tokens[rail].lock().remove(&c.wr_id);
+            if let Some(token) = token {
+                link::complete(token, &c, r);
+            }
+        }
+        if let Err(e) = verbs::poll_cq(&r.recv_cq, &mut batch) {
+            tracing::error!("rail {rail}: {e}");
+        }
+        let recvs = batch.len();
+        for c in batch.drain(..) {
+            t.on_recv(&c);
+        }
+        let busy_poll = t.busy_poll;
+        drop(t);
+        if sends + recvs > 0 {
+            idle_since = Instant::now();
+            sleep = Duration::from_micros(20);
+        } else if idle_since.elapsed() < busy_poll {
+            thread::yield_now();
+        } else {
+            // Back off while idle; 1 ms at most so a new batch waits little.
+            thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(1));
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `kvtransfer devices` against the sysfs fixture trees and against this host's `/sys`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sysfs")
+        .join(name)
+}
+
+fn devices(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+        .arg("devices")
+        .args(args)
+        .output()
+        .expect("run kvtransfer")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    serde_json::from_str(&stdout(&devices(&all))).expect("one JSON object")
+}
+
+#[test]
+fn rxe_fabric_gives_four_rdma_rails_on_gid_index_1() {
+    let sysfs = fixture("rxe-fabric");
+    let v = json(&["--sysfs", sysfs.to_str().unwrap()]);
+    assert_eq!(v["transport"], "rdma", "{v:#}");
+    let ports = v["ports"].as_array().expect("ports");
+    assert_eq!(ports.len(), 4);
+    for (i, p) in ports.iter().enumerate() {
+        assert_eq!(p["state"], "ACTIVE");
+        assert_eq!(p["mtu"], 4096);
+        assert_eq!(p["rail"], i);
+        assert_eq!(p["gid"]["index"], 1, "{p:#}");
+        assert_eq!(p["gid"]["type"], "RoCE v2");
+        assert_eq!(p["gid"]["gid"], format!("::ffff:198.18.0.{}", i + 1));
+    }
+
+    let table = stdout(&devices(&["--sysfs", sysfs.to_str().unwrap()]));
+    assert!(table.contains("rxeA0"), "{table}");
+    assert!(table.contains("::ffff:198.18.0.1 (RoCE v2)"), "{table}");
+    assert!(
+        table.ends_with(
+            "transport auto: rdma (4 usable rails: rxeA0:1, rxeA1:1, rxeB0:1, rxeB1:1)\n"
+        ),
+        "{table}"
+    );
+}
+
+#[test]
+fn options_narrow_the_rails_and_pick_the_gid() {
+    let sysfs = fixture("rxe-fabric");
+    let v = json(&[
+        "--sysfs",
+        sysfs.to_str().unwrap(),
+        "--devices",
+        "rxeB1,rxeA0:1",
+        "--gid-index",
+        "0",
+    ]);
+    assert_eq!(
+        v["rails"],
+        serde_json::json!(["rxeA0:1", "rxeB1:1"]),
+        "{v:#}"
+    );
+    assert_eq!(v["ports"][1]["excluded"], "not in --devices");
+    assert_eq!(v["ports"][0]["gid"]["index"], 0);
+
+    let v = json(&["--sysfs", sysfs.to_str().unwrap(), "--gid-index", "5"]);
+    assert_eq!(v["transport"], "tcp", "{v:#}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("no GID at index 5"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn no_verbs_means_tcp_with_the_reason() {
+    let sysfs = fixture("no-verbs");
+    let v = json(&["--sysfs", sysfs.to_str().unwrap()]);
+    assert_eq!(v["transport"], "tcp");
+    let reason = v["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("kernel has no RDMA support (no /sys/class/infiniband_verbs)"),
+        "{reason}"
+    );
+    assert_eq!(v["ports"].as_array().map(Vec::len), Some(0));
+
+    let table = stdout(&devices(&["--sysfs", sysfs.to_str().unwrap()]));
+    assert!(table.contains("no RDMA ports"), "{table}");
+    assert!(
+        table.contains("transport auto: tcp (RDMA unavailable: the kernel has no RDMA support"),
+        "{table}"
+    );
+}
+
+#[test]
+fn this_hosts_sys_is_read_and_the_command_succeeds() {
+    let table = stdout(&devices(&[]));
+    assert!(table.contains("transport auto: "), "{table}");
+    let v = json(&[]);
+    assert!(v["transport"] == "rdma" || v["transport"] == "tcp", "{v:#}");
+}
+
+#[test]
+fn a_sysfs_root_that_does_not_exist_is_an_error() {
+    let out = devices(&["--sysfs", "/no/such/sysfs"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--sysfs /no/such/sysfs: not a directory"),
+        "{err}"
+    );
+}

@@ -1,0 +1,273 @@
+//! The verbs suite: runs inside the Soft-RoCE guest that `scripts/rdma-tests.sh` boots
+//! (`KVT_VM=1`, devices rxeA0/rxeA1 ↔ rxeB0/rxeB1, GID index 1). Elsewhere every test returns
+//! at once after printing why it did not run.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvtransfer::{BatchStatus, EngineConfig, Error, Request, TransferEngine, TransportKind};
+
+fn in_vm() -> bool {
+    if std::env::var("KVT_VM").as_deref() == Ok("1") {
+        // Engines bootstrap over loopback; the guest may start with `lo` down.
+        static LO: std::sync::Once = std::sync::Once::new();
+        LO.call_once(|| {
+            let _ = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+        });
+        return true;
+    }
+    eprintln!("rdma_verbs: skipped: not inside the Soft-RoCE guest (run scripts/rdma-tests.sh)");
+    false
+}
+
+fn engine(devices: &[&str]) -> TransferEngine {
+    kvtransfer::init_logging("warn");
+    let cfg = EngineConfig::builder()
+        .transport(TransportKind::Rdma)
+        .devices(devices.iter().copied())
+        .gid_index(
+            std::env::var("KVT_GID_INDEX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+        )
+        .qps_per_rail(2)
+        .slice_size(64 << 10)
+        .min_stripe_bytes(64 << 10)
+        .batch_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    TransferEngine::new(cfg).unwrap_or_else(|e| panic!("rdma engine on {devices:?}: {e}"))
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+fn sent_packets(dev: &str) -> u64 {
+    let base = format!("/sys/class/infiniband/{dev}/ports/1");
+    for f in ["hw_counters/sent_pkts", "counters/port_xmit_packets"] {
+        if let Ok(s) = std::fs::read_to_string(format!("{base}/{f}")) {
+            return s.trim().parse().unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// Writes scattered pages and reads everything back, verifying every byte.
+fn write_read(a_devs: &[&str], b_devs: &[&str]) {
+    let a = engine(a_devs);
+    let b = engine(b_devs);
+    assert_eq!(a.transport(), "rdma");
+    let len = 2 << 20;
+    let dst = b.alloc(len).unwrap();
+    let src = a.alloc(len).unwrap();
+    let back = a.alloc(len).unwrap();
+    let data = pattern(len, 3);
+    src.write(0, &data);
+    let peer = a.connect(b.local_addr()).unwrap();
+    assert_eq!(a.peer_info(peer).unwrap().transport, "rdma");
+    let pages = (len / 4096) as u64;
+    let reqs: Vec<Request> = (0..pages)
+        .map(|i| {
+            Request::write(
+                src.addr() + i * 4096,
+                4096,
+                dst.segment(),
+                ((i * 37) % pages) * 4096,
+            )
+        })
+        .collect();
+    a.transfer_sync(peer, &reqs).unwrap();
+    let got = dst.to_vec();
+    for i in 0..pages as usize {
+        let d = (i * 37) % pages as usize;
+        assert!(
+            got[d * 4096..(d + 1) * 4096] == data[i * 4096..(i + 1) * 4096],
+            "page {i}"
+        );
+    }
+    a.transfer_sync(
+        peer,
+        &[Request::read(back.addr(), len as u64, dst.segment(), 0)],
+    )
+    .unwrap();
+    assert!(back.to_vec() == got, "read back differs");
+}
+
+#[test]
+fn write_and_read_on_one_rail() {
+    if !in_vm() {
+        return;
+    }
+    write_read(&["rxeA0"], &["rxeB0"]);
+}
+
+#[test]
+fn write_and_read_on_two_rails_use_both() {
+    if !in_vm() {
+        return;
+    }
+    let before = [sent_packets("rxeA0"), sent_packets("rxeA1")];
+    write_read(&["rxeA0", "rxeA1"], &["rxeB0", "rxeB1"]);
+    let after = [sent_packets("rxeA0"), sent_packets("rxeA1")];
+    eprintln!(
+        "sent packets: rxeA0 {} -> {}, rxeA1 {} -> {}",
+        before[0], after[0], before[1], after[1]
+    );
+    assert!(after[0] > before[0] + 100, "rail 0 carried data");
+    assert!(after[1] > before[1] + 100, "rail 1 carried data");
+}
+
+#[test]
+fn notification_arrives_only_after_the_data() {
+    if !in_vm() {
+        return;
+    }
+    let a = engine(&["rxeA0", "rxeA1"]);
+    let b = engine(&["rxeB0", "rxeB1"]);
+    let len = 4 << 20;
+    let dst = b.alloc(len).unwrap();
+    let src = a.alloc(len).unwrap();
+    let data = pattern(len, 9);
+    src.write(0, &data);
+    let peer = a.connect(b.local_addr()).unwrap();
+    let id = a
+        .submit_with_notify(
+            peer,
+            &[Request::write(src.addr(), len as u64, dst.segment(), 0)],
+            0x42,
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let note = loop {
+        if let Some(n) = b.notifications().into_iter().find(|n| n.tag == 0x42) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no notification");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // The moment the target learns of it, every byte is already there.
+    assert!(dst.to_vec() == data, "notification before data");
+    assert_eq!((note.engine_id, note.epoch), (a.engine_id(), a.epoch()));
+    a.wait(id).unwrap();
+}
+
+#[test]
+fn peer_process_killed_mid_batch_fails_it() {
+    if !in_vm() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+        .args([
+            "bench",
+            "--role",
+            "target",
+            "--transport",
+            "rdma",
+            "--buffer-size",
+            "64M",
+        ])
+        .env("KVT_DEVICES", "rxeB0")
+        .env(
+            "KVT_GID_INDEX",
+            std::env::var("KVT_GID_INDEX").unwrap_or_else(|_| "1".into()),
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let seg = kvtransfer::SegmentId(v["segment"].as_u64().unwrap() as u32);
+    let a = engine(&["rxeA0"]);
+    let peer = a.connect(v["listening"].as_str().unwrap()).unwrap();
+    let local = a.alloc(64 << 20).unwrap();
+    let reqs: Vec<Request> = (0..64u64)
+        .map(|i| Request::write(local.addr() + (i << 20), 1 << 20, seg, i << 20))
+        .collect();
+    let id = a.submit(peer, &reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = loop {
+        match a.poll(id).unwrap() {
+            BatchStatus::Pending => std::thread::sleep(Duration::from_millis(2)),
+            s => break s,
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "no verdict");
+    };
+    eprintln!("after kill: {status:?} in {:?}", killed.elapsed());
+    assert!(matches!(status, BatchStatus::Failed(_)), "{status:?}");
+    assert!(matches!(
+        a.submit(peer, &reqs[..1]),
+        Err(Error::PeerLost { .. })
+    ));
+    // Memory of the failed batch is released once the QPs flushed.
+    a.release(id);
+    let until = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = a.unregister_memory(local.segment()) {
+        assert!(
+            matches!(e, Error::SegmentBusy { .. }) && Instant::now() < until,
+            "{e}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn rail_link_down_fails_the_batch_fast() {
+    if !in_vm() {
+        return;
+    }
+    let a = engine(&["rxeA0", "rxeA1"]);
+    let b = engine(&["rxeB0", "rxeB1"]);
+    let len = 32 << 20;
+    let dst = b.alloc(len).unwrap();
+    let src = a.alloc(len).unwrap();
+    let peer = a.connect(b.local_addr()).unwrap();
+    let netdev = std::env::var("KVT_NETDEV_A1").unwrap_or_else(|_| "vA1".into());
+    let reqs: Vec<Request> = (0..(len >> 16) as u64)
+        .map(|i| Request::write(src.addr() + (i << 16), 1 << 16, dst.segment(), i << 16))
+        .collect();
+    let id = a.submit(peer, &reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let down = Instant::now();
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", &netdev, "down"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let result = a.wait(id);
+    let took = down.elapsed();
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", &netdev, "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eprintln!("rail down: {result:?} after {took:?}");
+    match result {
+        Err(Error::BatchFailed { reason, .. }) => {
+            assert!(
+                reason.contains("IBV_WC_"),
+                "reason names the completion status: {reason}"
+            );
+            assert!(took < Duration::from_secs(15), "failed fast: {took:?}");
+        }
+        Ok(()) => eprintln!("the batch finished before the link went down; nothing to check"),
+        Err(other) => panic!("{other}"),
+    }
+}
