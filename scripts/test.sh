@@ -22,4 +22,7 @@ step "examples and the main job run (small demo, every byte verified)"
 cargo run --release --quiet --example write_read
 ./target/release/kvtransfer demo --pages 32 --rounds 1
 
+step "RDMA verbs suite (Soft-RoCE guest)"
+bash scripts/rdma-tests.sh
+
 step "done in $(( $(date +%s) - start )) s"

@@ -32,8 +32,10 @@ pub use transport::rdma::Notification;
 pub fn init_logging(filter: &str) {
     let f = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(f)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -2,10 +2,11 @@
 //! send-queue credits with selective signalling, completion back to batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
+use super::credits::{Credits, signal_points};
 use super::endpoint::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 use super::verbs::{Completion, Qp, Rail, Wr, WrOp, wc_status_name};
 use super::{RdmaTransport, Token};
@@ -47,7 +48,7 @@ pub(crate) struct Lane {
     qp: Qp,
     rail: usize,
     remote_rail: u16,
-    credits: AtomicI64,
+    credits: Credits,
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
 }
@@ -79,10 +80,7 @@ impl Lane {
 
 /// Handles one polled send completion.
 pub(crate) fn complete(token: Token, c: &Completion, rail: &Rail) {
-    token
-        .lane
-        .credits
-        .fetch_add(token.covers as i64, Ordering::AcqRel);
+    token.lane.credits.give(token.covers);
     let mut error = None;
     if c.status != 0 {
         let first = token.lane.reason.lock().clone();
@@ -175,7 +173,7 @@ impl RdmaLink {
                 rail: qp.rail.info.index as usize,
                 remote_rail: theirs.rail,
                 qp,
-                credits: AtomicI64::new(SQ_DEPTH as i64),
+                credits: Credits::new(SQ_DEPTH),
                 dead: AtomicBool::new(false),
                 reason: Mutex::new(None),
             }));
@@ -212,7 +210,7 @@ impl RdmaLink {
 
     /// Work requests not yet completed on `lane` (a load measure).
     pub(crate) fn outstanding(&self, lane: usize) -> usize {
-        (SQ_DEPTH as i64 - self.lanes[lane].credits.load(Ordering::Relaxed)).max(0) as usize
+        self.lanes[lane].credits.in_use()
     }
 
     /// Posts `work` on `lane`. `remote(segment, rail)` gives the peer's base address and rkey.
@@ -284,45 +282,31 @@ impl RdmaLink {
         let mut start = 0;
         while start < wrs.len() {
             // Take send-queue credits; the rail's poller returns them as completions arrive.
-            let want = (wrs.len() - start).min(MAX_CHAIN) as i64;
-            let mut got = 0;
-            while got == 0 {
+            let want = (wrs.len() - start).min(MAX_CHAIN);
+            let got = loop {
                 if let Err(reason) = l.check() {
                     finish.error.lock().get_or_insert(reason);
                     return;
                 }
-                let have = l.credits.load(Ordering::Acquire);
-                let take = have.min(want);
-                if take > 0
-                    && l.credits
-                        .compare_exchange(have, have - take, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    got = take as usize;
-                } else {
-                    std::thread::yield_now();
+                match l.credits.take(want) {
+                    0 => std::thread::yield_now(),
+                    n => break n,
                 }
-            }
+            };
             let chain = &mut wrs[start..start + got];
-            let mut since = 0u32;
             let mut tokens = Vec::new();
-            let n = chain.len();
-            for (i, w) in chain.iter_mut().enumerate() {
-                since += 1;
-                if i + 1 == n || since as usize == SIGNAL_EVERY {
-                    let id = self.transport.next_token.fetch_add(1, Ordering::Relaxed);
-                    w.signaled = true;
-                    w.wr_id = id;
-                    tokens.push((
-                        id,
-                        Token {
-                            covers: since,
-                            lane: l.clone(),
-                            finish: Some(finish.clone()),
-                        },
-                    ));
-                    since = 0;
-                }
+            for (i, covers) in signal_points(chain.len(), SIGNAL_EVERY) {
+                let id = self.transport.next_token.fetch_add(1, Ordering::Relaxed);
+                chain[i].signaled = true;
+                chain[i].wr_id = id;
+                tokens.push((
+                    id,
+                    Token {
+                        covers,
+                        lane: l.clone(),
+                        finish: Some(finish.clone()),
+                    },
+                ));
             }
             let ids: Vec<u64> = tokens.iter().map(|(id, _)| *id).collect();
             self.transport.tokens[rail].lock().extend(tokens);
@@ -333,7 +317,7 @@ impl RdmaLink {
                     map.remove(&id);
                 }
                 drop(map);
-                l.credits.fetch_add(got as i64, Ordering::AcqRel);
+                l.credits.give(got as u32);
                 finish.error.lock().get_or_insert(e.to_string());
                 l.fail(e.to_string());
                 return;

@@ -8,6 +8,7 @@
 //! control connection stays open (segment refreshes, liveness); when it closes, the target
 //! moves that peer's QPs to ERROR so nothing more of it can land.
 
+mod credits;
 pub(crate) mod endpoint;
 mod link;
 pub(crate) mod verbs;
