@@ -31,8 +31,9 @@ perftest() { # size, server dev, client dev, server ip -> MB/s (perftest's BW av
   echo 0
 }
 
-kvbench() { # block size, target devices, initiator devices -> MB/s
+kvbench() { # block size, target devices, initiator devices, QPs per rail -> MB/s
   local fifo; fifo=$(mktemp -u); mkfifo "$fifo"
+  export KVT_QPS_PER_RAIL=$4
   KVT_DEVICES=$2 $kv bench --role target --transport rdma --buffer-size 256M >"$fifo" 2>/dev/null &
   local tgt=$!
   local addr; addr=$(head -n1 "$fifo" | jq -r .listening)
@@ -51,20 +52,22 @@ kvbench() { # block size, target devices, initiator devices -> MB/s
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : 0) }'; }
 
 rounds=${KVT_BENCH_ROUNDS:-3}
-echo "| block | ib_write_bw 1 rail (A0→B0) MB/s | kvtransfer 1 rail MB/s | ratio | kvtransfer 2 rails (A0,A1→B0,B1) MB/s | 2 rails / 1 rail |"
-echo "|---|---|---|---|---|---|"
+echo "| block | ib_write_bw 1 rail, 1 QP | kvtransfer 1 rail, 1 QP | ratio | kvtransfer 2 rails, 1 QP each | 2 rails / 1 rail | kvtransfer 1 rail, 2 QPs (default) |"
+echo "|---|---|---|---|---|---|---|"
 for bs in 65536 1048576; do
-  pts=() ones=() twos=()
+  pts=() ones=() twos=() dflt=()
   # Interleaved rounds, medians reported: under TCG one run can differ from the next by 2x.
   for _ in $(seq "$rounds"); do
     pts+=("$(perftest "$bs" rxeB0 rxeA0 "${KVT_IP_B0:-198.18.0.3}")")
-    ones+=("$(kvbench "$bs" rxeB0 rxeA0)")
-    twos+=("$(kvbench "$bs" rxeB0,rxeB1 rxeA0,rxeA1)")
+    ones+=("$(kvbench "$bs" rxeB0 rxeA0 1)")
+    twos+=("$(kvbench "$bs" rxeB0,rxeB1 rxeA0,rxeA1 1)")
+    dflt+=("$(kvbench "$bs" rxeB0 rxeA0 2)")
   done
-  echo "raw $bs: ib_write_bw ${pts[*]} | kvtransfer 1 rail ${ones[*]} | 2 rails ${twos[*]}" >&2
+  echo "raw $bs: ib_write_bw ${pts[*]} | 1 rail ${ones[*]} | 2 rails ${twos[*]} | 1 rail 2 QPs ${dflt[*]}"
   pt=$(printf '%s\n' "${pts[@]}" | median)
   one=$(printf '%s\n' "${ones[@]}" | median)
   two=$(printf '%s\n' "${twos[@]}" | median)
-  awk -v bs="$bs" -v p="$pt" -v o="$one" -v t="$two" 'BEGIN {
-    printf "| %d KiB | %.1f | %.1f | %.2fx | %.1f | %.2fx |\n", bs / 1024, p, o, (p > 0 ? o / p : 0), t, (o > 0 ? t / o : 0) }'
+  dq=$(printf '%s\n' "${dflt[@]}" | median)
+  awk -v bs="$bs" -v p="$pt" -v o="$one" -v t="$two" -v d="$dq" 'BEGIN {
+    printf "| %d KiB | %.1f | %.1f | %.2fx | %.1f | %.2fx | %.1f |\n", bs / 1024, p, o, (p > 0 ? o / p : 0), t, (o > 0 ? t / o : 0), d }'
 done

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::credits::{Credits, signal_points};
-use super::endpoint::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 use super::verbs::{Completion, Qp, Rail, Wr, WrOp, wc_status_name};
 use super::{RdmaTransport, Token};
 use crate::batch::Batch;
@@ -16,6 +15,7 @@ use crate::memory::SegmentGuard;
 use crate::request::Op;
 use crate::transport::Work;
 use crate::transport::tcp::TcpConn;
+use crate::wire::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 
 /// Send-queue depth of each initiator QP.
 const SQ_DEPTH: u32 = 1024;

@@ -9,7 +9,6 @@
 //! moves that peer's QPs to ERROR so nothing more of it can land.
 
 mod credits;
-pub(crate) mod endpoint;
 mod link;
 pub(crate) mod verbs;
 
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use sideway::ibverbs::memory_region::MemoryRegion;
 
-pub(crate) use endpoint::{QpInfo, RailInfo, RdmaEndpoint};
+pub(crate) use crate::wire::{QpInfo, RailInfo, RdmaEndpoint};
 pub(crate) use link::RdmaLink;
 use verbs::{Completion, Qp, Rail};
 

@@ -18,8 +18,8 @@ use sideway::ibverbs::queue_pair::{
     SetScatterGatherEntry, WorkRequestFlags,
 };
 
-use super::endpoint::RailInfo;
 use crate::error::{Error, Result};
+use crate::wire::RailInfo;
 
 /// Turns any verbs failure into `Error::Verbs` with the call's name.
 fn verbs<E: std::error::Error>(call: &'static str) -> impl FnOnce(E) -> Error {
