@@ -2,8 +2,9 @@
 //! (`KVT_VM=1`, devices rxeA0/rxeA1 ↔ rxeB0/rxeB1, GID index 1). Elsewhere every test returns
 //! at once after printing why it did not run.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvtransfer::{BatchStatus, EngineConfig, Error, Request, TransferEngine, TransportKind};
@@ -163,33 +164,15 @@ fn peer_process_killed_mid_batch_fails_it() {
     if !in_vm() {
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .args([
-            "bench",
-            "--role",
-            "target",
-            "--transport",
-            "rdma",
-            "--buffer-size",
-            "64M",
-        ])
-        .env("KVT_DEVICES", "rxeB0")
-        .env(
-            "KVT_GID_INDEX",
-            std::env::var("KVT_GID_INDEX").unwrap_or_else(|_| "1".into()),
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    let seg = kvtransfer::SegmentId(v["segment"].as_u64().unwrap() as u32);
+    let gid = std::env::var("KVT_GID_INDEX").unwrap_or_else(|_| "1".into());
+    let mut t = common::spawn_target(
+        "rdma",
+        "64M",
+        &[("KVT_DEVICES", "rxeB0".into()), ("KVT_GID_INDEX", gid)],
+    );
+    let seg = t.segment;
     let a = engine(&["rxeA0"]);
-    let peer = a.connect(v["listening"].as_str().unwrap()).unwrap();
+    let peer = a.connect(t.addr.as_str()).unwrap();
     let local = a.alloc(64 << 20).unwrap();
     let reqs: Vec<Request> = (0..64u64)
         .map(|i| Request::write(local.addr() + (i << 20), 1 << 20, seg, i << 20))
@@ -197,8 +180,8 @@ fn peer_process_killed_mid_batch_fails_it() {
     let id = a.submit(peer, &reqs).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let killed = Instant::now();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    t.child.kill().unwrap();
+    t.child.wait().unwrap();
     let status = loop {
         match a.poll(id).unwrap() {
             BatchStatus::Pending => std::thread::sleep(Duration::from_millis(2)),

@@ -1,54 +1,16 @@
 //! An engine in this process against `kvtransfer bench --role target` in another.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use kvtransfer::{
-    BatchStatus, EngineConfig, Error, Request, SegmentId, TransferEngine, TransportKind,
-};
+use common::Target;
 
-struct Target {
-    child: Child,
-    addr: String,
-    segment: SegmentId,
-    len: u64,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use kvtransfer::{BatchStatus, EngineConfig, Error, Request, TransferEngine, TransportKind};
 
 fn spawn_target(buffer: &str) -> Target {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .args([
-            "bench",
-            "--role",
-            "target",
-            "--transport",
-            "tcp",
-            "--buffer-size",
-            buffer,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start kvtransfer target");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    Target {
-        child,
-        addr: v["listening"].as_str().unwrap().to_string(),
-        segment: SegmentId(v["segment"].as_u64().unwrap() as u32),
-        len: v["len"].as_u64().unwrap(),
-    }
+    common::spawn_target("tcp", buffer, &[])
 }
 
 /// The bytes `kvtransfer bench --role target` fills its buffer with.
