@@ -314,10 +314,52 @@ impl Drop for AcceptedQps {
     }
 }
 
+/// How often a poller with work outstanding re-reads its port's state.
+const PORT_CHECK_EVERY: Duration = Duration::from_millis(25);
+
+/// The port's logical state from sysfs, `None` while it is ACTIVE (or cannot be read: the
+/// completions then decide).
+fn port_down(r: &Rail) -> Option<String> {
+    let path = format!(
+        "{}/class/infiniband/{}/ports/{}/state",
+        crate::topology::SYSFS_ROOT,
+        r.device,
+        r.info.port
+    );
+    let text = std::fs::read_to_string(path).ok()?;
+    let state = crate::topology::PortState::parse(&text);
+    (!state.is_active()).then(|| state.to_string())
+}
+
+/// Fails every lane with work outstanding on `rail` when its port left ACTIVE. A link that
+/// goes down does not always end the posted work requests (Soft-RoCE, for one, may keep
+/// them until the batch deadline); moving the QPs to ERROR flushes them now, so the batch
+/// fails fast and its memory is released.
+fn check_port(t: &RdmaTransport, rail: usize) {
+    let r = &t.rails[rail];
+    let Some(state) = port_down(r) else { return };
+    let lanes: Vec<Arc<link::Lane>> = {
+        let tokens = t.tokens[rail].lock();
+        let mut lanes: Vec<Arc<link::Lane>> = Vec::new();
+        for tok in tokens.values() {
+            if !lanes.iter().any(|l| Arc::ptr_eq(l, &tok.lane)) {
+                lanes.push(tok.lane.clone());
+            }
+        }
+        lanes
+    };
+    let reason = format!(
+        "rail {} ({}:{}) port is {state} (link down)",
+        r.info.index, r.device, r.info.port
+    );
+    link::RdmaLink::fail_all(&lanes, &reason);
+}
+
 fn poll_loop(weak: std::sync::Weak<RdmaTransport>, rail: usize) {
     let mut batch = Vec::with_capacity(64);
     let mut idle_since = Instant::now();
     let mut sleep = Duration::from_micros(20);
+    let mut port_checked = Instant::now();
     loop {
         let Some(t) = weak.upgrade() else { return };
         if t.shutdown.load(Ordering::Acquire) {
@@ -325,6 +367,12 @@ fn poll_loop(weak: std::sync::Weak<RdmaTransport>, rail: usize) {
         }
         batch.clear();
         let r = &t.rails[rail];
+        if port_checked.elapsed() >= PORT_CHECK_EVERY {
+            port_checked = Instant::now();
+            if !t.tokens[rail].lock().is_empty() {
+                check_port(&t, rail);
+            }
+        }
         if let Err(e) = verbs::poll_cq(&r.send_cq, &mut batch) {
             tracing::error!("rail {rail}: {e}");
         }
