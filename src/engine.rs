@@ -257,6 +257,30 @@ impl TransferEngine {
         Ok(v)
     }
 
+    /// Maps `len` bytes at the peer's address `addr` to (segment, offset), refreshing the peer's
+    /// segment list once when no known segment covers them; `RemoteOutOfRange` /
+    /// `UnregisteredAddress` when none does.
+    pub fn resolve_remote(&self, peer: PeerId, addr: u64, len: u64) -> Result<(SegmentId, u64)> {
+        let p = self.inner.peer(peer)?;
+        let find = |p: &Peer| {
+            p.segments
+                .read()
+                .values()
+                .find(|d| {
+                    addr >= d.info.base
+                        && addr
+                            .checked_add(len)
+                            .is_some_and(|end| end <= d.info.base + d.info.len)
+                })
+                .map(|d| (d.info.id, addr - d.info.base))
+        };
+        if let Some(found) = find(&p) {
+            return Ok(found);
+        }
+        self.inner.refresh(&p)?;
+        find(&p).ok_or(Error::UnregisteredAddress { addr, len })
+    }
+
     /// Asks the peer for its current segment list.
     pub fn refresh_segments(&self, peer: PeerId) -> Result<Vec<SegmentInfo>> {
         let p = self.inner.peer(peer)?;

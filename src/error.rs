@@ -192,6 +192,50 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// No room with this id exists here (or it was already destroyed).
+    #[error("unknown room {room}")]
+    UnknownRoom {
+        /// The room id.
+        room: u64,
+    },
+    /// A room with this id is already live in this manager (or at the peer).
+    #[error("room {room} already exists")]
+    DuplicateRoom {
+        /// The room id.
+        room: u64,
+    },
+    /// Page indices of a room are unusable: negative, out of range, or counts that do not match.
+    #[error("room {room}: invalid pages: {reason}")]
+    InvalidPages {
+        /// The room id.
+        room: u64,
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// The two sides' KV layouts cannot be paired (buffer count or page size differ).
+    #[error("KV layout mismatch: {reason}")]
+    LayoutMismatch {
+        /// What differs.
+        reason: String,
+    },
+    /// The room failed (deadline, abort, peer lost, rejected by the peer).
+    #[error("room {room} failed: {reason}")]
+    RoomFailed {
+        /// The room id.
+        room: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The operation does not fit the room's current state.
+    #[error("room {room} is {state}: cannot {op}")]
+    RoomState {
+        /// The room id.
+        room: u64,
+        /// Its state (a `KvPoll` name).
+        state: &'static str,
+        /// What was attempted.
+        op: &'static str,
+    },
 }
 
 impl Error {
@@ -223,6 +267,12 @@ impl Error {
             Error::NoRdmaDevice { .. } => 23,
             Error::PortDown { .. } => 24,
             Error::Verbs { .. } => 25,
+            Error::UnknownRoom { .. } => 26,
+            Error::DuplicateRoom { .. } => 27,
+            Error::InvalidPages { .. } => 28,
+            Error::LayoutMismatch { .. } => 29,
+            Error::RoomFailed { .. } => 30,
+            Error::RoomState { .. } => 31,
         }
     }
 
@@ -306,6 +356,22 @@ mod tests {
             Error::Verbs {
                 call: "ibv_reg_mr",
                 source: io::Error::other("x"),
+            },
+            Error::UnknownRoom { room: 1 },
+            Error::DuplicateRoom { room: 1 },
+            Error::InvalidPages {
+                room: 1,
+                reason: "r".into(),
+            },
+            Error::LayoutMismatch { reason: "r".into() },
+            Error::RoomFailed {
+                room: 1,
+                reason: "r".into(),
+            },
+            Error::RoomState {
+                room: 1,
+                state: "Bootstrapping",
+                op: "send",
             },
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
