@@ -34,6 +34,8 @@ pub(crate) struct Batch {
     /// fail the batch, so no byte lands after `Failed` is visible.
     copy_lock: RwLock<()>,
     guards: Mutex<Vec<SegmentGuard>>,
+    /// When the last unit came back.
+    settled_at: std::sync::OnceLock<Instant>,
     waiting: AtomicBool,
     wake: (Mutex<()>, Condvar),
 }
@@ -59,6 +61,7 @@ impl Batch {
             reason: Mutex::new(None),
             copy_lock: RwLock::new(()),
             guards: Mutex::new(if units == 0 { Vec::new() } else { guards }),
+            settled_at: std::sync::OnceLock::new(),
             waiting: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
         }
@@ -81,6 +84,11 @@ impl Batch {
     /// True once the batch is done or failed.
     pub(crate) fn is_final(&self) -> bool {
         self.state.load(Ordering::SeqCst) != PENDING
+    }
+
+    /// When every unit had come back (nothing of the batch left in the transport).
+    pub(crate) fn settled_at(&self) -> Option<Instant> {
+        self.settled_at.get().copied()
     }
 
     /// Units still outstanding.
@@ -146,6 +154,7 @@ impl Batch {
             self.id
         );
         if before == 1 {
+            let _ = self.settled_at.set(Instant::now());
             let _ = self
                 .state
                 .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::SeqCst);

@@ -316,7 +316,7 @@ fn resolve(s: &str) -> Result<SocketAddr> {
         .ok_or_else(|| invalid("listen", format!("{s:?} resolves to nothing")))
 }
 
-fn parse_num(field: &str, s: &str) -> Result<u64> {
+pub(crate) fn parse_num(field: &str, s: &str) -> Result<u64> {
     s.trim()
         .parse::<u64>()
         .map_err(|e| invalid(field, format!("{s:?}: {e}")))

@@ -17,6 +17,7 @@ use crate::memory::raw::RawAlloc;
 use crate::memory::{MemoryKind, SegmentGuard, SegmentId, SegmentInfo, SegmentTable};
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Request};
+use crate::transport::fence::RoomFences;
 use crate::transport::rdma::{
     self, Notification, Notifier, RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport,
 };
@@ -73,6 +74,8 @@ struct Engine {
     segments: Arc<SegmentTable>,
     rdma: Option<Arc<RdmaTransport>>,
     notifier: Arc<Notifier>,
+    fences: Arc<RoomFences>,
+    kv_acceptor: RwLock<Option<KvAcceptor>>,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
     batches: Mutex<HashMap<u64, Arc<Batch>>>,
@@ -148,6 +151,8 @@ impl TransferEngine {
             segments: Arc::new(SegmentTable::default()),
             rdma,
             notifier,
+            fences: Arc::new(RoomFences::default()),
+            kv_acceptor: RwLock::new(None),
             peers: RwLock::new(HashMap::new()),
             next_peer: AtomicU64::new(1),
             batches: Mutex::new(HashMap::new()),
@@ -498,6 +503,13 @@ impl Engine {
             Ok(theirs)
         })();
         match setup {
+            Ok(h) if h.purpose == ConnPurpose::Kv => {
+                let acceptor = self.kv_acceptor.read().clone();
+                match acceptor {
+                    Some(a) => a(s, &h, from),
+                    None => tracing::warn!(%peer, "closing a KV channel: no KV manager here"),
+                }
+            }
             Ok(h) => {
                 tracing::debug!(%peer, epoch = format_args!("{:#x}", h.epoch), conn = h.conn_index,
                     rdma = accepted.is_some(), "connection accepted");
@@ -509,6 +521,7 @@ impl Engine {
                         Engine::describe_segments(&segments, rdma.as_deref())
                     }),
                     notifier: self.notifier.clone(),
+                    fences: self.fences.clone(),
                     shutdown: self.shutdown.clone(),
                     busy_poll: self.config.busy_poll,
                     stall: self.config.batch_timeout,
@@ -786,6 +799,72 @@ impl Engine {
             }
             b.sleep_until((now + Duration::from_millis(5)).min(b.deadline.max(now)));
         }
+    }
+}
+
+/// Takes over an accepted KV channel: the stream (handshake done), the peer's hello, its
+/// address. Runs on the connection's own thread, for as long as the channel lives.
+pub(crate) type KvAcceptor = Arc<dyn Fn(TcpStream, &Hello, SocketAddr) + Send + Sync>;
+
+/// Crate-internal hooks the KV layer builds on.
+impl TransferEngine {
+    /// Installs the consumer of incoming KV channels (one KV manager per engine).
+    pub(crate) fn set_kv_acceptor(&self, acceptor: Option<KvAcceptor>) {
+        *self.inner.kv_acceptor.write() = acceptor;
+    }
+
+    /// Installs the consumer that sees complete notifications before `notifications()`.
+    pub(crate) fn set_notify_hook(&self, hook: Option<crate::transport::rdma::NotifyHook>) {
+        self.inner.notifier.set_hook(hook);
+    }
+
+    /// Opens a KV channel to the engine at `addr`: returns its hello and the stream (blocking,
+    /// no timeouts set).
+    pub(crate) fn open_kv_channel(&self, addr: SocketAddr) -> Result<(Hello, TcpStream)> {
+        let e = &self.inner;
+        tcp::connect_one(
+            addr,
+            e.config.connect_timeout,
+            &e.hello(ConnPurpose::Kv, 0, None),
+        )
+    }
+
+    /// The fences of rooms this engine receives.
+    pub(crate) fn fences(&self) -> &Arc<RoomFences> {
+        &self.inner.fences
+    }
+
+    /// Stops every RDMA write from peer `(engine_id, epoch)` into this engine (its QPs go to
+    /// ERROR). Returns false when the engine has no RDMA transport.
+    pub(crate) fn stop_inbound(&self, engine_id: u64, epoch: u64) -> bool {
+        match &self.inner.rdma {
+            Some(r) => {
+                let n = r.stop_inbound(engine_id, epoch);
+                tracing::info!(
+                    n,
+                    engine = format_args!("{engine_id:#x}"),
+                    "stopped inbound QPs"
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `submit_with_notify` with its own deadline.
+    pub(crate) fn submit_notify(
+        &self,
+        peer: PeerId,
+        requests: &[Request],
+        timeout: Duration,
+        tag: u32,
+    ) -> Result<BatchId> {
+        self.inner.submit(peer, requests, timeout, Some(tag))
+    }
+
+    /// The batch behind `id`.
+    pub(crate) fn batch_handle(&self, id: BatchId) -> Result<Arc<Batch>> {
+        self.inner.batch(id)
     }
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod memory;
 pub mod plan;
 pub mod request;
@@ -23,6 +24,9 @@ pub mod wire;
 pub use config::{EngineConfig, EngineConfigBuilder, TransportKind};
 pub use engine::{HostBuffer, PeerId, PeerInfo, TransferEngine};
 pub use error::{Error, Result};
+pub use kv::{
+    KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender, RoomMetrics,
+};
 pub use memory::{MemoryKind, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
 pub use transport::rdma::Notification;

@@ -129,6 +129,8 @@ pub enum ConnPurpose {
     TcpData = 1,
     /// A control/bootstrap connection (metadata only).
     Control = 2,
+    /// A KV control channel: room messages between two KV managers (`kv::proto`).
+    Kv = 3,
 }
 
 /// The handshake each side sends when a connection opens.
@@ -290,20 +292,23 @@ const RAIL_KEY_LEN: usize = 2 + 4;
 const ENDPOINT_MIN_LEN: usize = 1 + 4;
 
 /// Cursor over bytes from a peer; every read checks the remaining length first.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Reader { rest: buf }
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.rest.len()
     }
 
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], WireError> {
         match self.rest.split_first_chunk::<N>() {
             Some((head, tail)) => {
                 self.rest = tail;
@@ -317,23 +322,23 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.array::<1>(what)?[0])
     }
 
-    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
         self.array(what).map(u16::from_le_bytes)
     }
 
-    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
         self.array(what).map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         self.array(what).map(u64::from_le_bytes)
     }
 
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+    pub(crate) fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
         match self.rest.split_at_checked(n) {
             Some((head, tail)) => {
                 self.rest = tail;
@@ -349,7 +354,7 @@ impl<'a> Reader<'a> {
 
     /// Checks that `count` items of at least `min_len` bytes each can still fit, so a
     /// count announced by a peer never sizes an allocation beyond the input it sent.
-    fn require_items(
+    pub(crate) fn require_items(
         &self,
         count: usize,
         min_len: usize,
@@ -366,7 +371,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn finish(&self, what: &'static str) -> Result<(), WireError> {
+    pub(crate) fn finish(&self, what: &'static str) -> Result<(), WireError> {
         if self.rest.is_empty() {
             Ok(())
         } else {
@@ -378,7 +383,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn check_max(what: &'static str, len: u64, max: u64) -> Result<(), WireError> {
+pub(crate) fn check_max(what: &'static str, len: u64, max: u64) -> Result<(), WireError> {
     if len > max {
         Err(WireError::TooLarge { what, len, max })
     } else {
@@ -416,6 +421,7 @@ fn conn_purpose_from_u8(v: u8) -> Result<ConnPurpose, WireError> {
     match v {
         1 => Ok(ConnPurpose::TcpData),
         2 => Ok(ConnPurpose::Control),
+        3 => Ok(ConnPurpose::Kv),
         _ => Err(WireError::Malformed {
             what: "hello purpose",
             detail: format!("unknown connection purpose {v}"),

@@ -1,6 +1,7 @@
 //! Transports: how planned slices reach a peer. The engine above sees only [`Work`] posted to
 //! lanes of a peer link; TCP (and later RDMA) live below.
 
+pub(crate) mod fence;
 pub(crate) mod rdma;
 pub(crate) mod tcp;
 
@@ -65,6 +66,7 @@ pub(crate) fn describe_remote_code(code: u16, hdr: &FrameHeader) -> String {
         6 => "unknown segment",
         7 => "range outside the segment",
         3 => "zero length",
+        30 => "the receiving room was aborted",
         _ => "refused",
     };
     format!(

@@ -53,10 +53,23 @@ pub struct Notification {
 
 /// Collects notifications: each arrives as one part per lane the batch used, and is delivered
 /// once all parts are in (each part follows its lane's data, so all data has landed).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Notifier {
     parts: Mutex<HashMap<(u64, u64, u32), u32>>,
     ready: Mutex<Vec<Notification>>,
+    /// Sees each complete notification first; `true` = consumed (KV rooms).
+    hook: RwLock<Option<NotifyHook>>,
+}
+
+/// A consumer of complete notifications (returns `true` when it took one).
+pub(crate) type NotifyHook = Arc<dyn Fn(&Notification) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("ready", &self.ready.lock().len())
+            .finish()
+    }
 }
 
 impl Notifier {
@@ -67,12 +80,22 @@ impl Notifier {
         *n += 1;
         if *n >= total {
             parts.remove(&(engine_id, epoch, tag));
-            self.ready.lock().push(Notification {
+            drop(parts);
+            let n = Notification {
                 engine_id,
                 epoch,
                 tag,
-            });
+            };
+            let hook = self.hook.read().clone();
+            if !hook.is_some_and(|h| h(&n)) {
+                self.ready.lock().push(n);
+            }
         }
+    }
+
+    /// Installs (or removes) the consumer that sees notifications first.
+    pub(crate) fn set_hook(&self, hook: Option<NotifyHook>) {
+        *self.hook.write() = hook;
     }
 
     /// Takes every complete notification.
@@ -272,6 +295,20 @@ impl RdmaTransport {
             });
         }
         Ok((answer, accepted(keys)))
+    }
+
+    /// Moves every QP the peer `(engine_id, epoch)` writes into to ERROR: from the moment this
+    /// returns, none of its RDMA writes can land here. Returns how many QPs were stopped.
+    pub(crate) fn stop_inbound(&self, engine_id: u64, epoch: u64) -> usize {
+        let map = self.target_qps.lock();
+        let mut n = 0;
+        for t in map.values() {
+            if (t.engine_id, t.epoch) == (engine_id, epoch) {
+                t.qp.set_error();
+                n += 1;
+            }
+        }
+        n
     }
 
     fn on_recv(&self, c: &Completion) {

@@ -259,7 +259,9 @@ impl TcpConn {
                     batch: batch_id,
                     offset: s.remote_offset,
                     len: s.len,
-                    tag: 0,
+                    tag: work
+                        .notify
+                        .map_or(0, |n| super::target::TAG_ROOM | n as u64),
                 }
                 .encode()
             })

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
 use crate::memory::{SegmentTable, raw};
+use crate::transport::fence::{ROOM_SLOT_SHIFT, RoomFences, RoomHold};
 use crate::transport::rdma::{Notifier, imm_decode};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
 
@@ -19,6 +20,8 @@ pub(crate) struct ServeContext {
     /// Describes the segments (with their per-rail keys) for segment-list requests.
     pub(crate) describe: Arc<dyn Fn() -> Vec<SegmentDesc> + Send + Sync>,
     pub(crate) notifier: Arc<Notifier>,
+    /// Rooms whose writes are refused (aborted KV rooms).
+    pub(crate) fences: Arc<RoomFences>,
     pub(crate) shutdown: Arc<AtomicBool>,
     pub(crate) busy_poll: Duration,
     pub(crate) stall: Duration,
@@ -33,6 +36,7 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
         segments,
         describe,
         notifier,
+        fences,
         shutdown,
         busy_poll,
         stall,
@@ -56,6 +60,8 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
         segments,
         describe,
         notifier,
+        fences,
+        hold: None,
         peer_engine,
         peer_epoch,
         out,
@@ -87,10 +93,24 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
     let _ = input.shutdown(std::net::Shutdown::Both);
 }
 
+/// Ack status of writes refused because their room was aborted (`Error::RoomFailed`'s code).
+const ROOM_ABORTED: u16 = 30;
+
+/// Marks a write frame that belongs to a notified batch (a KV room): bit 32 of its tag.
+pub(crate) const TAG_ROOM: u64 = 1 << 32;
+
+/// The notification tag (24 bits) a write frame carries, if it belongs to a notified batch.
+fn room_tag(hdr: &FrameHeader) -> Option<u32> {
+    (hdr.tag & TAG_ROOM != 0).then(|| imm_decode(hdr.tag as u32).0)
+}
+
 struct Target {
     segments: Arc<SegmentTable>,
     describe: Arc<dyn Fn() -> Vec<SegmentDesc> + Send + Sync>,
     notifier: Arc<Notifier>,
+    fences: Arc<RoomFences>,
+    /// The room gate held while the current write frame's payload lands.
+    hold: Option<RoomHold>,
     peer_engine: u64,
     peer_epoch: u64,
     out: TcpStream,
@@ -141,6 +161,17 @@ impl FrameHandler for Target {
     fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink> {
         match hdr.op {
             FrameOp::Write => {
+                if let Some(tag) = room_tag(hdr) {
+                    let key = (self.peer_engine, self.peer_epoch, tag >> ROOM_SLOT_SHIFT);
+                    match self.fences.enter(key) {
+                        Some(hold) => self.hold = Some(hold),
+                        None => {
+                            tracing::debug!(slot = key.2, "dropping a write of an aborted room");
+                            self.errors.entry(hdr.batch).or_insert(ROOM_ABORTED);
+                            return Ok(Sink::Discard);
+                        }
+                    }
+                }
                 match self.segments.pin_range(
                     crate::memory::SegmentId(hdr.segment),
                     hdr.offset,
@@ -171,6 +202,7 @@ impl FrameHandler for Target {
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
         drop(sink); // releases the segment pin of a write
+        self.hold = None;
         match hdr.op {
             FrameOp::Write if hdr.flags & FLAG_LAST != 0 => {
                 let status = self.errors.remove(&hdr.batch).unwrap_or(0);
@@ -190,6 +222,10 @@ impl FrameHandler for Target {
             FrameOp::ReadRequest => self.serve_read(hdr),
             FrameOp::Notify => {
                 let (tag, parts) = imm_decode(hdr.tag as u32);
+                let key = (self.peer_engine, self.peer_epoch, tag >> ROOM_SLOT_SHIFT);
+                if self.fences.enter(key).is_none() {
+                    return Ok(());
+                }
                 self.notifier
                     .part(self.peer_engine, self.peer_epoch, tag, parts);
                 Ok(())

@@ -1,0 +1,626 @@
+//! The KV manager: an engine, a role and a layout, the rooms alive in it, and the control
+//! channels to the other side.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::channel::{Channel, read_message};
+use super::layout::KvLayout;
+use super::pages::{RemoteBuffer, check_pages};
+use super::proto::KvMessage;
+use super::room::{RecvRoom, SendRoom};
+use super::{MAX_SLOTS, decode_chunk_tag};
+use crate::config::{EngineConfig, parse_num};
+use crate::engine::{PeerId, TransferEngine};
+use crate::error::{Error, Result};
+use crate::memory::SegmentId;
+use crate::transport::rdma::Notification;
+use crate::wire::Hello;
+
+/// Which side of the hand-off a manager is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvRole {
+    /// Computes the KV cache and sends it ([`KvSender`](super::KvSender)).
+    Prefill,
+    /// Receives it ([`KvReceiver`](super::KvReceiver)).
+    Decode,
+}
+
+/// Settings of a KV manager.
+///
+/// | field | env | default |
+/// |---|---|---|
+/// | `room_timeout` | `KVT_ROOM_TIMEOUT_MS` | 60 000 ms |
+/// | `abort_timeout` | `KVT_ABORT_TIMEOUT_MS` | 10 000 ms |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Prefill or decode.
+    pub role: KvRole,
+    /// A room that has not succeeded this long after it was created fails.
+    pub room_timeout: Duration,
+    /// Longest an abort waits for the room's writes in flight (or the peer's word that none is)
+    /// before it cuts the peer off instead.
+    pub abort_timeout: Duration,
+}
+
+impl KvConfig {
+    /// Defaults for `role`, with `KVT_*` environment overrides applied (malformed values are
+    /// logged and ignored).
+    pub fn new(role: KvRole) -> KvConfig {
+        let mut c = KvConfig {
+            role,
+            room_timeout: Duration::from_secs(60),
+            abort_timeout: Duration::from_secs(10),
+        };
+        for (var, field) in [
+            ("KVT_ROOM_TIMEOUT_MS", &mut c.room_timeout),
+            ("KVT_ABORT_TIMEOUT_MS", &mut c.abort_timeout),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                match parse_num(var, &v) {
+                    Ok(ms) => *field = Duration::from_millis(ms),
+                    Err(e) => tracing::warn!("ignoring {var}: {e}"),
+                }
+            }
+        }
+        c
+    }
+
+    /// Sets the room timeout.
+    pub fn room_timeout(mut self, d: Duration) -> Self {
+        self.room_timeout = d;
+        self
+    }
+
+    /// Sets the abort timeout.
+    pub fn abort_timeout(mut self, d: Duration) -> Self {
+        self.abort_timeout = d;
+        self
+    }
+}
+
+/// How a prefill manager reaches one decode engine's KV cache.
+pub(crate) struct DecodePeer {
+    pub(crate) peer: PeerId,
+    pub(crate) buffers: Vec<RemoteBuffer>,
+    pub(crate) aux: Vec<RemoteBuffer>,
+    pub(crate) pages: u64,
+    pub(crate) aux_slots: u64,
+}
+
+/// A prefill-side channel: the channel and what it takes to write to its decode engine, or
+/// why that is impossible.
+pub(crate) struct Inbound {
+    pub(crate) channel: Arc<Channel>,
+    pub(crate) target: std::result::Result<Arc<DecodePeer>, (u16, String)>,
+}
+
+/// A room destination that arrived before its sender was created.
+struct PendingInit {
+    from: Arc<Inbound>,
+    slot: u32,
+    aux_index: Option<u32>,
+    pages: Vec<i32>,
+    at: Instant,
+}
+
+/// State shared by a manager and its rooms.
+pub(crate) struct Shared {
+    pub(crate) engine: TransferEngine,
+    pub(crate) cfg: KvConfig,
+    pub(crate) layout: KvLayout,
+    pub(crate) senders: Mutex<HashMap<u64, Arc<SendRoom>>>,
+    pub(crate) receivers: Mutex<HashMap<u64, Arc<RecvRoom>>>,
+    slots: Mutex<HashMap<u32, Arc<RecvRoom>>>,
+    next_slot: AtomicU32,
+    pending: Mutex<HashMap<u64, PendingInit>>,
+    /// Decode side: channels to prefill managers by their bootstrap address.
+    outbound: Mutex<HashMap<SocketAddr, Arc<Channel>>>,
+    /// Prefill side: channels decode managers opened to us.
+    inbound: Mutex<Vec<Weak<Inbound>>>,
+}
+
+/// One per process and role: owns an engine with the KV layout registered, and the rooms.
+pub struct KvManager {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KvManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvManager")
+            .field("role", &self.shared.cfg.role)
+            .field("bootstrap_addr", &self.shared.engine.local_addr())
+            .finish()
+    }
+}
+
+impl KvManager {
+    /// Starts an engine with `engine`'s settings, registers every buffer of `layout` with it
+    /// (buffers inside one registration are fine: each range is registered once) and starts
+    /// serving rooms in `kv.role`.
+    ///
+    /// # Safety
+    /// Every buffer of `layout` must stay valid, and must not be freed, for as long as the
+    /// manager or any of its rooms lives: peers write into (decode) or read from (prefill)
+    /// that memory.
+    pub unsafe fn new(engine: EngineConfig, kv: KvConfig, layout: KvLayout) -> Result<KvManager> {
+        let engine = TransferEngine::new(engine)?;
+        let mut ranges: Vec<(u64, u64)> = layout
+            .buffers
+            .iter()
+            .chain(&layout.aux)
+            .map(|b| (b.addr, b.addr + b.len))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        for (start, end) in merged {
+            // SAFETY: the caller guarantees every layout buffer stays valid for the manager's
+            // lifetime; merged ranges cover exactly those buffers.
+            unsafe { engine.register_memory(start as *mut u8, (end - start) as usize)? };
+        }
+        let shared = Arc::new(Shared {
+            engine,
+            cfg: kv,
+            layout,
+            senders: Mutex::new(HashMap::new()),
+            receivers: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            next_slot: AtomicU32::new(0),
+            pending: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(HashMap::new()),
+            inbound: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&shared);
+        match shared.cfg.role {
+            KvRole::Prefill => {
+                shared.engine.set_kv_acceptor(Some(Arc::new(
+                    move |s: TcpStream, h: &Hello, from| {
+                        if let Some(m) = weak.upgrade() {
+                            let (id, epoch) = (h.engine_id, h.epoch);
+                            serve_inbound(m, s, (id, epoch), from);
+                        }
+                    },
+                )));
+                let weak = Arc::downgrade(&shared);
+                thread::Builder::new()
+                    .name("kvt-kv-sweep".into())
+                    .spawn(move || sweep_pending(weak))
+                    .map_err(|e| Error::io("spawn", e))?;
+            }
+            KvRole::Decode => {
+                shared
+                    .engine
+                    .set_notify_hook(Some(Arc::new(move |n: &Notification| {
+                        weak.upgrade().is_some_and(|m| m.on_notification(n))
+                    })));
+            }
+        }
+        tracing::info!(role = ?shared.cfg.role, addr = %shared.engine.local_addr(),
+            pages = shared.layout.pages(), buffers = shared.layout.buffers.len(), "KV manager started");
+        Ok(KvManager { shared })
+    }
+
+    /// The engine (for plain batches next to rooms, or for inspection).
+    pub fn engine(&self) -> &TransferEngine {
+        &self.shared.engine
+    }
+
+    /// The address peers use to reach this manager (its engine's bootstrap address).
+    pub fn bootstrap_addr(&self) -> SocketAddr {
+        self.shared.engine.local_addr()
+    }
+
+    /// Prefill or decode.
+    pub fn role(&self) -> KvRole {
+        self.shared.cfg.role
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &KvLayout {
+        &self.shared.layout
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &KvConfig {
+        &self.shared.cfg
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.engine.set_kv_acceptor(None);
+        self.engine.set_notify_hook(None);
+        for c in self.outbound.lock().values() {
+            c.close();
+        }
+        for i in self.inbound.lock().iter().filter_map(Weak::upgrade) {
+            i.channel.close();
+        }
+    }
+}
+
+impl Shared {
+    fn hello(&self) -> KvMessage {
+        KvMessage::Hello {
+            engine_id: self.engine.engine_id(),
+            epoch: self.engine.epoch(),
+            engine_addr: self.engine.local_addr().to_string(),
+            layout: self.layout.clone(),
+        }
+    }
+
+    /// Decode side: the channel to the prefill manager at `addr`, opened if needed.
+    pub(crate) fn channel_to(self: &Arc<Self>, addr: SocketAddr) -> Result<Arc<Channel>> {
+        if let Some(c) = self.outbound.lock().get(&addr)
+            && !c.is_dead()
+        {
+            return Ok(c.clone());
+        }
+        let (hello, stream) = self.engine.open_kv_channel(addr)?;
+        let (channel, reader) = Channel::handshake(
+            stream,
+            &self.hello(),
+            true,
+            self.engine.config().connect_timeout,
+        )?;
+        if channel.peer_engine != (hello.engine_id, hello.epoch) {
+            return Err(Error::Handshake {
+                peer: addr.to_string(),
+                reason: "KV hello names another engine than the connection's".into(),
+            });
+        }
+        self.layout.check_pairs_with(&channel.peer_layout)?;
+        let channel = Arc::new(channel);
+        let mut map = self.outbound.lock();
+        if let Some(c) = map.get(&addr)
+            && !c.is_dead()
+        {
+            // Another room opened one meanwhile; use it.
+            channel.close();
+            return Ok(c.clone());
+        }
+        map.insert(addr, channel.clone());
+        drop(map);
+        let weak = Arc::downgrade(self);
+        let c = channel.clone();
+        thread::Builder::new()
+            .name("kvt-kv-chan".into())
+            .spawn(move || serve_outbound(weak, c, reader))
+            .map_err(|e| Error::io("spawn", e))?;
+        Ok(channel)
+    }
+
+    /// Decode side: a free slot for `room` (the notification tags name it).
+    pub(crate) fn take_slot(&self, room: &Arc<RecvRoom>) -> Result<u32> {
+        let mut slots = self.slots.lock();
+        if slots.len() as u32 >= MAX_SLOTS {
+            return Err(Error::InvalidArgument(format!(
+                "more than {MAX_SLOTS} receiving rooms at once"
+            )));
+        }
+        loop {
+            let s = self.next_slot.fetch_add(1, Ordering::Relaxed) % MAX_SLOTS;
+            if let std::collections::hash_map::Entry::Vacant(v) = slots.entry(s) {
+                v.insert(room.clone());
+                self.engine.fences().clear_slot(s);
+                return Ok(s);
+            }
+        }
+    }
+
+    /// Decode side: gives the slot back.
+    pub(crate) fn free_slot(&self, slot: u32) {
+        self.slots.lock().remove(&slot);
+    }
+
+    fn on_notification(&self, n: &Notification) -> bool {
+        let (slot, seq, last) = decode_chunk_tag(n.tag);
+        let room = self.slots.lock().get(&slot).cloned();
+        match room {
+            Some(r) if r.sent_by((n.engine_id, n.epoch)) => {
+                r.on_chunk(seq, last);
+                true
+            }
+            _ => {
+                tracing::debug!(slot, seq, "notification for no live room");
+                false
+            }
+        }
+    }
+
+    /// Prefill side: pairs a room's destination with its sender, or rejects it.
+    fn attach(&self, room: u64, sender: &Arc<SendRoom>, init: PendingInit) {
+        let target = match &init.from.target {
+            Ok(t) => t.clone(),
+            Err((code, reason)) => {
+                reject(&init.from.channel, room, *code, reason.clone());
+                sender.fail(format!("cannot reach the receiver: {reason}"));
+                return;
+            }
+        };
+        match sender.attach(
+            init.from.clone(),
+            target,
+            init.slot,
+            init.aux_index,
+            init.pages,
+        ) {
+            Ok(()) => {
+                let _ = init.from.channel.send(&KvMessage::RoomAccepted { room });
+            }
+            Err(e) => reject(&init.from.channel, room, e.code() as u16, e.to_string()),
+        }
+    }
+
+    /// Prefill side: a sender was created; its destination may be waiting already.
+    pub(crate) fn sender_created(&self, room: u64, sender: &Arc<SendRoom>) {
+        let pending = self.pending.lock().remove(&room);
+        if let Some(p) = pending {
+            self.attach(room, sender, p);
+        }
+    }
+
+    fn on_room_init(
+        &self,
+        from: &Arc<Inbound>,
+        room: u64,
+        slot: u32,
+        aux_index: Option<u32>,
+        pages: Vec<i32>,
+    ) {
+        if let Ok(t) = &from.target {
+            if let Err(reason) = check_pages(&pages, t.pages, "destination") {
+                let e = Error::InvalidPages { room, reason };
+                return reject(&from.channel, room, e.code() as u16, e.to_string());
+            }
+            if let Some(a) = aux_index
+                && (a as u64) >= t.aux_slots
+                && !t.aux.is_empty()
+            {
+                let e = Error::InvalidPages {
+                    room,
+                    reason: format!("aux index {a} outside 0..{}", t.aux_slots),
+                };
+                return reject(&from.channel, room, e.code() as u16, e.to_string());
+            }
+        }
+        let init = PendingInit {
+            from: from.clone(),
+            slot,
+            aux_index,
+            pages,
+            at: Instant::now(),
+        };
+        let sender = self.senders.lock().get(&room).cloned();
+        match sender {
+            Some(s) => self.attach(room, &s, init),
+            None => {
+                let duplicate = match self.pending.lock().entry(room) {
+                    std::collections::hash_map::Entry::Occupied(_) => true,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(init);
+                        false
+                    }
+                };
+                if duplicate {
+                    let e = Error::DuplicateRoom { room };
+                    reject(&from.channel, room, e.code() as u16, e.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn reject(channel: &Channel, room: u64, code: u16, reason: String) {
+    tracing::info!(room, %reason, "rejecting a room");
+    let _ = channel.send(&KvMessage::RoomRejected { room, code, reason });
+}
+
+/// Prefill side: serves one channel a decode manager opened, on the engine's connection
+/// thread, until it closes.
+fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: SocketAddr) {
+    let (channel, mut reader) =
+        match Channel::handshake(stream, &m.hello(), false, m.engine.config().connect_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%from, "KV channel handshake failed: {e}");
+                return;
+            }
+        };
+    let channel = Arc::new(channel);
+    let target = if channel.peer_engine != engine {
+        Err((
+            16,
+            "KV hello names another engine than the connection's".into(),
+        ))
+    } else {
+        connect_decode(&m, &channel).map_err(|e| (e.code() as u16, e.to_string()))
+    };
+    if let Err((_, reason)) = &target {
+        tracing::warn!(%from, %reason, "KV peer unusable; its rooms will be rejected");
+    }
+    let inbound = Arc::new(Inbound {
+        channel: channel.clone(),
+        target,
+    });
+    {
+        let mut list = m.inbound.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&inbound));
+    }
+    let weak = Arc::downgrade(&m);
+    drop(m);
+    let why = loop {
+        let msg = match read_message(&mut reader) {
+            Ok(msg) => msg,
+            Err(e) => break e.to_string(),
+        };
+        let Some(m) = weak.upgrade() else {
+            break "KV manager shut down".into();
+        };
+        match msg {
+            KvMessage::RoomInit {
+                room,
+                slot,
+                aux_index,
+                pages,
+            } => m.on_room_init(&inbound, room, slot, aux_index, pages),
+            KvMessage::RoomAbort { room, reason } => {
+                let sender = m.senders.lock().get(&room).cloned();
+                match sender {
+                    Some(s) if s.is_from(&inbound) => {
+                        s.fail(format!("aborted by the receiver: {reason}"));
+                        let c = channel.clone();
+                        let limit = m.cfg.abort_timeout;
+                        let _ =
+                            thread::Builder::new()
+                                .name("kvt-kv-abort".into())
+                                .spawn(move || {
+                                    s.settle(limit);
+                                    let _ = c.send(&KvMessage::RoomAbortAck { room });
+                                });
+                    }
+                    _ => {
+                        m.pending.lock().remove(&room);
+                        let _ = channel.send(&KvMessage::RoomAbortAck { room });
+                    }
+                }
+            }
+            other => tracing::debug!(?other, "unexpected KV message from a receiver"),
+        }
+    };
+    channel.close();
+    if let Some(m) = weak.upgrade() {
+        tracing::info!(%from, %why, "KV channel from a decode manager closed");
+        let rooms: Vec<Arc<SendRoom>> = m.senders.lock().values().cloned().collect();
+        for r in rooms.iter().filter(|r| r.is_from(&inbound)) {
+            r.fail(format!("peer lost: KV channel from {from} closed ({why})"));
+        }
+        m.pending
+            .lock()
+            .retain(|_, p| !Arc::ptr_eq(&p.from, &inbound));
+    }
+}
+
+/// Prefill side: connects the engine to the decode manager's engine and maps its buffers.
+fn connect_decode(m: &Shared, channel: &Channel) -> Result<Arc<DecodePeer>> {
+    m.layout.check_pairs_with(&channel.peer_layout)?;
+    let peer = m.engine.connect(channel.peer_addr)?;
+    let info = m.engine.peer_info(peer)?;
+    if (info.engine_id, info.epoch) != channel.peer_engine {
+        return Err(Error::Handshake {
+            peer: channel.peer_addr.to_string(),
+            reason: "the decode engine at that address is not the one on the KV channel".into(),
+        });
+    }
+    let map = |list: &[super::KvBuffer]| -> Result<Vec<RemoteBuffer>> {
+        list.iter()
+            .map(|b| {
+                let (segment, offset): (SegmentId, u64) =
+                    m.engine.resolve_remote(peer, b.addr, b.len)?;
+                Ok(RemoteBuffer {
+                    segment,
+                    offset,
+                    item_len: b.item_len,
+                })
+            })
+            .collect()
+    };
+    Ok(Arc::new(DecodePeer {
+        peer,
+        buffers: map(&channel.peer_layout.buffers)?,
+        aux: map(&channel.peer_layout.aux)?,
+        pages: channel.peer_layout.pages(),
+        aux_slots: channel.peer_layout.aux_slots(),
+    }))
+}
+
+/// Decode side: reads one channel to a prefill manager until it closes.
+fn serve_outbound(weak: Weak<Shared>, channel: Arc<Channel>, mut reader: TcpStream) {
+    let why = loop {
+        let msg = match read_message(&mut reader) {
+            Ok(msg) => msg,
+            Err(e) => break e.to_string(),
+        };
+        let Some(m) = weak.upgrade() else {
+            break "KV manager shut down".into();
+        };
+        let room_id = match &msg {
+            KvMessage::RoomAccepted { room }
+            | KvMessage::RoomRejected { room, .. }
+            | KvMessage::RoomAbort { room, .. }
+            | KvMessage::RoomAbortAck { room } => *room,
+            other => {
+                tracing::debug!(?other, "unexpected KV message from a sender");
+                continue;
+            }
+        };
+        let room = m.receivers.lock().get(&room_id).cloned();
+        let Some(room) = room.filter(|r| r.is_on(&channel)) else {
+            continue;
+        };
+        match msg {
+            KvMessage::RoomAccepted { .. } => room.accepted(),
+            KvMessage::RoomRejected { reason, .. } => {
+                room.fail_and_fence(format!("rejected by the sender: {reason}"))
+            }
+            KvMessage::RoomAbort { reason, .. } => {
+                room.fail_and_fence(format!("aborted by the sender: {reason}"))
+            }
+            KvMessage::RoomAbortAck { .. } => room.abort_acked(),
+            _ => {}
+        }
+    };
+    channel.close();
+    if let Some(m) = weak.upgrade() {
+        tracing::info!(peer = %channel.peer_addr, %why, "KV channel to a prefill manager closed");
+        let rooms: Vec<Arc<RecvRoom>> = m.receivers.lock().values().cloned().collect();
+        for r in rooms.iter().filter(|r| r.is_on(&channel)) {
+            r.fail_and_fence(format!(
+                "peer lost: KV channel to {} closed ({why})",
+                channel.peer_addr
+            ));
+            r.abort_acked();
+        }
+    }
+}
+
+/// Prefill side: rejects destinations whose sender never came within the room timeout.
+fn sweep_pending(weak: Weak<Shared>) {
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let Some(m) = weak.upgrade() else { return };
+        let limit = m.cfg.room_timeout;
+        let expired: Vec<(u64, PendingInit)> = {
+            let mut pending = m.pending.lock();
+            let old: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.at.elapsed() > limit)
+                .map(|(r, _)| *r)
+                .collect();
+            old.into_iter()
+                .filter_map(|r| pending.remove(&r).map(|p| (r, p)))
+                .collect()
+        };
+        for (room, p) in expired {
+            let e = Error::UnknownRoom { room };
+            reject(&p.from.channel, room, e.code() as u16, e.to_string());
+        }
+    }
+}
