@@ -112,9 +112,10 @@ fn scattered(n: usize, pool: usize, seed: u64) -> Vec<i32> {
     while out.len() < n {
         let run = (next() % 5 + 1) as usize;
         let start = (next() % pool as u64) as usize;
-        for p in start..(start + run).min(pool) {
-            if out.len() < n && !used[p] {
-                used[p] = true;
+        let end = (start + run).min(pool);
+        for (p, taken) in used.iter_mut().enumerate().take(end).skip(start) {
+            if out.len() < n && !*taken {
+                *taken = true;
                 out.push(p as i32);
             }
         }
