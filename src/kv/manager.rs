@@ -467,12 +467,9 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
     let weak = Arc::downgrade(&m);
     drop(m);
     let why = loop {
-        let msg = match read_message(&mut reader) {
-            Ok(msg) => msg,
-            Err(e) => break e.to_string(),
-        };
-        let Some(m) = weak.upgrade() else {
-            break "KV manager shut down".into();
+        let (msg, m) = match next_message(&mut reader, &weak) {
+            Ok(next) => next,
+            Err(why) => break why,
         };
         match msg {
             KvMessage::RoomInit {
@@ -551,15 +548,22 @@ fn connect_decode(m: &Shared, channel: &Channel) -> Result<Arc<DecodePeer>> {
     }))
 }
 
+/// The next message of a channel and the manager to handle it; `Err(why)` ends the channel.
+fn next_message(
+    reader: &mut TcpStream,
+    weak: &Weak<Shared>,
+) -> std::result::Result<(KvMessage, Arc<Shared>), String> {
+    let msg = read_message(reader).map_err(|e| e.to_string())?;
+    let m = weak.upgrade().ok_or("KV manager shut down")?;
+    Ok((msg, m))
+}
+
 /// Decode side: reads one channel to a prefill manager until it closes.
 fn serve_outbound(weak: Weak<Shared>, channel: Arc<Channel>, mut reader: TcpStream) {
     let why = loop {
-        let msg = match read_message(&mut reader) {
-            Ok(msg) => msg,
-            Err(e) => break e.to_string(),
-        };
-        let Some(m) = weak.upgrade() else {
-            break "KV manager shut down".into();
+        let (msg, m) = match next_message(&mut reader, &weak) {
+            Ok(next) => next,
+            Err(why) => break why,
         };
         let room_id = match &msg {
             KvMessage::RoomAccepted { room }
