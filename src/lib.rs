@@ -13,6 +13,7 @@ pub(crate) mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod ffi;
 pub mod kv;
 pub mod memory;
 pub mod plan;

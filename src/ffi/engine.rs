@@ -1,0 +1,372 @@
+//! Engines: create and destroy, addresses, memory registration, peers.
+
+use std::ffi::c_char;
+use std::time::Duration;
+
+use super::boundary::guard;
+use super::pointers::{
+    arg_ref, c_str, into_handle, opt_c_str, out_param, take_handle, write_c_str,
+};
+use super::versioned::{Versioned, field_spans, read_versioned};
+use crate::config::{EngineConfig, TransportKind};
+use crate::engine::{PeerId, TransferEngine};
+use crate::error::{Error, Result};
+use crate::memory::SegmentId;
+
+/// `kvt_engine_config.transport`: RDMA where usable on both ends, else TCP (the default).
+pub const KVT_TRANSPORT_AUTO: u32 = 0;
+/// `kvt_engine_config.transport`: TCP only.
+pub const KVT_TRANSPORT_TCP: u32 = 1;
+/// `kvt_engine_config.transport`: RDMA only (creating the engine fails where it is unusable).
+pub const KVT_TRANSPORT_RDMA: u32 = 2;
+
+/// An engine: registered memory, a bootstrap listener, peers and batches. Thread-safe: any
+/// thread may use it, but `kvt_engine_destroy` must not race another call on it.
+pub struct kvt_engine {
+    pub(crate) engine: TransferEngine,
+}
+
+/// Settings of an engine. Set `struct_size` to `sizeof(kvt_engine_config)`; a zero or NULL
+/// field takes the default, which honours the `KVT_*` environment variables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kvt_engine_config {
+    /// `sizeof(kvt_engine_config)` as the caller was compiled.
+    pub struct_size: u32,
+    /// Bootstrap listen address `"ip:port"`; NULL: `KVT_LISTEN`, else `127.0.0.1:0`.
+    pub listen: *const c_char,
+    /// `KVT_TRANSPORT_AUTO` (0: `KVT_TRANSPORT`, else auto), `_TCP` or `_RDMA`.
+    pub transport: u32,
+    /// Data connections (RDMA: QPs per rail) per peer; 0: `KVT_CONNECTIONS`, else 2.
+    pub connections_per_peer: u32,
+    /// Default batch deadline in ms; 0: `KVT_BATCH_TIMEOUT_MS`, else 30000.
+    pub batch_timeout_ms: u64,
+    /// RDMA device allow-list such as `"mlx5_0,mlx5_3"`; NULL: `KVT_DEVICES`, else all.
+    pub devices: *const c_char,
+}
+
+impl Versioned for kvt_engine_config {
+    const C_NAME: &'static str = "kvt_engine_config";
+    fn zeroed() -> Self {
+        kvt_engine_config {
+            struct_size: 0,
+            listen: std::ptr::null(),
+            transport: 0,
+            connections_per_peer: 0,
+            batch_timeout_ms: 0,
+            devices: std::ptr::null(),
+        }
+    }
+    fn fields() -> Vec<(usize, usize)> {
+        field_spans!(kvt_engine_config; struct_size, listen, transport,
+            connections_per_peer, batch_timeout_ms, devices)
+    }
+}
+
+fn invalid_config(field: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The engine settings `cfg` asks for: defaults, then `KVT_*` variables, then the non-zero
+/// fields of `cfg`.
+///
+/// # Safety
+/// `cfg` is NULL or a `kvt_engine_config` whose strings are NULL or NUL-terminated.
+pub(crate) unsafe fn engine_config(cfg: *const kvt_engine_config) -> Result<EngineConfig> {
+    let mut b = EngineConfig::builder().env_overrides();
+    if cfg.is_null() {
+        return b.build();
+    }
+    // SAFETY: non-null, and a kvt_engine_config of struct_size bytes by the contract.
+    let c = unsafe { read_versioned(cfg, "cfg") }?;
+    // SAFETY: the strings are NULL or NUL-terminated by the contract.
+    if let Some(listen) = unsafe { opt_c_str(c.listen, "cfg->listen") }? {
+        b = b.listen(listen);
+    }
+    b = match c.transport {
+        KVT_TRANSPORT_AUTO => b,
+        KVT_TRANSPORT_TCP => b.transport(TransportKind::Tcp),
+        KVT_TRANSPORT_RDMA => b.transport(TransportKind::Rdma),
+        other => {
+            return Err(invalid_config(
+                "transport",
+                format!("{other} is not KVT_TRANSPORT_AUTO (0), _TCP (1) or _RDMA (2)"),
+            ));
+        }
+    };
+    if c.connections_per_peer != 0 {
+        b = b.connections_per_peer(c.connections_per_peer as usize);
+    }
+    if c.batch_timeout_ms != 0 {
+        b = b.batch_timeout(Duration::from_millis(c.batch_timeout_ms));
+    }
+    // SAFETY: as for listen.
+    if let Some(devices) = unsafe { opt_c_str(c.devices, "cfg->devices") }? {
+        let list: Vec<&str> = devices
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if !list.is_empty() {
+            b = b.devices(list);
+        }
+    }
+    b.build()
+}
+
+/// Starts an engine with `cfg` (NULL: every default) and stores its handle in `*out`.
+///
+/// # Safety
+/// `cfg` is NULL or points to a `kvt_engine_config` of at least `struct_size` bytes whose
+/// strings are NULL or NUL-terminated; `out` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_create(
+    cfg: *const kvt_engine_config,
+    out: *mut *mut kvt_engine,
+) -> i32 {
+    guard(|| {
+        // SAFETY: out is writable by the contract.
+        let out = unsafe { out_param(out, "out") }?;
+        // SAFETY: forwarded contract.
+        let config = unsafe { engine_config(cfg) }?;
+        let engine = TransferEngine::new(config)?;
+        out.write(into_handle(kvt_engine { engine }));
+        Ok(())
+    })
+}
+
+/// Stops an engine and frees its handle; NULL is a no-op. Its peers are disconnected and
+/// batches still in flight fail. Free memory registered with it only after this call.
+///
+/// # Safety
+/// `e` is NULL or a handle from `kvt_engine_create` not destroyed yet, used by no other
+/// thread during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_destroy(e: *mut kvt_engine) -> i32 {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        drop(unsafe { take_handle(e) });
+        Ok(())
+    })
+}
+
+/// The engine's bootstrap address (`"ip:port"`, the real port when 0 was configured), into
+/// `buf` of `cap` bytes with a NUL; `KVT_ERR_INVALID_ARGUMENT` (nothing written) when it does
+/// not fit. 64 bytes always suffice.
+///
+/// # Safety
+/// `e` is a live engine handle; `buf` is writable for `cap` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_local_addr(
+    e: *const kvt_engine,
+    buf: *mut c_char,
+    cap: usize,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        let addr = e.engine.local_addr().to_string();
+        // SAFETY: buf is writable for cap bytes by the contract.
+        unsafe { write_c_str(buf, cap, &addr, "buf") }
+    })
+}
+
+/// The transport in use, `"tcp"` or `"rdma"`, into `buf` of `cap` bytes with a NUL.
+///
+/// # Safety
+/// `e` is a live engine handle; `buf` is writable for `cap` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_transport(
+    e: *const kvt_engine,
+    buf: *mut c_char,
+    cap: usize,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: buf is writable for cap bytes by the contract.
+        unsafe { write_c_str(buf, cap, e.engine.transport(), "buf") }
+    })
+}
+
+/// Registers the caller's memory `[addr, addr + len)` as a segment and stores its id in
+/// `*out_segment`. Peers learn it from the handshake (or a refresh) and may then write or read
+/// it at any time, from other threads.
+///
+/// # Safety
+/// `e` is a live engine handle and `out_segment` writable. The range must stay mapped and
+/// must not be freed while registered, and the caller must not touch a part of it while a
+/// transfer that writes that part is in flight.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_register(
+    e: *mut kvt_engine,
+    addr: u64,
+    len: u64,
+    out_segment: *mut u32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let out = unsafe { out_param(out_segment, "out_segment") }?;
+        if addr == 0 {
+            return Err(Error::InvalidArgument("addr is NULL".into()));
+        }
+        let len = usize::try_from(len)
+            .map_err(|_| Error::InvalidArgument(format!("len {len} does not fit in memory")))?;
+        // SAFETY: the caller keeps the range mapped while registered and respects transfers
+        // in flight (the contract above is the engine's own).
+        let info = unsafe { e.engine.register_memory(addr as usize as *mut u8, len) }?;
+        out.write(info.id.0);
+        Ok(())
+    })
+}
+
+/// Unregisters a segment; `KVT_ERR_SEGMENT_BUSY` while transfers use it.
+///
+/// # Safety
+/// `e` is a live engine handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_unregister(e: *mut kvt_engine, segment: u32) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        e.engine.unregister_memory(SegmentId(segment))
+    })
+}
+
+/// Connects to the engine whose bootstrap address is `addr` (`"ip:port"`): opens its data
+/// connections, exchanges handshakes, learns its segments, and stores the peer handle in
+/// `*out_peer`. Blocks up to the connect timeout. Each call makes a new peer.
+///
+/// # Safety
+/// `e` is a live engine handle, `addr` NUL-terminated, `out_peer` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_connect(
+    e: *mut kvt_engine,
+    addr: *const c_char,
+    out_peer: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let out = unsafe { out_param(out_peer, "out_peer") }?;
+        // SAFETY: NUL-terminated by the contract.
+        let addr = unsafe { c_str(addr, "addr") }?;
+        let peer = e.engine.connect(addr)?;
+        out.write(peer.0);
+        Ok(())
+    })
+}
+
+/// Maps `len` bytes at the peer's virtual address `addr` to the peer segment holding them
+/// and the offset inside it (`*out_segment`, `*out_offset`), refreshing the peer's segment
+/// list once if needed; `KVT_ERR_UNREGISTERED_ADDRESS` when no segment of the peer covers them.
+///
+/// # Safety
+/// `e` is a live engine handle; `out_segment` and `out_offset` are writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_resolve_remote(
+    e: *mut kvt_engine,
+    peer: u64,
+    addr: u64,
+    len: u64,
+    out_segment: *mut u32,
+    out_offset: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let out_segment = unsafe { out_param(out_segment, "out_segment") }?;
+        // SAFETY: writable by the contract.
+        let out_offset = unsafe { out_param(out_offset, "out_offset") }?;
+        let (segment, offset) = e.engine.resolve_remote(PeerId(peer), addr, len)?;
+        out_segment.write(segment.0);
+        out_offset.write(offset);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> kvt_engine_config {
+        kvt_engine_config {
+            struct_size: std::mem::size_of::<kvt_engine_config>() as u32,
+            ..kvt_engine_config::zeroed()
+        }
+    }
+
+    #[test]
+    fn config_fields_override_defaults() {
+        let mut c = cfg();
+        c.listen = c"127.0.0.1:0".as_ptr();
+        c.transport = KVT_TRANSPORT_TCP;
+        c.connections_per_peer = 3;
+        c.batch_timeout_ms = 1234;
+        c.devices = c"mlx5_0, mlx5_3:1".as_ptr();
+        // SAFETY: a live config with NUL-terminated strings.
+        let got = unsafe { engine_config(&c) }.unwrap();
+        assert_eq!(got.transport, TransportKind::Tcp);
+        assert_eq!(got.connections_per_peer, 3);
+        assert_eq!(got.batch_timeout, Duration::from_millis(1234));
+        assert_eq!(
+            got.devices,
+            Some(vec!["mlx5_0".to_string(), "mlx5_3:1".to_string()])
+        );
+    }
+
+    #[test]
+    fn zero_fields_keep_defaults() {
+        // SAFETY: a live config.
+        let got = unsafe { engine_config(&cfg()) }.unwrap();
+        // SAFETY: NULL is allowed.
+        let null = unsafe { engine_config(std::ptr::null()) }.unwrap();
+        assert_eq!(got, null);
+        assert_eq!(got, EngineConfig::from_env().unwrap());
+    }
+
+    #[test]
+    fn struct_size_limits_what_is_read() {
+        // A caller whose struct ends after `transport`: the later fields are not read, even
+        // though this one's memory holds values there.
+        let mut c = cfg();
+        c.transport = KVT_TRANSPORT_TCP;
+        c.connections_per_peer = 0xdead;
+        c.struct_size = (std::mem::offset_of!(kvt_engine_config, transport) + 4) as u32;
+        // SAFETY: a live config.
+        let got = unsafe { engine_config(&c) }.unwrap();
+        assert_eq!(got.transport, TransportKind::Tcp);
+        assert_eq!(
+            got.connections_per_peer,
+            EngineConfig::from_env().unwrap().connections_per_peer
+        );
+        c.struct_size = 0;
+        // SAFETY: a live config.
+        let e = unsafe { engine_config(&c) }.unwrap_err();
+        assert_eq!(e.code(), 2);
+        assert!(
+            e.to_string().contains("sizeof(kvt_engine_config) = 40"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_config_errors() {
+        let mut c = cfg();
+        c.transport = 7;
+        // SAFETY: a live config.
+        let e = unsafe { engine_config(&c) }.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { ref field, .. } if field == "transport"));
+        let mut c = cfg();
+        c.listen = c"no such host".as_ptr();
+        // SAFETY: a live config with a NUL-terminated string.
+        assert_eq!(unsafe { engine_config(&c) }.unwrap_err().code(), 1);
+    }
+}
