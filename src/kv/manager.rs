@@ -501,6 +501,16 @@ impl Shared {
     }
 }
 
+/// The failure reason a room takes from its peer's `RoomAbort`: the peer's own reason when it
+/// already names the side ("aborted by the sender"), else prefixed with it.
+fn peer_reason(side: &str, reason: String) -> String {
+    if reason.starts_with("aborted by the") {
+        reason
+    } else {
+        format!("the {side} failed: {reason}")
+    }
+}
+
 fn reject(channel: &Channel, room: u64, code: u16, reason: String) {
     tracing::info!(room, %reason, "rejecting a room");
     let _ = channel.send(&KvMessage::RoomRejected { room, code, reason });
@@ -556,7 +566,7 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
                 let sender = m.senders.lock().get(&room).cloned();
                 match sender {
                     Some(s) if s.is_from(&inbound) => {
-                        s.fail(format!("aborted by the receiver: {reason}"));
+                        s.fail(peer_reason("receiver", reason));
                         let c = channel.clone();
                         let limit = m.cfg.abort_timeout;
                         let _ =
@@ -659,7 +669,7 @@ fn serve_outbound(weak: Weak<Shared>, channel: Arc<Channel>, mut reader: TcpStre
                 room.fail_and_fence(format!("rejected by the sender: {reason}"))
             }
             KvMessage::RoomAbort { reason, .. } => {
-                room.fail_and_fence(format!("aborted by the sender: {reason}"))
+                room.fail_and_fence(peer_reason("sender", reason))
             }
             KvMessage::RoomAbortAck { .. } => room.abort_acked(),
             _ => {}
