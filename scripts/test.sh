@@ -18,6 +18,9 @@ step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc
 
+step "Python package (pytest against the cdylib)"
+bash scripts/python-tests.sh
+
 step "examples and the main job run (small demo, every byte verified)"
 cargo run --release --quiet --example write_read
 ./target/release/kvtransfer demo --pages 32 --rounds 1
