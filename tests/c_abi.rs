@@ -62,7 +62,7 @@ fn compile(source: &str, name: &str) -> PathBuf {
     let mut rpath = std::ffi::OsString::from("-Wl,-rpath,");
     rpath.push(lib);
     let output = Command::new("cc")
-        .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-O2", "-g"])
+        .args(["-std=c11", "-O2", "-g"])
         .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
         .arg(root().join("include"))
@@ -87,6 +87,9 @@ fn compile(source: &str, name: &str) -> PathBuf {
 fn run(exe: &Path, args: &[&str]) -> String {
     let output = Command::new(exe)
         .args(args)
+        // cargo puts target/<profile>/ on LD_LIBRARY_PATH for tests, which outranks the
+        // program's rpath (DT_RUNPATH) and may hold an older libkvtransfer.so.
+        .env_remove("LD_LIBRARY_PATH")
         .env_remove("KVT_LISTEN")
         .env_remove("KVT_TRANSPORT")
         .output()
@@ -116,6 +119,44 @@ fn engine_batches_and_errors_from_c() {
         "expected error KVT_ERR_INVALID_ARGUMENT: invalid argument: cfg->struct_size is 0",
         "write to a destroyed peer fails: -",
         "engine.c: all checks passed",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in the output");
+    }
+}
+
+#[test]
+fn prefill_decode_example_moves_a_room_and_verifies_it() {
+    let exe = compile("examples/c/prefill_decode.c", "prefill_decode");
+    let out = run(&exe, &[]);
+    // 61 layers x 256 pages x 36 KiB, plus one 4 KiB aux slot.
+    let bytes = 61 * 256 * 36 * 1024 + 4096;
+    assert!(
+        out.contains(&format!(
+            "verified {bytes} bytes: 256 pages x 61 layers and the aux slot"
+        )),
+        "no verification line"
+    );
+    // "room 42: 549.0 MiB in N writes, T ms = R GB/s (...)"
+    let rate: f64 = out
+        .lines()
+        .find(|l| l.starts_with("room 42: 549.0 MiB in "))
+        .and_then(|l| l.split_once(" = ")?.1.split_once(" GB/s"))
+        .and_then(|(r, _)| r.parse().ok())
+        .expect("a line with the room's GB/s");
+    assert!(rate > 0.0, "{rate} GB/s");
+}
+
+#[test]
+fn kv_rooms_and_errors_from_c() {
+    let exe = compile("tests/c/kv.c", "kv");
+    let out = run(&exe, &[]);
+    for line in [
+        "room 1: 41024 bytes verified",
+        "expected error KVT_ERR_DUPLICATE_ROOM: room 2 already exists",
+        "expected error KVT_ERR_INVALID_PAGES: room 2: invalid pages",
+        "aborted room: receiver says: ",
+        "unreachable prefill side: ",
+        "kv.c: all checks passed",
     ] {
         assert!(out.contains(line), "missing {line:?} in the output");
     }

@@ -7,6 +7,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kvtransfer::kv::{
+    KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender,
+};
 use kvtransfer::{BatchStatus, EngineConfig, Error, Request, TransferEngine, TransportKind};
 
 fn in_vm() -> bool {
@@ -25,8 +28,13 @@ fn in_vm() -> bool {
 }
 
 fn engine(devices: &[&str]) -> TransferEngine {
+    TransferEngine::new(rdma_config(devices))
+        .unwrap_or_else(|e| panic!("rdma engine on {devices:?}: {e}"))
+}
+
+fn rdma_config(devices: &[&str]) -> EngineConfig {
     kvtransfer::init_logging("warn");
-    let cfg = EngineConfig::builder()
+    EngineConfig::builder()
         .transport(TransportKind::Rdma)
         .devices(devices.iter().copied())
         .gid_index(
@@ -40,8 +48,7 @@ fn engine(devices: &[&str]) -> TransferEngine {
         .min_stripe_bytes(64 << 10)
         .batch_timeout(Duration::from_secs(30))
         .build()
-        .unwrap();
-    TransferEngine::new(cfg).unwrap_or_else(|e| panic!("rdma engine on {devices:?}: {e}"))
+        .unwrap()
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -253,4 +260,129 @@ fn rail_link_down_fails_the_batch_fast() {
         Ok(()) => eprintln!("the batch finished before the link went down; nothing to check"),
         Err(other) => panic!("{other}"),
     }
+}
+
+/// A KV manager over RDMA on `devices`, with `layers` buffers of `pages` pages of `item` bytes
+/// in `mem` (which must outlive it).
+fn kv_manager(
+    devices: &[&str],
+    role: KvRole,
+    mem: &mut [u8],
+    layers: usize,
+    item: usize,
+) -> KvManager {
+    let per_layer = mem.len() / layers;
+    let base = mem.as_mut_ptr() as u64;
+    let layout = KvLayout::new(
+        (0..layers)
+            .map(|l| KvBuffer {
+                addr: base + (l * per_layer) as u64,
+                len: per_layer as u64,
+                item_len: item as u64,
+            })
+            .collect(),
+        vec![],
+    )
+    .unwrap();
+    let kv = KvConfig::new(role)
+        .room_timeout(Duration::from_secs(60))
+        .abort_timeout(Duration::from_secs(5));
+    // SAFETY: the callers keep `mem` alive and in place until the manager is dropped.
+    unsafe { KvManager::new(rdma_config(devices), kv, layout) }.unwrap()
+}
+
+#[test]
+fn kv_room_over_two_rails_lands_whole_and_a_receiver_abort_freezes_memory() {
+    if !in_vm() {
+        return;
+    }
+    let (layers, pages, item) = (4, 256, 16 << 10);
+    let mut src_mem = pattern(layers * pages * item, 3);
+    let mut dst_mem = vec![0u8; layers * pages * item];
+    let src_copy = src_mem.clone();
+    let prefill = kv_manager(
+        &["rxeA0", "rxeA1"],
+        KvRole::Prefill,
+        &mut src_mem,
+        layers,
+        item,
+    );
+    let decode = kv_manager(
+        &["rxeB0", "rxeB1"],
+        KvRole::Decode,
+        &mut dst_mem,
+        layers,
+        item,
+    );
+    assert_eq!(prefill.engine().transport(), "rdma");
+    let page = |mem: &[u8], l: usize, p: usize| {
+        let at = (l * pages + p) * item;
+        mem[at..at + item].to_vec()
+    };
+
+    // Room 1: scattered pages in two chunks; Success only once every chunk's imm arrived.
+    let src: Vec<i32> = vec![0, 1, 2, 9, 10, 30, 31, 32, 33, 50];
+    let dst: Vec<i32> = vec![5, 6, 7, 8, 20, 21, 40, 41, 60, 63];
+    let r = KvReceiver::new(&decode, prefill.bootstrap_addr(), 1).unwrap();
+    r.init(&dst, None).unwrap();
+    let s = KvSender::new(&prefill, 1).unwrap();
+    s.init(src.len(), None).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while s.poll() == KvPoll::Bootstrapping {
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.send(&src[..4], false).unwrap();
+    s.send(&src[4..], true).unwrap();
+    loop {
+        match r.poll() {
+            KvPoll::Success => break,
+            KvPoll::Failed => panic!("{:?}", r.failure_reason()),
+            _ => assert!(Instant::now() < until, "no Success"),
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for l in 0..layers {
+        for (a, b) in src.iter().zip(&dst) {
+            assert!(
+                page(&dst_mem, l, *b as usize) == page(&src_copy, l, *a as usize),
+                "layer {l}: page {a} -> {b}"
+            );
+        }
+    }
+    drop((s, r));
+
+    // Room 2: every page, aborted by the receiver once the first chunk landed.
+    let all: Vec<i32> = (0..pages as i32).collect();
+    let r = KvReceiver::new(&decode, prefill.bootstrap_addr(), 2).unwrap();
+    r.init(&all, None).unwrap();
+    let s = KvSender::new(&prefill, 2).unwrap();
+    s.init(pages, None).unwrap();
+    while s.poll() == KvPoll::Bootstrapping {
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for (i, c) in all.chunks(pages / 8).enumerate() {
+        s.send(c, i == 7).unwrap();
+    }
+    while r.poll() == KvPoll::WaitingForInput || r.poll() == KvPoll::Bootstrapping {
+        assert!(Instant::now() < until);
+    }
+    let t = Instant::now();
+    r.abort().unwrap();
+    eprintln!("receiver abort over rdma returned in {:?}", t.elapsed());
+    let frozen = dst_mem.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(frozen == dst_mem, "a write landed after the abort returned");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !s.poll().is_final() {
+        assert!(Instant::now() < until, "sender never learned of the abort");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Failed normally; Success only if its last write had completed before the abort arrived.
+    eprintln!(
+        "sender after the receiver's abort: {:?} {:?}",
+        s.poll(),
+        s.failure_reason()
+    );
 }

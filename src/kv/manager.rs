@@ -17,7 +17,7 @@ use super::proto::KvMessage;
 use super::room::{RecvRoom, SendRoom};
 use super::{MAX_SLOTS, decode_chunk_tag};
 use crate::config::{EngineConfig, parse_num};
-use crate::engine::{PeerId, TransferEngine};
+use crate::engine::{HostBuffer, PeerId, TransferEngine};
 use crate::error::{Error, Result};
 use crate::memory::SegmentId;
 use crate::transport::rdma::Notification;
@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     pub(crate) engine: TransferEngine,
     pub(crate) cfg: KvConfig,
     pub(crate) layout: KvLayout,
+    /// Buffers the manager allocated itself (`with_owned_memory`): page buffers, then aux.
+    pub(crate) owned: Vec<HostBuffer>,
     pub(crate) senders: Mutex<HashMap<u64, Arc<SendRoom>>>,
     pub(crate) receivers: Mutex<HashMap<u64, Arc<RecvRoom>>>,
     slots: Mutex<HashMap<u32, Arc<RecvRoom>>>,
@@ -151,29 +153,74 @@ impl KvManager {
     /// that memory.
     pub unsafe fn new(engine: EngineConfig, kv: KvConfig, layout: KvLayout) -> Result<KvManager> {
         let engine = TransferEngine::new(engine)?;
-        let mut ranges: Vec<(u64, u64)> = layout
-            .buffers
-            .iter()
-            .chain(&layout.aux)
-            .map(|b| (b.addr, b.addr + b.len))
-            .collect();
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (start, end) in ranges {
-            match merged.last_mut() {
-                Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                _ => merged.push((start, end)),
-            }
-        }
-        for (start, end) in merged {
-            // SAFETY: the caller guarantees every layout buffer stays valid for the manager's
-            // lifetime; merged ranges cover exactly those buffers.
-            unsafe { engine.register_memory(start as *mut u8, (end - start) as usize)? };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { Self::start(engine, kv, layout, Vec::new()) }
+    }
+
+    /// Like [`new`](Self::new), but the manager allocates the memory itself (zeroed, page
+    /// aligned, registered): one buffer of `pages * item_len` bytes per `(pages, item_len)` of
+    /// `buffers`, and one of `slots * item_len` per entry of `aux`. Reach it through
+    /// [`buffer`](Self::buffer) and [`aux_buffer`](Self::aux_buffer).
+    pub fn with_owned_memory(
+        engine: EngineConfig,
+        kv: KvConfig,
+        buffers: &[(u64, u64)],
+        aux: &[(u64, u64)],
+    ) -> Result<KvManager> {
+        let engine = TransferEngine::new(engine)?;
+        let mut owned = Vec::with_capacity(buffers.len() + aux.len());
+        let mut describe = |list: &[(u64, u64)]| -> Result<Vec<super::KvBuffer>> {
+            list.iter()
+                .map(|&(items, item_len)| {
+                    let len = items.checked_mul(item_len).ok_or_else(|| {
+                        Error::InvalidArgument(format!("{items} x {item_len} bytes overflows"))
+                    })?;
+                    let b = engine.alloc(len as usize)?;
+                    let d = super::KvBuffer {
+                        addr: b.addr(),
+                        len,
+                        item_len,
+                    };
+                    owned.push(b);
+                    Ok(d)
+                })
+                .collect()
+        };
+        let layout = KvLayout::new(describe(buffers)?, describe(aux)?)?;
+        // SAFETY: every layout buffer is a `HostBuffer` the manager keeps (in `owned`) for as
+        // long as it lives; they are already registered, so `start` registers nothing more.
+        unsafe { Self::start(engine, kv, layout, owned) }
+    }
+
+    /// Page buffer `i` when the manager owns its memory.
+    pub fn buffer(&self, i: usize) -> Option<&HostBuffer> {
+        (i < self.shared.layout.buffers.len())
+            .then(|| self.shared.owned.get(i))
+            .flatten()
+    }
+
+    /// Aux buffer `i` when the manager owns its memory.
+    pub fn aux_buffer(&self, i: usize) -> Option<&HostBuffer> {
+        self.shared.owned.get(self.shared.layout.buffers.len() + i)
+    }
+
+    /// # Safety
+    /// As [`new`](Self::new); buffers inside `owned` are registered already.
+    unsafe fn start(
+        engine: TransferEngine,
+        kv: KvConfig,
+        layout: KvLayout,
+        owned: Vec<HostBuffer>,
+    ) -> Result<KvManager> {
+        if owned.is_empty() {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { register_layout(&engine, &layout)? };
         }
         let shared = Arc::new(Shared {
             engine,
             cfg: kv,
             layout,
+            owned,
             senders: Mutex::new(HashMap::new()),
             receivers: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
@@ -240,6 +287,33 @@ impl KvManager {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+}
+
+/// Registers the memory of every layout buffer, each overlapping or touching range once.
+///
+/// # Safety
+/// The buffers stay valid for as long as the engine may use them.
+unsafe fn register_layout(engine: &TransferEngine, layout: &KvLayout) -> Result<()> {
+    let mut ranges: Vec<(u64, u64)> = layout
+        .buffers
+        .iter()
+        .chain(&layout.aux)
+        .map(|b| (b.addr, b.addr + b.len))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    for (start, end) in merged {
+        // SAFETY: the caller guarantees every layout buffer stays valid for the manager's
+        // lifetime; merged ranges cover exactly those buffers.
+        unsafe { engine.register_memory(start as *mut u8, (end - start) as usize)? };
+    }
+    Ok(())
 }
 
 impl Drop for Shared {
@@ -467,12 +541,9 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
     let weak = Arc::downgrade(&m);
     drop(m);
     let why = loop {
-        let msg = match read_message(&mut reader) {
-            Ok(msg) => msg,
-            Err(e) => break e.to_string(),
-        };
-        let Some(m) = weak.upgrade() else {
-            break "KV manager shut down".into();
+        let (msg, m) = match next_message(&mut reader, &weak) {
+            Ok(next) => next,
+            Err(why) => break why,
         };
         match msg {
             KvMessage::RoomInit {
@@ -551,15 +622,22 @@ fn connect_decode(m: &Shared, channel: &Channel) -> Result<Arc<DecodePeer>> {
     }))
 }
 
+/// The next message of a channel and the manager to handle it; `Err(why)` ends the channel.
+fn next_message(
+    reader: &mut TcpStream,
+    weak: &Weak<Shared>,
+) -> std::result::Result<(KvMessage, Arc<Shared>), String> {
+    let msg = read_message(reader).map_err(|e| e.to_string())?;
+    let m = weak.upgrade().ok_or("KV manager shut down")?;
+    Ok((msg, m))
+}
+
 /// Decode side: reads one channel to a prefill manager until it closes.
 fn serve_outbound(weak: Weak<Shared>, channel: Arc<Channel>, mut reader: TcpStream) {
     let why = loop {
-        let msg = match read_message(&mut reader) {
-            Ok(msg) => msg,
-            Err(e) => break e.to_string(),
-        };
-        let Some(m) = weak.upgrade() else {
-            break "KV manager shut down".into();
+        let (msg, m) = match next_message(&mut reader, &weak) {
+            Ok(next) => next,
+            Err(why) => break why,
         };
         let room_id = match &msg {
             KvMessage::RoomAccepted { room }

@@ -4,8 +4,11 @@
  * address-based writes, and the error paths (NULL handles, unregistered memory, bad
  * struct_size, small buffers, unknown ids, a lost peer). Built and run by tests/c_abi.rs.
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include "kvtransfer.h"
 
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,9 +97,16 @@ static int32_t poll_until_final(kvt_engine *e, uint64_t batch, double limit_s) {
 int main(void) {
     CHECK(kvt_abi_version() == KVT_ABI_VERSION);
 
+    /* A C program starts with SIGPIPE at its default action (terminate). */
+    struct sigaction sa;
+    CHECK(sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL);
+
     /* Two engines in one process: `target` plays the decode side, `initiator` prefill. */
     kvt_engine *target = start_engine();
     kvt_engine *initiator = start_engine();
+
+    /* The first engine set it to ignore, so a peer that goes away cannot kill us. */
+    CHECK(sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN);
 
     char addr[64], transport[16];
     OK(kvt_engine_local_addr(target, addr, sizeof addr));
@@ -265,7 +275,8 @@ int main(void) {
     FAILS(kvt_engine_unregister(initiator, back_seg), KVT_ERR_UNKNOWN_SEGMENT, "unknown segment");
     OK(kvt_engine_destroy(NULL));
 
-    /* A lost peer: with the target gone, a write cannot succeed, at submit or in the batch. */
+    /* A lost peer: with the target gone, a write cannot succeed, at submit or in the batch
+     * (and the write into the closed socket must not kill the process with SIGPIPE). */
     OK(kvt_engine_destroy(target));
     int32_t rc = kvt_batch_submit(initiator, peer, reqs, BLOCKS, 5000, &batch);
     if (rc == KVT_OK) {

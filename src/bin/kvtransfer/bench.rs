@@ -1,5 +1,6 @@
 //! `kvtransfer bench`: bandwidth (batches of blocks) or latency (single writes) between two
-//! engines, in one process (`loopback`) or two (`target` + `initiator`).
+//! engines, in one process (`loopback`) or two (`target` + `initiator`); with `--kv MODEL`,
+//! KV rooms instead (see `kvbench`).
 
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
@@ -57,7 +58,7 @@ pub(crate) enum Mode {
 pub(crate) struct BenchArgs {
     /// Which side(s) this process plays.
     #[arg(long, value_enum, default_value = "loopback")]
-    role: Role,
+    pub(crate) role: Role,
     /// Write or read.
     #[arg(long, value_enum, default_value = "write")]
     op: BenchOp,
@@ -99,11 +100,14 @@ pub(crate) struct BenchArgs {
     buffer_size: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Skip the end-of-run check of the destination bytes (writes are read back and compared;
     /// reads are compared with the pattern a fresh target fills its buffer with).
     #[arg(long)]
-    no_verify: bool,
+    pub(crate) no_verify: bool,
+    /// KV-room options (`--kv MODEL` switches to them).
+    #[command(flatten)]
+    kv: crate::kvbench::KvArgs,
 }
 
 fn size(s: &str) -> std::result::Result<u64, String> {
@@ -133,7 +137,7 @@ struct Report {
     verified: bool,
 }
 
-fn config(a: &BenchArgs, listen: &str) -> Result<EngineConfig> {
+pub(crate) fn config(a: &BenchArgs, listen: &str) -> Result<EngineConfig> {
     let mut b = EngineConfig::builder().env_overrides().listen(listen);
     if let Some(t) = &a.transport {
         b = b.transport(t.parse::<TransportKind>()?);
@@ -174,6 +178,9 @@ fn cpu_seconds() -> f64 {
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
+    if a.kv.kv.is_some() {
+        return crate::kvbench::run(&a, &a.kv);
+    }
     if a.block_size == 0 || a.batch_size == 0 || a.threads == 0 || a.depth == 0 {
         return Err(Error::InvalidArgument(
             "block size, batch size, threads and depth must be > 0".into(),

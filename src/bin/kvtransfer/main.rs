@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod devices;
+mod kvbench;
 
 use std::process::ExitCode;
 
@@ -23,7 +24,7 @@ struct Cli {
 enum Command {
     /// Two engines in this process move a DeepSeek-shaped KV cache and verify every byte.
     Demo(demo::DemoArgs),
-    /// Measures bandwidth or latency of batched transfers.
+    /// Measures bandwidth or latency of batched transfers, or KV rooms (`--kv MODEL`).
     Bench(bench::BenchArgs),
     /// Lists RDMA ports, the GID each would use, and which transport `auto` picks.
     Devices(devices::DevicesArgs),
