@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# The Python package's pytest suite against the release cdylib.
-#
-#   bash scripts/python-tests.sh [pytest args]
-#
-# Makes a virtual environment in target/pyenv (installing python3 and python3-venv through
-# scripts/setup.sh when `python3 -m venv` is missing), installs numpy, pytest and ./ffi/python
-# into it, builds the library (cargo build --release --lib) and runs pytest. The package finds
-# the library in target/release by itself (KVTRANSFER_LIB is not set).
+# Tests the Python package (ffi/python) against the cdylib: a venv under target/pyenv with
+# numpy, pytest and the package installed from ./ffi/python, then pytest. Safe to run again:
+# the venv is reused and the package reinstalled. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-  bash scripts/setup.sh python3 python3-venv
-fi
+
+# python3-venv (ensurepip) is what Debian leaves out of python3; setup.sh installs it if missing.
+bash scripts/setup.sh python3 python3-venv
+
 venv=target/pyenv
-if [ ! -x "$venv/bin/python" ]; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  echo "python-tests: creating $venv" >&2
+  rm -rf "$venv"
   python3 -m venv "$venv"
 fi
-log=target/pyenv/install.log
-if ! { "$venv/bin/python" -m pip install numpy pytest &&
-       "$venv/bin/python" -m pip install --force-reinstall --no-deps ./ffi/python; } >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "python-tests: pip install failed (log above)" >&2
-  exit 1
-fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
+"${pip[@]}" install 'numpy' 'pytest' 'setuptools>=61' wheel
+# Reinstall the package each time (it is small) so the tests run the current sources; a
+# stale setuptools build/ could carry deleted modules along.
+rm -rf ffi/python/build
+"${pip[@]}" install --no-build-isolation --no-deps --force-reinstall ./ffi/python
+
 cargo build --release --lib --quiet
+
+# KVTRANSFER_LIB unset: the package must find target/release/libkvtransfer.so by itself
+# (one test sets it explicitly in a child process).
 unset KVTRANSFER_LIB
-"$venv/bin/python" -m pytest -q ffi/python/tests "$@"
+"$venv/bin/pytest" ffi/python/tests -q -p no:cacheprovider "$@"

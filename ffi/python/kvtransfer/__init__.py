@@ -1,23 +1,59 @@
-"""kvtransfer: KV-cache transfer between prefill and decode servers (ctypes bindings).
+"""Python bindings (ctypes) of kvtransfer: moves KV cache between prefill and decode servers
+over RDMA or TCP.
 
-The shared library is found through `KVTRANSFER_LIB`, next to this package, or in the
-`target/release` / `target/debug` folder of a kvtransfer checkout above the working directory.
+- :class:`TransferEngine`: registered memory and Mooncake-style batched writes and reads.
+- :class:`KVManager`, :class:`KVSender`, :class:`KVReceiver`, :class:`KVPoll`,
+  :class:`KVArgs`: paged-KV rooms shaped like SGLang's ``disaggregation.base.conn``.
+
+The C library ``libkvtransfer.so`` is found on first use: ``KVTRANSFER_LIB``, then next to
+this package, then ``target/release`` / ``target/debug`` of a kvtransfer checkout above the
+current directory or this package (see :mod:`kvtransfer._lib`).
 """
 
-from ._lib import lib
-from .engine import TransferEngine
-from .errors import KVTransferError
-from .kv import DisaggregationMode, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, as_pages
+from ._lib import ABI_VERSION, LibraryNotFoundError
+from ._lib import loaded_path as library_path
+from ._util import address_of
+from .engine import BATCH_DONE, BATCH_FAILED, BATCH_PENDING, TransferEngine, init_logging
+from .errors import ErrorCode, KVTransferError, last_error_message
+from .kv import (
+    DisaggregationMode,
+    KVArgs,
+    KVManager,
+    KVPoll,
+    KVReceiver,
+    KVSender,
+    RoomMetrics,
+)
+
+__version__ = "0.1.0"
+
+
+def abi_version() -> int:
+    """The C ABI version of the loaded library (loads it)."""
+    from . import _lib
+
+    return int(_lib.lib().kvt_abi_version())
+
 
 __all__ = [
+    "ABI_VERSION",
+    "BATCH_DONE",
+    "BATCH_FAILED",
+    "BATCH_PENDING",
     "DisaggregationMode",
+    "ErrorCode",
     "KVArgs",
     "KVManager",
     "KVPoll",
     "KVReceiver",
     "KVSender",
     "KVTransferError",
+    "LibraryNotFoundError",
+    "RoomMetrics",
     "TransferEngine",
-    "as_pages",
-    "lib",
+    "abi_version",
+    "address_of",
+    "init_logging",
+    "last_error_message",
+    "library_path",
 ]

@@ -1,156 +1,271 @@
-"""The low-level engine: registered memory, peers, batches of one-sided writes."""
+"""``TransferEngine``: registered memory, peers and batches of one-sided writes and reads.
+
+The Mooncake-style calls name the remote side by its virtual address; the library finds the
+peer segment holding it. ``batch_transfer_sync_write``/``_read`` return 0 or a negative error
+code and never raise for a failed transfer (the reason is in ``engine.last_error``).
+"""
 
 from __future__ import annotations
 
-import ctypes
 from ctypes import byref, c_int32, c_uint32, c_uint64, c_void_p
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._lib import EngineConfig, lib
-from .errors import check
+from . import _lib
+from ._util import address_of, closed_error, engine_config, read_string, u64_array, u64_ptr
+from .errors import ErrorCode, KVTransferError, check, last_error_message
 
-TRANSPORTS = {"auto": 0, "tcp": 1, "rdma": 2}
-BATCH_PENDING, BATCH_DONE, BATCH_FAILED = 0, 1, 2
+#: ``get_batch_transfer_status`` values.
+BATCH_PENDING = _lib.BATCH_PENDING
+BATCH_DONE = _lib.BATCH_DONE
+BATCH_FAILED = _lib.BATCH_FAILED
 
-
-def engine_config(
-    listen: Optional[str] = None,
-    transport: str = "auto",
-    connections_per_peer: int = 0,
-    batch_timeout_ms: int = 0,
-    devices: Optional[str] = None,
-) -> EngineConfig:
-    """A `kvt_engine_config` (0 / None fields take the library's defaults and KVT_* overrides)."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}, not {transport!r}")
-    cfg = EngineConfig()
-    cfg.struct_size = ctypes.sizeof(EngineConfig)
-    cfg.listen = listen.encode() if listen else None
-    cfg.transport = TRANSPORTS[transport]
-    cfg.connections_per_peer = connections_per_peer
-    cfg.batch_timeout_ms = batch_timeout_ms
-    cfg.devices = devices.encode() if devices else None
-    return cfg
-
-
-def read_string(fn, handle) -> str:
-    """Calls a `(handle, buf, cap)` string getter."""
-    buf = ctypes.create_string_buffer(512)
-    check(fn(handle, buf, len(buf)))
-    return buf.value.decode()
-
-
-def _u64_array(values: Sequence[int]):
-    a = np.ascontiguousarray(values, dtype=np.uint64)
-    return a, a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
+Peer = Union[int, str]
 
 
 class TransferEngine:
-    """One engine: registers memory, connects to peers, moves batches of writes.
+    """One engine: a bootstrap listener, registered segments, peers and batches.
 
-    Shaped like Mooncake's Python engine: remote memory is named by address.
+    ``listen`` is ``"ip:port"`` (None: ``KVT_LISTEN`` or ``127.0.0.1:0``), ``transport`` is
+    ``"auto"``, ``"tcp"`` or ``"rdma"``; zero/None settings take the library's defaults,
+    which honour the ``KVT_*`` environment variables. Registered memory must stay valid until
+    it is unregistered or the engine is closed; objects passed to :meth:`register` (numpy
+    arrays, ctypes buffers, bytearrays) are kept referenced until then.
+
+    Any thread may use an engine, but :meth:`close` must not race another call on it.
     """
 
     def __init__(
         self,
         listen: Optional[str] = None,
-        transport: str = "auto",
+        transport: Union[str, int] = "auto",
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
-        devices: Optional[str] = None,
+        devices: Union[str, Sequence[str], None] = None,
     ):
+        self._handle: Optional[c_void_p] = None
+        self._lib = _lib.lib()
         cfg = engine_config(listen, transport, connections_per_peer, batch_timeout_ms, devices)
-        h = c_void_p()
-        check(lib.kvt_engine_create(byref(cfg), byref(h)))
-        self._h = h
+        out = c_void_p()
+        check(self._lib.kvt_engine_create(byref(cfg), byref(out)))
+        self._handle = out
+        self._local_addr: Optional[str] = None
+        self._transport: Optional[str] = None
+        self._peers: Dict[str, int] = {}
+        self._segments: Dict[int, Tuple[int, int, Any]] = {}
+        #: The reason of the last failed transfer or status poll ("" if none).
+        self.last_error = ""
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def _h(self) -> c_void_p:
+        if self._handle is None:
+            raise closed_error("TransferEngine")
+        return self._handle
 
     @property
-    def handle(self) -> c_void_p:
-        if self._h is None:
-            raise ValueError("engine is closed")
-        return self._h
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Stops the engine: peers are disconnected, batches in flight fail. Idempotent."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            check(self._lib.kvt_engine_destroy(handle))
+        # Registered memory may go only now that no peer can reach it.
+        self._segments.clear()
+        self._peers.clear()
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_handle", None) is not None:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return "<TransferEngine closed>"
+        return f"<TransferEngine {self.local_addr} {self.transport}>"
+
+    # ---- properties ------------------------------------------------------------------------
 
     @property
     def local_addr(self) -> str:
-        """The bootstrap address peers connect to (`ip:port`)."""
-        return read_string(lib.kvt_engine_local_addr, self.handle)
+        """The bootstrap address peers connect to, ``"ip:port"``."""
+        h = self._h()
+        if self._local_addr is None:
+            self._local_addr = read_string(self._lib.kvt_engine_local_addr, h)
+        return self._local_addr
+
+    def get_rpc_port(self) -> int:
+        """The bootstrap port (Mooncake's name)."""
+        return int(self.local_addr.rsplit(":", 1)[1])
 
     @property
     def transport(self) -> str:
-        """`tcp` or `rdma`."""
-        return read_string(lib.kvt_engine_transport, self.handle)
+        """``"tcp"`` or ``"rdma"``."""
+        h = self._h()
+        if self._transport is None:
+            self._transport = read_string(self._lib.kvt_engine_transport, h)
+        return self._transport
 
-    def register(self, addr: int, length: int) -> int:
-        """Registers `length` bytes at `addr` (keep them alive while registered); returns the segment id."""
+    # ---- memory ----------------------------------------------------------------------------
+
+    def register(self, addr: Any, length: Optional[int] = None) -> int:
+        """Registers memory and returns its segment id.
+
+        ``addr`` is an int address (with ``length``), a C-contiguous numpy array, a ctypes
+        object or a writable buffer; for objects ``length`` defaults to their size and the
+        object is kept referenced while registered."""
+        address, length, owner = address_of(addr, length)
         seg = c_uint32()
-        check(lib.kvt_engine_register(self.handle, addr, length, byref(seg)))
+        check(self._lib.kvt_engine_register(self._h(), address, length, byref(seg)))
+        self._segments[seg.value] = (address, length, owner)
         return seg.value
 
     register_memory = register
 
     def unregister(self, segment: int) -> None:
-        """Unregisters a segment (refused while transfers use it)."""
-        check(lib.kvt_engine_unregister(self.handle, segment))
+        """Unregisters a segment (``SegmentBusy`` while transfers use it)."""
+        check(self._lib.kvt_engine_unregister(self._h(), segment))
+        self._segments.pop(segment, None)
 
-    unregister_memory = unregister
+    def unregister_memory(self, addr: int) -> None:
+        """Unregisters the segment that was registered at address ``addr`` (Mooncake style)."""
+        for seg, (a, _, _) in list(self._segments.items()):
+            if a == addr:
+                return self.unregister(seg)
+        raise KVTransferError(ErrorCode.UnregisteredAddress, f"no segment registered at {addr:#x}")
+
+    # ---- peers -----------------------------------------------------------------------------
 
     def connect(self, addr: str) -> int:
-        """Connects to the engine at `addr`; returns the peer id."""
+        """Connects to the engine at ``addr`` (``"ip:port"``) and returns a new peer id."""
         peer = c_uint64()
-        check(lib.kvt_engine_connect(self.handle, addr.encode(), byref(peer)))
+        check(self._lib.kvt_engine_connect(self._h(), addr.encode(), byref(peer)))
+        self._peers.setdefault(addr, peer.value)
         return peer.value
 
-    def batch_transfer_sync_write(self, peer: int, srcs, dsts, lens) -> int:
-        """Writes `lens[i]` bytes from local `srcs[i]` to the peer's address `dsts[i]`, waits.
+    def _peer(self, target: Peer) -> int:
+        if isinstance(target, str):
+            peer = self._peers.get(target)
+            return self.connect(target) if peer is None else peer
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            return int(target)
+        raise TypeError(f"a peer is a peer id (int) or an address 'ip:port', not {type(target).__name__}")
 
-        Returns 0 on success and the negative error code on failure (like Mooncake), never raises
-        for a failed transfer.
-        """
-        n = len(srcs)
-        if not (len(dsts) == n == len(lens)):
-            raise ValueError("srcs, dsts and lens must have the same length")
-        (a, pa), (b, pb), (c, pc) = _u64_array(srcs), _u64_array(dsts), _u64_array(lens)
-        return lib.kvt_transfer_sync_write(self.handle, peer, pa, pb, pc, n)
+    def resolve_remote(self, peer: Peer, addr: int, length: int) -> Tuple[int, int]:
+        """``(segment, offset)`` of the peer's memory ``[addr, addr + length)``."""
+        seg, off = c_uint32(), c_uint64()
+        check(self._lib.kvt_engine_resolve_remote(self._h(), self._peer(peer), addr, length, byref(seg), byref(off)))
+        return seg.value, off.value
 
-    def batch_transfer_async_write(self, peer: int, srcs, dsts, lens) -> int:
-        """Starts the same writes; returns a batch id for `get_batch_transfer_status`."""
-        n = len(srcs)
-        if not (len(dsts) == n == len(lens)):
-            raise ValueError("srcs, dsts and lens must have the same length")
-        (a, pa), (b, pb), (c, pc) = _u64_array(srcs), _u64_array(dsts), _u64_array(lens)
+    # ---- transfers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _triples(srcs, dsts, lens):
+        s, d, n = u64_array(srcs, "srcs"), u64_array(dsts, "dsts"), u64_array(lens, "lens")
+        if not len(s) == len(d) == len(n):
+            raise ValueError(f"srcs, dsts and lens differ in length ({len(s)}, {len(d)}, {len(n)})")
+        return s, d, n
+
+    def _status(self, status: int) -> int:
+        self.last_error = last_error_message() if status < 0 else ""
+        return status
+
+    def batch_transfer_sync_write(self, target: Peer, buffers, peer_buffer_addresses, lengths) -> int:
+        """Writes ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's address
+        ``peer_buffer_addresses[i]`` for every ``i``, as one batch, and waits.
+
+        Returns 0 on success, or a negative error code (the reason in ``last_error``)."""
+        h = self._h()
+        try:
+            peer = self._peer(target)
+        except KVTransferError as e:
+            self.last_error = e.message
+            return -e.code
+        s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
+        return self._status(self._lib.kvt_transfer_sync_write(h, peer, u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s)))
+
+    def transfer_sync_write(self, target: Peer, buffer: int, peer_buffer_address: int, length: int) -> int:
+        """One write; see :meth:`batch_transfer_sync_write`."""
+        return self.batch_transfer_sync_write(target, [buffer], [peer_buffer_address], [length])
+
+    def batch_transfer_async_write(self, target: Peer, buffers, peer_buffer_addresses, lengths) -> int:
+        """Submits the writes as one batch and returns its id at once; poll it with
+        :meth:`get_batch_transfer_status` (then :meth:`release`) or :meth:`wait`.
+
+        Raises :class:`KVTransferError` if the batch is refused (nothing moves then)."""
+        h = self._h()
+        peer = self._peer(target)
+        s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
         batch = c_uint64()
-        check(lib.kvt_transfer_submit_write(self.handle, peer, pa, pb, pc, n, byref(batch)))
+        check(self._lib.kvt_transfer_submit_write(h, peer, u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s), byref(batch)))
         return batch.value
 
+    def _read_requests(self, peer: int, buffers, peer_buffer_addresses, lengths):
+        s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
+        reqs = (_lib.Request * max(len(s), 1))()
+        for i, (local, remote, ln) in enumerate(zip(s.tolist(), d.tolist(), n.tolist())):
+            seg, off = self.resolve_remote(peer, remote, ln)
+            reqs[i] = _lib.Request(_lib.OP_READ, seg, local, ln, off)
+        return reqs, len(s)
+
+    def batch_transfer_async_read(self, target: Peer, buffers, peer_buffer_addresses, lengths, timeout_ms: int = 0) -> int:
+        """Reads ``lengths[i]`` bytes at the peer's ``peer_buffer_addresses[i]`` into local
+        ``buffers[i]``, as one batch; returns its id (raises if refused)."""
+        h = self._h()
+        peer = self._peer(target)
+        reqs, count = self._read_requests(peer, buffers, peer_buffer_addresses, lengths)
+        batch = c_uint64()
+        check(self._lib.kvt_batch_submit(h, peer, reqs, count, timeout_ms, byref(batch)))
+        return batch.value
+
+    def batch_transfer_sync_read(self, target: Peer, buffers, peer_buffer_addresses, lengths) -> int:
+        """Like :meth:`batch_transfer_async_read`, then waits: 0 or a negative error code."""
+        try:
+            batch = self.batch_transfer_async_read(target, buffers, peer_buffer_addresses, lengths)
+        except KVTransferError as e:
+            self.last_error = e.message
+            return -e.code
+        return self._status(self._lib.kvt_batch_wait(self._h(), batch))
+
+    def transfer_sync_read(self, target: Peer, buffer: int, peer_buffer_address: int, length: int) -> int:
+        """One read; see :meth:`batch_transfer_sync_read`."""
+        return self.batch_transfer_sync_read(target, [buffer], [peer_buffer_address], [length])
+
+    # ---- batches ---------------------------------------------------------------------------
+
     def get_batch_transfer_status(self, batch: int) -> int:
-        """0 pending, 1 done, 2 failed (never blocks; the failure reason is then in
-        `kvtransfer.errors.last_message()`). Final states stay readable until `release`."""
-        st = c_int32()
-        check(lib.kvt_batch_poll(self.handle, batch, byref(st)))
-        return st.value
+        """0 pending, 1 done, 2 failed (the reason in ``last_error``); never blocks.
+        Final states stay readable until :meth:`release`."""
+        status = c_int32()
+        check(self._lib.kvt_batch_poll(self._h(), batch, byref(status)))
+        if status.value == BATCH_FAILED:
+            self.last_error = last_error_message()
+        return status.value
 
     def wait(self, batch: int) -> None:
-        """Blocks until the batch is final and releases it; raises `KVTransferError` if it
-        failed."""
-        check(lib.kvt_batch_wait(self.handle, batch))
+        """Blocks until the batch is final and releases it; raises
+        :class:`KVTransferError` (``BatchFailed``) if it failed."""
+        check(self._lib.kvt_batch_wait(self._h(), batch))
 
     def release(self, batch: int) -> None:
-        """Forgets a finished batch."""
-        check(lib.kvt_batch_release(self.handle, batch))
+        """Forgets a final batch (an unknown or released id is a no-op)."""
+        check(self._lib.kvt_batch_release(self._h(), batch))
 
-    def close(self) -> None:
-        """Stops the engine (idempotent)."""
-        if getattr(self, "_h", None) is not None:
-            lib.kvt_engine_destroy(self._h)
-            self._h = None
 
-    def __enter__(self):
-        return self
+def init_logging(filter: Optional[str] = None) -> None:
+    """Sends the library's logs to stderr with a ``tracing`` filter (None: ``KVT_LOG``)."""
+    check(_lib.lib().kvt_init_logging(filter.encode() if filter else None))
 
-    def __exit__(self, *exc):
-        self.close()
 
-    def __del__(self):
-        self.close()
+__all__ = ["TransferEngine", "init_logging", "BATCH_PENDING", "BATCH_DONE", "BATCH_FAILED"]

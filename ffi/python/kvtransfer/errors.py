@@ -1,38 +1,85 @@
-"""Errors raised by the bindings: the library's stable codes with its messages."""
+"""The one exception type, with the library's stable error codes."""
 
 from __future__ import annotations
 
-from ._lib import lib
+from enum import IntEnum
+from typing import Optional
+
+
+class ErrorCode(IntEnum):
+    """Stable error codes of kvtransfer (``Error::code()`` in Rust; ``-KVT_ERR_*`` in C)."""
+
+    InvalidConfig = 1
+    InvalidArgument = 2
+    ZeroLength = 3
+    OverlappingRegistration = 4
+    UnregisteredAddress = 5
+    UnknownSegment = 6
+    RemoteOutOfRange = 7
+    SegmentBusy = 8
+    UnknownPeer = 9
+    UnknownBatch = 10
+    PeerLost = 11
+    Timeout = 12
+    BatchFailed = 13
+    RemoteRejected = 14
+    Protocol = 15
+    Handshake = 16
+    TransportUnavailable = 17
+    Shutdown = 18
+    Io = 19
+    Panic = 20
+    RdmaCoreMissing = 21
+    RdmaKernelMissing = 22
+    NoRdmaDevice = 23
+    PortDown = 24
+    Verbs = 25
+    UnknownRoom = 26
+    DuplicateRoom = 27
+    InvalidPages = 28
+    LayoutMismatch = 29
+    RoomFailed = 30
+    RoomState = 31
 
 
 class KVTransferError(Exception):
-    """A failed call: `code` is the library's stable error code (positive), see README."""
+    """A kvtransfer call failed.
 
-    def __init__(self, code: int, message: str):
-        super().__init__(f"[{code}] {message}")
-        self.code = code
+    ``code`` is the positive stable code (compare with :class:`ErrorCode`), ``message`` the
+    library's explanation (``kvt_last_error_message``), ``room`` the room id for room errors.
+    """
+
+    def __init__(self, code: int, message: str, room: Optional[int] = None):
+        self.code = int(code)
         self.message = message
+        self.room = room
+        super().__init__(f"[{self.name}] {message}" if message else f"[{self.name}]")
+
+    @property
+    def name(self) -> str:
+        """The code's name (``"InvalidPages"``), or ``"code N"`` for a code newer than this file."""
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return f"code {self.code}"
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.room))
 
 
-#: Stable codes a caller may want to branch on.
-INVALID_ARGUMENT = 2
-BATCH_FAILED = 13
-UNKNOWN_ROOM = 26
-DUPLICATE_ROOM = 27
-INVALID_PAGES = 28
-LAYOUT_MISMATCH = 29
-ROOM_FAILED = 30
-ROOM_STATE = 31
+def last_error_message() -> str:
+    """The calling thread's last error message from the library ("" after a success)."""
+    from . import _lib
+
+    raw = _lib.lib().kvt_last_error_message()
+    return raw.decode("utf-8", errors="replace") if raw else ""
 
 
-def last_message() -> str:
-    """The calling thread's last error message from the library."""
-    m = lib.kvt_last_error_message()
-    return m.decode("utf-8", "replace") if m else ""
+def check(status: int, room: Optional[int] = None) -> None:
+    """Raises :class:`KVTransferError` when ``status`` (a ``kvt_*`` return value) is negative.
 
-
-def check(status: int) -> int:
-    """Raises `KVTransferError` for a negative status; returns it otherwise."""
+    Must be called on the thread that made the call, before its next ``kvt_*`` call: the
+    message is thread-local.
+    """
     if status < 0:
-        raise KVTransferError(-status, last_message())
-    return status
+        raise KVTransferError(-status, last_error_message(), room)

@@ -1,22 +1,29 @@
-"""KV rooms shaped like SGLang's `sglang.srt.disaggregation.base.conn` classes."""
+"""Paged-KV hand-off in rooms, shaped like SGLang's ``disaggregation.base.conn``.
+
+A :class:`KVManager` per process owns an engine, a role and the KV layout (:class:`KVArgs`).
+Each request's hand-off is a room (``bootstrap_room``): the decode side creates a
+:class:`KVReceiver` against the prefill manager's ``bootstrap_addr`` and names its destination
+pages; the prefill side creates a :class:`KVSender` for the same room and sends source pages
+in one or more chunks. Both poll the room through :class:`KVPoll`.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import enum
+import operator
 from ctypes import byref, c_int32, c_void_p
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from enum import IntEnum
+from typing import Any, List, Optional, Sequence, Union
 
-import numpy as np
-
-from ._lib import KvBuffer, KvConfig, RoomMetrics, lib
-from .engine import engine_config, read_string
-from .errors import KVTransferError, ROOM_FAILED, check
+from . import _lib
+from ._util import as_pages, closed_error, engine_config, read_string
+from .errors import ErrorCode, KVTransferError, check
 
 
-class KVPoll(enum.IntEnum):
-    """SGLang's room states."""
+class KVPoll(IntEnum):
+    """A room's state (SGLang's values)."""
 
     Failed = 0
     Bootstrapping = 1
@@ -26,15 +33,22 @@ class KVPoll(enum.IntEnum):
 
 
 class DisaggregationMode(enum.Enum):
-    """Which side a manager is (SGLang's names)."""
+    """Like SGLang's ``DisaggregationMode``; :class:`KVManager` takes it, a string or a role."""
 
+    NULL = "null"
     PREFILL = "prefill"
     DECODE = "decode"
 
 
 @dataclass
 class KVArgs:
-    """Where the KV cache lives: one entry per buffer (layer, or K/V of a layer), like SGLang's."""
+    """The KV layout, as SGLang's ``KVArgs``: buffer ``i`` is ``kv_data_lens[i]`` bytes at
+    ``kv_data_ptrs[i]``, made of pages of ``kv_item_lens[i]`` bytes (MLA: one buffer per
+    layer; MHA/GQA: a K and a V buffer per layer, in the same order on both sides). Aux
+    buffers likewise, made of slots of ``aux_item_lens[i]`` bytes.
+
+    ``ib_device`` (``"mlx5_0,mlx5_3"``) restricts RDMA devices; ``engine_rank`` and ``gpu_id``
+    are carried for SGLang code and not used."""
 
     kv_data_ptrs: List[int] = field(default_factory=list)
     kv_data_lens: List[int] = field(default_factory=list)
@@ -42,184 +56,336 @@ class KVArgs:
     aux_data_ptrs: List[int] = field(default_factory=list)
     aux_data_lens: List[int] = field(default_factory=list)
     aux_item_lens: List[int] = field(default_factory=list)
+    ib_device: Optional[str] = None
+    engine_rank: int = 0
+    gpu_id: int = 0
 
 
-def _buffers(ptrs, lens, items, what: str):
-    if not (len(ptrs) == len(lens) == len(items)):
-        raise ValueError(f"{what}: ptrs, lens and item lens must have the same length")
-    arr = (KvBuffer * max(len(ptrs), 1))()
+@dataclass(frozen=True)
+class RoomMetrics:
+    """What a room moved: bytes (pages and aux), slices (sender: writes after page expansion;
+    receiver: chunks notified) and two spans in ns (None: not yet)."""
+
+    bytes: int
+    slices: int
+    queued_to_first_write_ns: Optional[int]
+    transfer_span_ns: Optional[int]
+
+
+Role = Union[str, int, enum.Enum]
+
+
+def role_code(role: Role) -> int:
+    """``KVT_ROLE_PREFILL``/``_DECODE`` from "prefill"/"decode", an enum with such a name or
+    value (SGLang's ``DisaggregationMode``), or the number itself."""
+    if isinstance(role, enum.Enum):
+        for v in (role.name, role.value):
+            if isinstance(v, str) and v.lower() in ("prefill", "decode"):
+                return _lib.ROLE_PREFILL if v.lower() == "prefill" else _lib.ROLE_DECODE
+    elif isinstance(role, str):
+        r = role.strip().lower()
+        if r in ("prefill", "decode"):
+            return _lib.ROLE_PREFILL if r == "prefill" else _lib.ROLE_DECODE
+    elif isinstance(role, int) and not isinstance(role, bool) and role in (_lib.ROLE_PREFILL, _lib.ROLE_DECODE):
+        return role
+    raise ValueError(f"role must be 'prefill' or 'decode', not {role!r}")
+
+
+def _buffers(ptrs: Sequence[int], lens: Sequence[int], items: Sequence[int], what: str):
+    ptrs, lens, items = list(ptrs), list(lens), list(items)
+    if not len(ptrs) == len(lens) == len(items):
+        raise ValueError(
+            f"{what}: data_ptrs, data_lens and item_lens differ in length ({len(ptrs)}, {len(lens)}, {len(items)})"
+        )
+    arr = (_lib.KvBuffer * max(len(ptrs), 1))()
     for i, (p, n, it) in enumerate(zip(ptrs, lens, items)):
-        arr[i] = KvBuffer(int(p), int(n), int(it))
+        arr[i] = _lib.KvBuffer(int(p), int(n), int(it))
     return arr, len(ptrs)
 
 
-def as_pages(indices) -> np.ndarray:
-    """Page indices as a C-contiguous int32 array; an int32 contiguous array is used as it is
-    (no copy)."""
-    if isinstance(indices, np.ndarray) and indices.dtype == np.int32 and indices.flags["C_CONTIGUOUS"]:
-        return indices
-    a = np.asarray(indices)
-    if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
-        raise OverflowError("page index does not fit in int32")
-    return np.ascontiguousarray(a, dtype=np.int32)
-
-
-def _pages_arg(indices):
-    a = as_pages(indices)
-    return a, a.ctypes.data_as(ctypes.POINTER(c_int32)), a.size
-
-
-def _aux(aux_index: Optional[int]) -> int:
-    return -1 if aux_index is None else int(aux_index)
+def _check_room(room: Any) -> int:
+    if isinstance(room, bool):
+        raise TypeError("bootstrap_room must be an int, not bool")
+    try:
+        room = operator.index(room)
+    except TypeError:
+        raise TypeError(f"bootstrap_room must be an int, not {type(room).__name__}") from None
+    if not 0 <= room < 2**64:
+        raise ValueError(f"bootstrap_room {room} is not a 64-bit unsigned value")
+    return room
 
 
 class KVManager:
-    """One per process and role: an engine with the KV layout registered."""
+    """Serves rooms in one role over an engine of its own, with every buffer of ``args``
+    registered.
+
+    The memory ``args`` points to must stay valid until the manager and every sender and
+    receiver made from it are closed; pass its owners (tensors, arrays) as ``keepalive`` to
+    have the manager reference them. ``server_args`` and ``is_mla_backend`` are accepted for
+    SGLang's constructor shape and ignored.
+    """
 
     def __init__(
         self,
         args: KVArgs,
-        role: Union[str, DisaggregationMode],
+        role: Role,
+        server_args: Any = None,
+        is_mla_backend: bool = False,
+        *,
         listen: Optional[str] = None,
-        transport: str = "auto",
+        transport: Union[str, int] = "auto",
         room_timeout_ms: int = 0,
-        devices: Optional[str] = None,
+        connections_per_peer: int = 0,
+        batch_timeout_ms: int = 0,
+        devices: Union[str, Sequence[str], None] = None,
+        keepalive: Any = None,
     ):
-        role = role.value if isinstance(role, DisaggregationMode) else str(role).lower()
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be prefill or decode, not {role!r}")
-        self.role = role
+        self._handle: Optional[c_void_p] = None
+        self._lib = _lib.lib()
         self.args = args
+        self.role = "prefill" if role_code(role) == _lib.ROLE_PREFILL else "decode"
+        self._keepalive = keepalive
+        if room_timeout_ms < 0:
+            raise ValueError("room_timeout_ms must be >= 0")
         bufs, nbufs = _buffers(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, "kv")
         aux, naux = _buffers(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens, "aux")
-        cfg = KvConfig()
-        cfg.struct_size = ctypes.sizeof(KvConfig)
-        cfg.role = 0 if role == "prefill" else 1
-        cfg.room_timeout_ms = room_timeout_ms
-        cfg.buffers = ctypes.cast(bufs, ctypes.POINTER(KvBuffer))
-        cfg.num_buffers = nbufs
-        cfg.aux = ctypes.cast(aux, ctypes.POINTER(KvBuffer))
-        cfg.num_aux = naux
-        ecfg = engine_config(listen=listen, transport=transport, devices=devices)
-        h = c_void_p()
-        check(lib.kvt_kv_manager_create(byref(ecfg), byref(cfg), byref(h)))
-        self._h = h
+        kv = _lib.KvConfig()
+        kv.struct_size = ctypes.sizeof(_lib.KvConfig)
+        kv.role = role_code(role)
+        kv.room_timeout_ms = room_timeout_ms
+        kv.buffers = ctypes.cast(bufs, ctypes.POINTER(_lib.KvBuffer))
+        kv.num_buffers = nbufs
+        kv.aux = ctypes.cast(aux, ctypes.POINTER(_lib.KvBuffer)) if naux else None
+        kv.num_aux = naux
+        eng = engine_config(listen, transport, connections_per_peer, batch_timeout_ms, devices or args.ib_device)
+        out = c_void_p()
+        check(self._lib.kvt_kv_manager_create(byref(eng), byref(kv), byref(out)))
+        self._handle = out
+        self._bootstrap_addr: Optional[str] = None
 
-    @property
-    def handle(self) -> c_void_p:
-        if self._h is None:
-            raise ValueError("manager is closed")
-        return self._h
+    def _h(self) -> c_void_p:
+        if self._handle is None:
+            raise closed_error("KVManager")
+        return self._handle
 
     @property
     def bootstrap_addr(self) -> str:
-        """`ip:port` that receivers pass to reach this (prefill) manager."""
-        return read_string(lib.kvt_kv_manager_bootstrap_addr, self.handle)
+        """The address the other side uses for this manager (``"ip:port"``); a decode side
+        passes the prefill manager's to :class:`KVReceiver`."""
+        h = self._h()
+        if self._bootstrap_addr is None:
+            self._bootstrap_addr = read_string(self._lib.kvt_kv_manager_bootstrap_addr, h)
+        return self._bootstrap_addr
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
 
     def close(self) -> None:
-        """Destroys the manager (its rooms keep it alive until they are closed)."""
-        if getattr(self, "_h", None) is not None:
-            lib.kvt_kv_manager_destroy(self._h)
-            self._h = None
+        """Stops the manager. Close its senders and receivers first: they keep its engine
+        alive (and their ``mgr`` reference keeps this object, and ``keepalive``, alive)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            check(self._lib.kvt_kv_manager_destroy(handle))
 
-    def __del__(self):
+    def __enter__(self) -> "KVManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_handle", None) is not None:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else self.bootstrap_addr
+        return f"<KVManager {self.role} {state}>"
 
 
 class _Room:
-    _destroy = None
-    _poll = None
-    _reason = None
-    _abort = None
-    _metrics = None
+    """What senders and receivers share: a handle, its manager, polling and aborting."""
+
+    _prefix = ""
+    _kind = ""
+
+    def __init__(self, mgr: KVManager, bootstrap_room: int):
+        self._handle: Optional[c_void_p] = None
+        if not isinstance(mgr, KVManager):
+            raise TypeError(f"mgr must be a KVManager, not {type(mgr).__name__}")
+        self.kv_mgr = mgr  # keeps the manager (and its memory) alive as long as the room
+        self._lib = mgr._lib
+        self.bootstrap_room = _check_room(bootstrap_room)
+
+    def _fn(self, name: str):
+        return getattr(self._lib, self._prefix + name)
+
+    def _h(self) -> c_void_p:
+        if self._handle is None:
+            raise closed_error(f"{self._kind} of room {self.bootstrap_room}")
+        return self._handle
+
+    def _check(self, status: int) -> None:
+        check(status, self.bootstrap_room)
+
+    def _pages(self, kv_indices: Any):
+        try:
+            return as_pages(kv_indices)
+        except KVTransferError as e:
+            e.room = self.bootstrap_room
+            raise
 
     def poll(self) -> KVPoll:
-        """The room's state (never blocks)."""
-        st = c_int32()
-        check(type(self)._poll(self._h, byref(st)))
-        return KVPoll(st.value)
+        """The room's state; never blocks."""
+        state = c_int32()
+        self._check(self._fn("poll")(self._h(), byref(state)))
+        return KVPoll(state.value)
 
-    def failure_reason(self) -> str:
-        """Why the room failed ("" while it has not)."""
-        return read_string(type(self)._reason, self._h)
+    def failure_reason(self) -> Optional[str]:
+        """Why the room failed, or None if it has not."""
+        why = read_string(self._fn("failure_reason"), self._h(), 256, self.bootstrap_room)
+        return why or None
 
-    def failure_exception(self):
-        """Raises `KVTransferError` with the failure reason (SGLang calls this on Failed)."""
-        raise KVTransferError(ROOM_FAILED, f"room {self.bootstrap_room} failed: {self.failure_reason()}")
+    def failure_exception(self) -> None:
+        """Raises :class:`KVTransferError` (``RoomFailed``) with the reason. Like SGLang, a
+        room that has not failed yet is failed first (aborted), since the caller gave up on it."""
+        state = self.poll()
+        if state not in (KVPoll.Failed, KVPoll.Success):
+            self.abort()
+            state = self.poll()
+        why = self.failure_reason()
+        if why is None:
+            why = f"room {self.bootstrap_room} did not fail (it is {state.name})"
+        raise KVTransferError(ErrorCode.RoomFailed, why, self.bootstrap_room)
 
     def abort(self) -> None:
-        """Fails the room; returns once none of its writes can land any more."""
-        check(type(self)._abort(self._h))
+        """Fails the room (unless it succeeded); returns once none of its writes can land
+        any more. May block up to the abort timeout."""
+        self._check(self._fn("abort")(self._h()))
 
-    def metrics(self) -> dict:
-        """bytes, slices, queued_to_first_write_ns, transfer_span_ns (0 = not yet)."""
-        m = RoomMetrics()
-        m.struct_size = ctypes.sizeof(RoomMetrics)
-        check(type(self)._metrics(self._h, byref(m)))
-        return {k: getattr(m, k) for k in ("bytes", "slices", "queued_to_first_write_ns", "transfer_span_ns")}
+    def metrics(self) -> RoomMetrics:
+        m = _lib.RoomMetricsC()
+        m.struct_size = ctypes.sizeof(_lib.RoomMetricsC)
+        self._check(self._fn("metrics")(self._h(), byref(m)))
+        return RoomMetrics(
+            m.bytes, m.slices, m.queued_to_first_write_ns or None, m.transfer_span_ns or None
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
 
     def close(self) -> None:
-        """Destroys the room (aborting it if it has not finished)."""
-        if getattr(self, "_h", None) is not None:
-            type(self)._destroy(self._h)
-            self._h = None
+        """Frees the handle; a room that is not final is aborted first (may block up to the
+        abort timeout). Idempotent."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._check(self._fn("destroy")(handle))
 
-    def __del__(self):
+    def clear(self) -> None:
+        """SGLang's name for releasing a finished room: same as :meth:`close`."""
         self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_handle", None) is not None:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else self.poll().name
+        return f"<{type(self).__name__} room {self.bootstrap_room} {state}>"
 
 
 class KVSender(_Room):
-    """Prefill side of a room."""
+    """The prefill side of room ``bootstrap_room`` in the prefill manager ``mgr``.
 
-    _destroy = lib.kvt_kv_sender_destroy
-    _poll = lib.kvt_kv_sender_poll
-    _reason = lib.kvt_kv_sender_failure_reason
-    _abort = lib.kvt_kv_sender_abort
-    _metrics = lib.kvt_kv_sender_metrics
+    ``bootstrap_addr`` is accepted for SGLang's constructor shape (the room lives in ``mgr``;
+    receivers find it through ``mgr.bootstrap_addr``). ``DuplicateRoom`` (27) if the room is
+    live in ``mgr``."""
 
-    def __init__(self, mgr: KVManager, bootstrap_addr: Optional[str], bootstrap_room: int, *_, **__):
-        self.mgr = mgr  # keeps the manager alive while the room lives
+    _prefix = "kvt_kv_sender_"
+    _kind = "KVSender"
+
+    def __init__(self, mgr: KVManager, bootstrap_addr: Optional[str], bootstrap_room: int):
+        super().__init__(mgr, bootstrap_room)
         self.bootstrap_addr = bootstrap_addr
-        self.bootstrap_room = int(bootstrap_room)
         self.num_kv_indices: Optional[int] = None
         self.sent = 0
-        h = c_void_p()
-        check(lib.kvt_kv_sender_create(mgr.handle, self.bootstrap_room, byref(h)))
-        self._h = h
+        out = c_void_p()
+        self._check(self._lib.kvt_kv_sender_create(mgr._h(), self.bootstrap_room, byref(out)))
+        self._handle = out
 
     def init(self, num_kv_indices: int, aux_index: Optional[int] = None) -> None:
-        """The room carries `num_kv_indices` pages, and aux slot `aux_index`."""
-        check(lib.kvt_kv_sender_init(self._h, int(num_kv_indices), _aux(aux_index)))
+        """Declares the room's page count (the receiver names as many pages) and the aux
+        slot to copy with the last chunk (None: no aux)."""
+        if num_kv_indices < 0:
+            raise ValueError("num_kv_indices must be >= 0")
+        aux = -1 if aux_index is None else int(aux_index)
+        if aux_index is not None and aux < 0:
+            raise ValueError("aux_index must be >= 0 (or None)")
+        self._check(self._lib.kvt_kv_sender_init(self._h(), int(num_kv_indices), aux))
         self.num_kv_indices = int(num_kv_indices)
 
-    def send(self, kv_indices, is_last: Optional[bool] = None) -> None:
-        """Sends the next pages (source page indices). `is_last` defaults to "this chunk
-        completes the count given to `init`"."""
-        arr, ptr, n = _pages_arg(kv_indices)
+    def send(self, kv_indices: Any, is_last: Optional[bool] = None) -> None:
+        """Sends the next chunk: local page indices that land in the receiver's pages at the
+        same positions of the room. ``is_last`` None means "this chunk completes the page
+        count given to :meth:`init`". A C-contiguous numpy int32 array is passed without a
+        copy. Returns once queued; poll for completion. Refused chunks (``InvalidPages``,
+        ``RoomState``) leave the room as it was."""
+        ptr, n, keep = self._pages(kv_indices)
         if is_last is None:
-            is_last = self.num_kv_indices is not None and self.sent + n == self.num_kv_indices
-        check(lib.kvt_kv_sender_send(self._h, ptr, n, bool(is_last)))
+            is_last = self.num_kv_indices is not None and self.sent + n >= self.num_kv_indices
+        self._check(self._lib.kvt_kv_sender_send(self._h(), ptr, n, bool(is_last)))
+        del keep  # referenced until the call returned; the library copied what it needs
         self.sent += n
 
 
 class KVReceiver(_Room):
-    """Decode side of a room."""
+    """The decode side of room ``bootstrap_room``, served by the prefill manager at
+    ``bootstrap_addr`` (``"ip:port"``). An unreachable prefill fails the room (see
+    :meth:`poll`), not this call. ``DuplicateRoom`` (27) if the room is live in ``mgr``."""
 
-    _destroy = lib.kvt_kv_receiver_destroy
-    _poll = lib.kvt_kv_receiver_poll
-    _reason = lib.kvt_kv_receiver_failure_reason
-    _abort = lib.kvt_kv_receiver_abort
-    _metrics = lib.kvt_kv_receiver_metrics
+    _prefix = "kvt_kv_receiver_"
+    _kind = "KVReceiver"
 
-    def __init__(self, mgr: KVManager, bootstrap_addr: str, bootstrap_room: int, *_, **__):
-        self.mgr = mgr
+    def __init__(self, mgr: KVManager, bootstrap_addr: str, bootstrap_room: int):
+        super().__init__(mgr, bootstrap_room)
         self.bootstrap_addr = bootstrap_addr
-        self.bootstrap_room = int(bootstrap_room)
-        h = c_void_p()
-        check(lib.kvt_kv_receiver_create(mgr.handle, bootstrap_addr.encode(), self.bootstrap_room, byref(h)))
-        self._h = h
+        out = c_void_p()
+        self._check(
+            self._lib.kvt_kv_receiver_create(mgr._h(), bootstrap_addr.encode(), self.bootstrap_room, byref(out))
+        )
+        self._handle = out
 
-    def init(self, kv_indices, aux_index: Optional[int] = None) -> None:
-        """Names the destination pages (in room order) and the aux slot."""
-        arr, ptr, n = _pages_arg(kv_indices)
-        check(lib.kvt_kv_receiver_init(self._h, ptr, n, _aux(aux_index)))
+    def init(self, kv_indices: Any, aux_index: Optional[int] = None) -> None:
+        """Names the destination pages (in room order) and aux slot (None: no aux). A
+        C-contiguous numpy int32 array is passed without a copy. Nothing is sent when the
+        pages are wrong (``InvalidPages``)."""
+        ptr, n, keep = self._pages(kv_indices)
+        aux = -1 if aux_index is None else int(aux_index)
+        if aux_index is not None and aux < 0:
+            raise ValueError("aux_index must be >= 0 (or None)")
+        self._check(self._lib.kvt_kv_receiver_init(self._h(), ptr, n, aux))
+        del keep
+
+
+__all__ = [
+    "DisaggregationMode",
+    "KVArgs",
+    "KVManager",
+    "KVPoll",
+    "KVReceiver",
+    "KVSender",
+    "RoomMetrics",
+]

@@ -1,106 +1,282 @@
+"""TransferEngine: registered numpy / ctypes memory, Mooncake-style writes and reads over TCP."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
 import numpy as np
 import pytest
 
 import kvtransfer
-from kvtransfer import KVTransferError, TransferEngine
-from kvtransfer import _lib
+from kvtransfer import BATCH_DONE, BATCH_FAILED, BATCH_PENDING, ErrorCode, KVTransferError, TransferEngine
 
-from conftest import wait_for
+MiB = 1 << 20
 
 
 @pytest.fixture
-def engines():
-    a = TransferEngine(transport="tcp")
-    b = TransferEngine(transport="tcp")
-    yield a, b
-    a.close()
-    b.close()
+def pair():
+    """(initiator, target) engines over TCP, closed after the test."""
+    target = TransferEngine(transport="tcp")
+    initiator = TransferEngine(transport="tcp", connections_per_peer=2)
+    yield initiator, target
+    initiator.close()
+    target.close()
 
 
-def test_the_library_is_found_and_speaks_abi_1():
-    assert kvtransfer.lib.kvt_abi_version() == 1
-    assert kvtransfer.lib.kvtransfer_path.endswith("libkvtransfer.so")
+def pattern(n: int, salt: int) -> np.ndarray:
+    return ((np.arange(n, dtype=np.uint64) * 2654435761 + salt) >> 7).astype(np.uint8)
 
 
-def test_sync_write_lands_every_byte(engines):
-    a, b = engines
-    assert a.transport == "tcp"
-    host, port = b.local_addr.rsplit(":", 1)
-    assert int(port) > 0
-    src = np.random.default_rng(3).integers(0, 256, size=1 << 20, dtype=np.uint8)
-    dst = np.zeros(1 << 20, dtype=np.uint8)
-    a.register(src.ctypes.data, src.nbytes)
-    b.register_memory(dst.ctypes.data, dst.nbytes)
-    peer = a.connect(b.local_addr)
-    # Three blocks, scattered: 4 KiB, 64 KiB and the last 1 KiB.
-    srcs = [src.ctypes.data, src.ctypes.data + 8192, src.ctypes.data + (1 << 20) - 1024]
-    dsts = [dst.ctypes.data + 65536, dst.ctypes.data, dst.ctypes.data + (1 << 20) - 1024]
-    lens = [4096, 65536, 1024]
-    assert a.batch_transfer_sync_write(peer, srcs, dsts, lens) == 0
-    assert np.array_equal(dst[65536 : 65536 + 4096], src[:4096])
-    assert np.array_equal(dst[:65536], src[8192 : 8192 + 65536])
-    assert np.array_equal(dst[-1024:], src[-1024:])
+def test_properties(pair):
+    initiator, target = pair
+    host, port = target.local_addr.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0 and target.get_rpc_port() == int(port)
+    assert initiator.local_addr != target.local_addr
+    assert target.transport == "tcp"
+    assert "tcp" in repr(target)
 
 
-def test_async_write_reports_status(engines):
-    a, b = engines
-    src = np.full(256 << 10, 7, dtype=np.uint8)
-    dst = np.zeros(256 << 10, dtype=np.uint8)
-    a.register(src.ctypes.data, src.nbytes)
-    b.register(dst.ctypes.data, dst.nbytes)
-    peer = a.connect(b.local_addr)
-    batch = a.batch_transfer_async_write(peer, [src.ctypes.data], [dst.ctypes.data], [src.nbytes])
-    wait_for(lambda: a.get_batch_transfer_status(batch) != 0, what="batch to finish")
-    assert a.get_batch_transfer_status(batch) == 1, "final state stays readable"
-    a.release(batch)
-    assert (dst == 7).all()
+def test_write_then_read_back(pair):
+    initiator, target = pair
+    dst = np.zeros(4 * MiB, dtype=np.uint8)  # target memory (numpy)
+    src = pattern(4 * MiB, 1)  # initiator memory (numpy)
+    back = ctypes.create_string_buffer(2 * MiB)  # initiator memory (ctypes)
+    target.register(dst)
+    initiator.register(src)
+    initiator.register_memory(back)
+    peer = initiator.connect(target.local_addr)
+
+    # Scattered blocks of different sizes, one of them larger than a slice (1 MiB default).
+    blocks = [(0, 2 * MiB + 8, 1536 * 1024), (4096, 0, 100), (2 * MiB, 100_000, 65536 + 3)]
+    srcs = [src.ctypes.data + s for s, _, _ in blocks]
+    dsts = [dst.ctypes.data + d for _, d, _ in blocks]
+    lens = [n for _, _, n in blocks]
+    assert initiator.batch_transfer_sync_write(peer, srcs, dsts, lens) == 0, initiator.last_error
+    assert initiator.last_error == ""
+
+    expect = np.zeros_like(dst)
+    for s, d, n in blocks:
+        expect[d : d + n] = src[s : s + n]
+    assert np.array_equal(dst, expect), "every block landed, nothing else was written"
+
+    # Read the target's blocks back into the ctypes buffer, packed one after another.
+    at, locals_ = 0, []
+    for _, _, n in blocks:
+        locals_.append(ctypes.addressof(back) + at)
+        at += n
+    assert initiator.batch_transfer_sync_read(peer, locals_, dsts, lens) == 0, initiator.last_error
+    got = np.frombuffer(back, dtype=np.uint8)
+    at = 0
+    for s, _, n in blocks:
+        assert np.array_equal(got[at : at + n], src[s : s + n])
+        at += n
+    assert not got[at:].any(), "nothing read past the blocks"
+
+    # The single-transfer forms, with the peer named by its address (connects once).
+    assert initiator.transfer_sync_write(target.local_addr, src.ctypes.data + 7, dst.ctypes.data + 9, 11) == 0
+    assert np.array_equal(dst[9:20], src[7:18])
+    assert initiator.transfer_sync_read(target.local_addr, ctypes.addressof(back), dst.ctypes.data + 9, 11) == 0
+    assert back.raw[:11] == src[7:18].tobytes()
+
+
+def test_async_write_status_wait_and_release(pair):
+    initiator, target = pair
+    dst = np.zeros(8 * MiB, dtype=np.uint8)
+    src = pattern(8 * MiB, 2)
+    target.register(dst)
+    initiator.register(src)
+    peer = initiator.connect(target.local_addr)
+
+    n = 64
+    size = 8 * MiB // n
+    # Reversed placement: block i goes to slot n-1-i, so nothing coalesces.
+    srcs = np.array([src.ctypes.data + i * size for i in range(n)], dtype=np.uint64)
+    dsts = np.array([dst.ctypes.data + (n - 1 - i) * size for i in range(n)], dtype=np.uint64)
+    lens = np.full(n, size, dtype=np.uint64)
+    batch = initiator.batch_transfer_async_write(peer, srcs, dsts, lens)
+    seen = set()
+    deadline = time.monotonic() + 20
+    while (status := initiator.get_batch_transfer_status(batch)) == BATCH_PENDING:
+        seen.add(status)
+        assert time.monotonic() < deadline, "batch never finished"
+    assert status == BATCH_DONE, initiator.last_error
+    assert initiator.get_batch_transfer_status(batch) == BATCH_DONE, "a final status stays readable"
+    for i in range(n):
+        assert np.array_equal(dst[(n - 1 - i) * size : (n - i) * size], src[i * size : (i + 1) * size])
+    initiator.release(batch)
     with pytest.raises(KVTransferError) as e:
-        a.get_batch_transfer_status(batch)
-    assert e.value.code == 10  # UnknownBatch after release
-    # A destination the peer never registered is refused at submission.
-    other = np.zeros(4096, dtype=np.uint8)
+        initiator.get_batch_transfer_status(batch)
+    assert e.value.code == ErrorCode.UnknownBatch
+    initiator.release(batch)  # releasing twice is a no-op
+
+    # wait(): blocks, then releases for us.
+    dst[:] = 0
+    batch = initiator.batch_transfer_async_write(peer, srcs[:4], dsts[:4], lens[:4])
+    initiator.wait(batch)
+    assert np.array_equal(dst[(n - 1) * size :], src[:size])
+    with pytest.raises(KVTransferError) as e:
+        initiator.get_batch_transfer_status(batch)
+    assert e.value.code == ErrorCode.UnknownBatch
+
+
+def test_failed_transfers_return_negative_codes_and_write_nothing(pair):
+    initiator, target = pair
+    dst = np.zeros(MiB, dtype=np.uint8)
+    src = pattern(MiB, 3)
+    elsewhere = np.zeros(MiB, dtype=np.uint8)  # registered nowhere
+    target.register(dst)
+    initiator.register(src)
+    peer = initiator.connect(target.local_addr)
+
+    def write(srcs, dsts, lens) -> int:
+        initiator.last_error = ""
+        return initiator.batch_transfer_sync_write(peer, srcs, dsts, lens)
+
+    # Destination not registered at the peer: refused, nothing moves (not even the good one).
+    rc = write([src.ctypes.data, src.ctypes.data], [dst.ctypes.data, elsewhere.ctypes.data], [4096, 4096])
+    assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
+    assert hex(elsewhere.ctypes.data) in initiator.last_error
+    # Destination running past the end of the peer's segment.
+    rc = write([src.ctypes.data], [dst.ctypes.data + MiB - 8], [16])
+    assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
+    # Source not registered here.
+    rc = write([elsewhere.ctypes.data], [dst.ctypes.data], [16])
+    assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
+    assert initiator.last_error
+    # Zero length, empty batch, unknown peer id.
+    assert write([src.ctypes.data], [dst.ctypes.data], [0]) == -ErrorCode.ZeroLength
+    assert write([], [], []) == -ErrorCode.InvalidArgument
+    assert initiator.batch_transfer_sync_write(peer + 1000, [src.ctypes.data], [dst.ctypes.data], [8]) == -ErrorCode.UnknownPeer
+    assert initiator.batch_transfer_sync_read(peer, [src.ctypes.data], [elsewhere.ctypes.data], [8]) == -ErrorCode.UnregisteredAddress
+    # Nobody listening at that address: a negative code, no exception.
+    assert initiator.batch_transfer_sync_write("127.0.0.1:1", [src.ctypes.data], [dst.ctypes.data], [8]) < 0
+    assert initiator.last_error
+    assert not dst.any() and not elsewhere.any(), "nothing was written"
+
+    # A refused async submission raises (nothing was submitted, there is no batch id).
+    with pytest.raises(KVTransferError) as e:
+        initiator.batch_transfer_async_write(peer, [src.ctypes.data], [elsewhere.ctypes.data], [8])
+    assert e.value.code == ErrorCode.UnregisteredAddress and e.value.message
+
+    # Usage errors are exceptions, not codes.
+    with pytest.raises(ValueError):
+        write([src.ctypes.data], [dst.ctypes.data, dst.ctypes.data], [8])
+    with pytest.raises(ValueError):
+        write([-1], [dst.ctypes.data], [8])
+
+
+def test_peer_that_went_away_fails_the_batch(pair):
+    initiator, target = pair
+    dst = np.zeros(MiB, dtype=np.uint8)
+    src = pattern(MiB, 4)
+    target.register(dst)
+    initiator.register(src)
+    peer = initiator.connect(target.local_addr)
+    assert initiator.batch_transfer_sync_write(peer, [src.ctypes.data], [dst.ctypes.data], [MiB]) == 0
+    target.close()
+    rc = initiator.batch_transfer_sync_write(peer, [src.ctypes.data], [dst.ctypes.data], [MiB])
+    assert rc < 0 and initiator.last_error, rc
+    # The async form: submission may be refused, or the batch fails; never "done".
+    try:
+        batch = initiator.batch_transfer_async_write(peer, [src.ctypes.data], [dst.ctypes.data], [4096])
+    except KVTransferError as e:
+        assert e.code in (ErrorCode.PeerLost, ErrorCode.UnknownPeer, ErrorCode.BatchFailed), e
+    else:
+        deadline = time.monotonic() + 20
+        while (status := initiator.get_batch_transfer_status(batch)) == BATCH_PENDING:
+            assert time.monotonic() < deadline
+        assert status == BATCH_FAILED and initiator.last_error
+        initiator.release(batch)
+
+
+def test_registration_rules(pair):
+    _, engine = pair
+    a = np.zeros(MiB, dtype=np.uint8)
+    seg = engine.register(a)
+    with pytest.raises(KVTransferError) as e:
+        engine.register(a[4096:])  # overlaps
+    assert e.value.code == ErrorCode.OverlappingRegistration and e.value.name == "OverlappingRegistration"
+    with pytest.raises(KVTransferError) as e:
+        engine.register(a.ctypes.data, 0)
+    assert e.value.code == ErrorCode.ZeroLength
+    with pytest.raises(KVTransferError) as e:
+        engine.unregister(seg + 12345)
+    assert e.value.code == ErrorCode.UnknownSegment
+    with pytest.raises(TypeError):
+        engine.register(a.ctypes.data)  # an int address needs a length
+    with pytest.raises(ValueError):
+        engine.register(a, 2 * MiB)  # longer than the array
+    with pytest.raises(ValueError):
+        engine.register(np.zeros((64, 64), dtype=np.uint8)[:, ::2])  # not contiguous
+
+    engine.unregister_memory(a.ctypes.data)
+    seg2 = engine.register(a)  # free again after unregistering
+    assert seg2 != seg, "segment ids are never reused"
+    buf = bytearray(8192)
+    engine.register(buf)
+    with pytest.raises(BufferError):
+        buf.extend(b"x")  # registered memory is pinned: the bytearray cannot move
+    with pytest.raises(KVTransferError) as e:
+        engine.unregister_memory(12345)
+    assert e.value.code == ErrorCode.UnregisteredAddress
+
+
+def test_close_is_idempotent_and_later_calls_raise():
+    with TransferEngine(transport="tcp") as engine:
+        addr = engine.local_addr
+        assert not engine.closed
+    assert engine.closed and addr
+    engine.close()
+    with pytest.raises(KVTransferError) as e:
+        engine.register(np.zeros(16, dtype=np.uint8))
+    assert e.value.code == ErrorCode.Shutdown
     with pytest.raises(KVTransferError):
-        a.batch_transfer_async_write(peer, [src.ctypes.data], [other.ctypes.data], [4096])
+        engine.local_addr
+    assert repr(engine) == "<TransferEngine closed>"
+    # __del__ of an engine never closed, and of one whose constructor failed, is quiet.
+    TransferEngine(transport="tcp").__del__()
+    with pytest.raises(ValueError):
+        TransferEngine(transport="carrier-pigeon")
 
 
-def test_failed_transfer_returns_a_negative_code_and_writes_nothing(engines):
-    a, b = engines
-    src = np.full(4096, 1, dtype=np.uint8)
-    dst = np.zeros(4096, dtype=np.uint8)
-    other = np.zeros(4096, dtype=np.uint8)
-    a.register(src.ctypes.data, src.nbytes)
-    b.register(dst.ctypes.data, dst.nbytes)
-    peer = a.connect(b.local_addr)
-    # The destination address is not registered at the peer.
-    rc = a.batch_transfer_sync_write(peer, [src.ctypes.data], [other.ctypes.data], [4096])
-    assert rc < 0
-    # Past the end of the registered range.
-    rc2 = a.batch_transfer_sync_write(peer, [src.ctypes.data], [dst.ctypes.data + 1024], [4096])
-    assert rc2 < 0
-    assert not dst.any() and not other.any()
-
-
-def test_errors_carry_code_and_message(engines):
-    a, _ = engines
+def test_bad_config_and_rdma_where_unusable():
     with pytest.raises(KVTransferError) as e:
-        a.connect("127.0.0.1:1")
-    assert e.value.code > 0 and e.value.message
-    with pytest.raises(KVTransferError) as e:
-        a.unregister(12345)
-    assert e.value.code == 6  # UnknownSegment
+        TransferEngine(listen="not an address")
+    assert e.value.code == ErrorCode.InvalidConfig, e.value
+    try:
+        engine = TransferEngine(transport="rdma")
+    except KVTransferError as e:
+        # A host without a usable RDMA port says why, with a specific code.
+        assert e.code in (
+            ErrorCode.TransportUnavailable,
+            ErrorCode.RdmaCoreMissing,
+            ErrorCode.RdmaKernelMissing,
+            ErrorCode.NoRdmaDevice,
+            ErrorCode.PortDown,
+        ), e
+        assert "RDMA" in e.message or "rdma" in e.message
+    else:
+        assert engine.transport == "rdma"
+        engine.close()
 
 
-def test_library_is_found_through_kvtransfer_lib(tmp_path):
-    import shutil
-    import subprocess
-    import sys
+def test_last_error_message_is_per_thread():
+    import threading
 
-    copy = tmp_path / "custom-libkvtransfer.so"
-    shutil.copy(kvtransfer.lib.kvtransfer_path, copy)
-    env = dict(__import__("os").environ, KVTRANSFER_LIB=str(copy))
-    out = subprocess.run(
-        [sys.executable, "-c", "import kvtransfer; print(kvtransfer.lib.kvtransfer_path)"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
-    )
-    assert out.stdout.strip() == str(copy)
-    assert _lib.candidates()[0] != copy  # only the child saw the variable
+    engine = TransferEngine(transport="tcp")
+    try:
+        with pytest.raises(KVTransferError):
+            engine.unregister(999)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(kvtransfer.last_error_message()))
+        t.start()
+        t.join()
+        assert seen == [""], "another thread's message is its own"
+        assert "999" in kvtransfer.last_error_message()
+        assert engine.local_addr  # a successful call clears it
+        engine._local_addr = None
+        engine.local_addr
+        assert kvtransfer.last_error_message() == ""
+    finally:
+        engine.close()

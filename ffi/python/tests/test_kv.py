@@ -1,170 +1,412 @@
+"""KV rooms over TCP through the Python bindings: real managers, real sockets, bytes verified."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
 import time
+import weakref
+from enum import IntEnum
 
 import numpy as np
 import pytest
 
-import kvtransfer.kv as kvmod
-from kvtransfer import KVManager, KVPoll, KVReceiver, KVSender, KVTransferError
-from kvtransfer.errors import DUPLICATE_ROOM, INVALID_PAGES, ROOM_STATE
+from kvtransfer import (
+    DisaggregationMode,
+    ErrorCode,
+    KVArgs,
+    KVManager,
+    KVPoll,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+)
+from kvtransfer._util import as_pages
+from kvtransfer.kv import role_code
 
-from conftest import Side, scattered, wait_for, wait_state
-
-
-def test_deepseek_room_in_four_chunks_is_whole_at_success():
-    layers, pool, item, n = 61, 300, 36 << 10, 256
-    p = Side("prefill", layers, pool, item)
-    d = Side("decode", layers, pool, item)
-    p.fill(7)
-    src = scattered(n, pool, 11)
-    dst = scattered(n, pool, 23)
-    assert (np.diff(src) == 1).any() and (np.diff(src) != 1).any()
-    rx = KVReceiver(d.mgr, p.mgr.bootstrap_addr, 1001)
-    rx.init(dst, aux_index=2)
-    tx = KVSender(p.mgr, p.mgr.bootstrap_addr, 1001)
-    wait_state(tx, KVPoll.WaitingForInput)
-    tx.init(n, aux_index=6)
-    start = time.monotonic()
-    for chunk in np.array_split(src, 4):
-        tx.send(chunk)  # is_last follows from the count given to init
-    until = time.monotonic() + 60
-    while True:
-        s = rx.poll()
-        if s == KVPoll.Success:
-            break
-        if s == KVPoll.Failed:
-            rx.failure_exception()
-        assert time.monotonic() < until
-    took = time.monotonic() - start
-    # At the first Success every page and the aux slot are in place.
-    assert np.array_equal(d.kv[:, dst], p.kv[:, src])
-    assert np.array_equal(d.aux[2], p.aux[6])
-    others = np.setdiff1d(np.arange(pool), dst)
-    assert not d.kv[:, others].any()
-    wait_state(tx, KVPoll.Success)
-    m = tx.metrics()
-    assert m["bytes"] == layers * n * item + 64
-    assert m["transfer_span_ns"] > 0
-    assert rx.metrics()["slices"] == 4
-    print(f"python room: {layers * n * item / took / 1e9:.2f} GB/s")
-    tx.close()
-    rx.close()
+from conftest import AUX_ITEMS, AUX_SLOTS, scattered, wait_final, wait_state
 
 
-def test_int32_page_arrays_are_passed_without_copying(monkeypatch):
-    a = np.arange(10, dtype=np.int32)
-    assert kvmod.as_pages(a) is a
-    b = kvmod.as_pages([1, 2, 3])
-    assert b.dtype == np.int32 and b.flags["C_CONTIGUOUS"]
-    strided = np.arange(20, dtype=np.int32)[::2]
-    assert kvmod.as_pages(strided) is not strided
-    assert kvmod.as_pages(np.arange(4, dtype=np.int64)).dtype == np.int32
-    with pytest.raises(OverflowError):
-        kvmod.as_pages([2**40])
-    seen = []
-    real = kvmod._pages_arg
-
-    def spy(indices):
-        out = real(indices)
-        seen.append((out[0].ctypes.data, indices))
-        return out
-
-    monkeypatch.setattr(kvmod, "_pages_arg", spy)
-    p = Side("prefill", 1, 16, 4096)
-    d = Side("decode", 1, 16, 4096)
-    pages = np.array([3, 4, 5], dtype=np.int32)
-    rx = KVReceiver(d.mgr, p.mgr.bootstrap_addr, 1)
-    rx.init(pages)
-    assert seen[-1][0] == pages.ctypes.data, "the array's own buffer went to the library"
-    rx.close()
+def codes(excinfo) -> int:
+    return excinfo.value.code
 
 
-def test_bad_input_is_refused_with_codes_and_nothing_written(pair):
-    p, d = pair
-    rx = KVReceiver(d.mgr, p.mgr.bootstrap_addr, 5)
-    for bad in ([0, -1], [32], [3, 3]):
+def test_deepseek_room_in_four_chunks_is_verified_byte_for_byte(sides):
+    """61 layers x 256 pages x 36 KiB (DeepSeek-V3 MLA: one buffer per layer) from scattered,
+    partly contiguous pages of a 280-page pool into other scattered pages, in 4 chunks."""
+    layers, pool, item, n = 61, 280, 36 << 10, 256
+    prefill = sides(DisaggregationMode.PREFILL, layers, pool, item, room_timeout_ms=60_000)
+    decode = sides("decode", layers, pool, item, room_timeout_ms=60_000)
+    prefill.fill()
+    src = np.array(scattered(n, pool, 11), dtype=np.int32)
+    dst = np.array(scattered(n, pool, 23), dtype=np.int32)
+    for pages in (src, dst):
+        steps = np.diff(pages)
+        assert (steps == 1).any() and (steps != 1).any(), "partly contiguous, partly scattered"
+
+    receiver = decode.receiver(prefill, 7)
+    assert receiver.poll() == KVPoll.Bootstrapping
+    receiver.init(dst, aux_index=3)
+    sender = prefill.sender(7)
+    sender.init(n, aux_index=5)
+    wait_state(sender, KVPoll.WaitingForInput)
+
+    # Four chunks, each in another form: int32 view (zero-copy), list, int64, strided int32.
+    strided = np.zeros(2 * 64, dtype=np.int32)
+    strided[::2] = src[192:256]
+    chunks = [src[0:64], src[64:128].tolist(), src[128:192].astype(np.int64), strided[::2]]
+    started = time.monotonic()
+    for i, chunk in enumerate(chunks):
+        sender.send(chunk)  # is_last=None: the fourth completes the 256 pages
+        assert sender.sent == 64 * (i + 1)
+    # The first time the receiver reports Success, every byte and aux must be in place.
+    assert wait_final(receiver, 60) == KVPoll.Success, receiver.failure_reason()
+    took = time.monotonic() - started
+
+    for l in range(layers):
+        assert np.array_equal(decode.mem[l][dst], prefill.mem[l][src]), f"layer {l} differs"
+    for got, sent in zip(decode.aux, prefill.aux):
+        assert np.array_equal(got[3], sent[5]), "aux slot 5 landed in slot 3"
+        assert not np.delete(got, 3, axis=0).any(), "no other aux slot was written"
+    untouched = np.setdiff1d(np.arange(pool), dst)
+    assert len(untouched) == pool - n
+    for l in (0, layers // 2, layers - 1):
+        assert not decode.mem[l][untouched].any(), f"a page outside the room was written in layer {l}"
+
+    wait_state(sender, KVPoll.Success)
+    aux_bytes = sum(AUX_ITEMS)
+    page_bytes = layers * n * item
+    m = sender.metrics()
+    assert m.bytes == page_bytes + aux_bytes
+    assert layers * 4 <= m.slices < layers * n, m  # runs per layer, not one write per page
+    assert m.queued_to_first_write_ns and m.transfer_span_ns, m
+    r = receiver.metrics()
+    assert r.bytes == page_bytes + aux_bytes and r.slices == 4, r
+    assert r.transfer_span_ns, r
+    print(f"\n61x256x36KiB room over TCP: {page_bytes / took / 1e9:.2f} GB/s, {m.slices} writes, {took * 1e3:.0f} ms")
+
+
+def test_bad_pages_counts_and_duplicate_rooms_are_refused_and_nothing_is_written(sides):
+    prefill = sides("prefill", 2, 16, 4096, room_timeout_ms=30_000)
+    decode = sides("decode", 2, 16, 4096, room_timeout_ms=30_000)
+    prefill.fill()
+
+    r = decode.receiver(prefill, 1)
+    for bad, why in (([0, -1], "negative"), ([16], "out of range"), ([3, 3], "duplicate"), ([2**40], "not int32")):
         with pytest.raises(KVTransferError) as e:
-            rx.init(np.array(bad, dtype=np.int32))
-        assert e.value.code == INVALID_PAGES, e.value
+            r.init(np.array(bad), None)
+        assert codes(e) == ErrorCode.InvalidPages == 28, why
+        assert e.value.room == 1 and e.value.message
     with pytest.raises(KVTransferError) as e:
-        KVReceiver(d.mgr, p.mgr.bootstrap_addr, 5)
-    assert e.value.code == DUPLICATE_ROOM
-    rx.init([1, 2, 3])
-    tx = KVSender(p.mgr, None, 5)
+        r.init([1], aux_index=AUX_SLOTS)
+    assert codes(e) == ErrorCode.InvalidPages, "aux slot out of range"
     with pytest.raises(KVTransferError) as e:
-        KVSender(p.mgr, None, 5)
-    assert e.value.code == DUPLICATE_ROOM
-    wait_state(tx, KVPoll.WaitingForInput)
+        KVReceiver(decode.mgr, prefill.mgr.bootstrap_addr, 1)
+    assert codes(e) == ErrorCode.DuplicateRoom == 27
+    r.init([1, 2, 3])
     with pytest.raises(KVTransferError) as e:
-        tx.send([1])
-    assert e.value.code == ROOM_STATE  # before init
-    tx.init(3)
-    for bad in ([-1], [99], [1, 2, 3, 4]):
+        r.init([4])
+    assert codes(e) == ErrorCode.RoomState, "init twice"
+
+    s = prefill.sender(1)
+    with pytest.raises(KVTransferError) as e:
+        KVSender(prefill.mgr, None, 1)
+    assert codes(e) == ErrorCode.DuplicateRoom
+    wait_state(s, KVPoll.WaitingForInput)
+    with pytest.raises(KVTransferError) as e:
+        s.send([1], is_last=False)
+    assert codes(e) == ErrorCode.RoomState, "send before init"
+    # Mismatched page counts: the receiver named 3 pages.
+    with pytest.raises(KVTransferError) as e:
+        s.init(4)
+    assert codes(e) == ErrorCode.InvalidPages
+    assert s.poll() == KVPoll.Failed and "mismatch" in s.failure_reason()
+    assert wait_final(r) == KVPoll.Failed and r.failure_reason()
+
+    # Bad source pages on a good room: refused, and the room stays as it was.
+    r2 = decode.receiver(prefill, 2)
+    r2.init([5, 6])
+    s2 = prefill.sender(2)
+    s2.init(2)
+    wait_state(s2, KVPoll.WaitingForInput)
+    for bad, last, why in (
+        ([-3], None, "negative"),
+        ([1, 99], None, "out of range"),
+        ([1, 2, 3], None, "more than the room"),
+        ([1], True, "last chunk too short"),
+        (np.array([1, 2**33], dtype=np.int64), None, "not int32"),
+    ):
         with pytest.raises(KVTransferError) as e:
-            tx.send(bad, is_last=False)
-        assert e.value.code == INVALID_PAGES
-    assert tx.poll() == KVPoll.WaitingForInput
+            s2.send(bad, is_last=last)
+        assert codes(e) == ErrorCode.InvalidPages, why
+    assert s2.sent == 0
+    assert s2.poll() == KVPoll.WaitingForInput, "refusals leave the room as it was"
+    with pytest.raises(TypeError):
+        s2.send([1.5, 2.5])
+    with pytest.raises(ValueError):
+        s2.send(np.zeros((1, 2), dtype=np.int32))
     time.sleep(0.05)
-    assert not d.kv.any() and not d.aux.any()
-    tx.close()
-    rx.close()
+    assert decode.untouched(), "nothing was written"
 
+    # The room still works after the refusals.
+    s2.send(np.array([9, 4], dtype=np.int32))
+    assert wait_final(r2) == KVPoll.Success, r2.failure_reason()
+    assert np.array_equal(decode.mem[:, [5, 6]], prefill.mem[:, [9, 4]])
+    assert not decode.mem[:, [1, 2, 3]].any(), "room 1's pages never got anything"
 
-def test_mismatched_page_counts_fail_both_sides(pair):
-    p, d = pair
-    rx = KVReceiver(d.mgr, p.mgr.bootstrap_addr, 6)
-    rx.init([1, 2])
-    tx = KVSender(p.mgr, None, 6)
-    wait_state(tx, KVPoll.WaitingForInput)
+    # Wrong roles: a sender needs a prefill manager, a receiver a decode one.
     with pytest.raises(KVTransferError) as e:
-        tx.init(5)
-    assert e.value.code == INVALID_PAGES
-    assert tx.poll() == KVPoll.Failed
-    wait_state(rx, KVPoll.Failed)
-    with pytest.raises(KVTransferError, match="page count mismatch"):
-        tx.failure_exception()
-    assert not d.kv.any()
+        KVSender(decode.mgr, None, 99)
+    assert codes(e) == ErrorCode.InvalidArgument
+    with pytest.raises(KVTransferError) as e:
+        KVReceiver(prefill.mgr, decode.mgr.bootstrap_addr, 99)
+    assert codes(e) == ErrorCode.InvalidArgument
 
 
-@pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_abort_on_either_side_freezes_the_destination(side):
-    p = Side("prefill", 8, 512, 32 << 10)
-    d = Side("decode", 8, 512, 32 << 10)
-    p.fill(3)
-    rx = KVReceiver(d.mgr, p.mgr.bootstrap_addr, 77)
-    rx.init(np.arange(512, dtype=np.int32)[::-1].copy())
-    tx = KVSender(p.mgr, None, 77)
-    tx.init(512)
-    wait_state(tx, KVPoll.WaitingForInput)
-    for chunk in np.array_split(np.arange(512, dtype=np.int32), 8):
-        tx.send(chunk)
-    wait_state(rx, KVPoll.Transferring)
-    (tx if side == "sender" else rx).abort()
-    frozen = d.kv.copy()
+def start_half_room(prefill, decode, room: int, n: int):
+    """A room of ``n`` pages (reversed destination) with only its first half sent, so it is
+    Transferring and cannot finish."""
+    r = decode.receiver(prefill, room)
+    r.init(np.arange(n - 1, -1, -1, dtype=np.int32))
+    s = prefill.sender(room)
+    s.init(n)
+    wait_state(s, KVPoll.WaitingForInput)
+    s.send(np.arange(n // 2, dtype=np.int32))
+    wait_state(r, KVPoll.Transferring)  # the first chunk was notified
+    half = np.arange(n // 2)
+    assert np.array_equal(decode.mem[:, n - 1 - half], prefill.mem[:, half]), "the first half landed"
+    return s, r
+
+
+def assert_frozen(side) -> None:
+    before = side.mem.copy()
     time.sleep(0.3)
-    assert np.array_equal(frozen, d.kv), "a write landed after abort() returned"
-    aborted, other = (tx, rx) if side == "sender" else (rx, tx)
-    assert aborted.poll() == KVPoll.Failed
-    assert f"aborted by the {side}" in aborted.failure_reason()
-    wait_for(lambda: other.poll() in (KVPoll.Failed, KVPoll.Success), 10, "the other side to end")
-    tx.close()
-    rx.close()
+    assert np.array_equal(before, side.mem), "a write landed after the abort returned"
 
 
-def test_room_timeout_fails_with_a_reason():
-    p = Side("prefill", 1, 8, 4096, room_timeout_ms=300)
-    tx = KVSender(p.mgr, None, 9)
-    wait_state(tx, KVPoll.Failed, timeout=5)
-    assert "deadline of 300 ms exceeded while Bootstrapping" in tx.failure_reason()
-    with pytest.raises(KVTransferError):
-        tx.failure_exception()
-    tx.close()
-
-
-def test_managers_check_their_arguments():
-    with pytest.raises(ValueError):
-        KVManager(kvmod.KVArgs([1], [2], []), "prefill")
-    with pytest.raises(ValueError):
-        KVManager(kvmod.KVArgs(), "sideways")
+def test_sender_abort_fails_both_sides(sides):
+    prefill = sides("prefill", 4, 128, 32 << 10)
+    decode = sides("decode", 4, 128, 32 << 10)
+    prefill.fill()
+    s, r = start_half_room(prefill, decode, 1, 128)
+    s.abort()
+    assert s.poll() == KVPoll.Failed
+    assert "abort" in s.failure_reason()
+    assert_frozen(decode)
+    assert wait_final(r) == KVPoll.Failed
+    assert "abort" in r.failure_reason(), r.failure_reason()
     with pytest.raises(KVTransferError) as e:
-        KVManager(kvmod.KVArgs(), kvmod.DisaggregationMode.DECODE)
-    assert e.value.code == 2  # no page buffer: InvalidArgument
+        s.send(np.arange(64, 128, dtype=np.int32))
+    assert codes(e) in (ErrorCode.RoomFailed, ErrorCode.RoomState), e.value
+    with pytest.raises(KVTransferError) as e:
+        r.failure_exception()
+    assert codes(e) == ErrorCode.RoomFailed and "abort" in e.value.message and e.value.room == 1
+    s.abort()  # aborting a failed room again is harmless
+    assert s.poll() == KVPoll.Failed
+
+
+def test_receiver_abort_fails_both_sides_and_managers_keep_serving(sides):
+    prefill = sides("prefill", 4, 128, 32 << 10)
+    decode = sides("decode", 4, 128, 32 << 10)
+    prefill.fill()
+    s, r = start_half_room(prefill, decode, 1, 128)
+    r.abort()
+    assert r.poll() == KVPoll.Failed and "abort" in r.failure_reason()
+    assert_frozen(decode)
+    assert wait_final(s) == KVPoll.Failed
+    assert "abort" in s.failure_reason(), s.failure_reason()
+    with pytest.raises(KVTransferError) as e:
+        s.failure_exception()
+    assert codes(e) == ErrorCode.RoomFailed
+
+    # A new room on the same managers goes through.
+    r2 = decode.receiver(prefill, 2)
+    r2.init(np.arange(0, 128, 2, dtype=np.int32), aux_index=0)
+    s2 = prefill.sender(2)
+    s2.init(64, aux_index=7)
+    wait_state(s2, KVPoll.WaitingForInput)
+    s2.send(np.arange(64, 128, dtype=np.int32))
+    assert wait_final(r2) == KVPoll.Success, r2.failure_reason()
+    assert np.array_equal(decode.mem[:, 0:128:2], prefill.mem[:, 64:128])
+    assert np.array_equal(decode.aux[1][0], prefill.aux[1][7])
+
+
+def test_room_timeout_fails_with_a_reason(sides):
+    prefill = sides("prefill", 1, 8, 4096, room_timeout_ms=300)
+    decode = sides("decode", 1, 8, 4096, room_timeout_ms=300)
+    started = time.monotonic()
+    lonely_sender = prefill.sender(6)  # no receiver ever comes
+    lonely_receiver = decode.receiver(prefill, 5)  # no sender ever comes
+    lonely_receiver.init([1])
+    assert wait_final(lonely_sender, 5) == KVPoll.Failed
+    assert time.monotonic() - started >= 0.25
+    assert "deadline" in lonely_sender.failure_reason(), lonely_sender.failure_reason()
+    assert wait_final(lonely_receiver, 5) == KVPoll.Failed
+    why = lonely_receiver.failure_reason()
+    assert "deadline" in why or "unknown room 5" in why, why
+    with pytest.raises(KVTransferError) as e:
+        lonely_sender.failure_exception()
+    assert codes(e) == ErrorCode.RoomFailed and "deadline" in str(e.value)
+    assert lonely_receiver.poll() == KVPoll.Failed, "Failed is final"
+
+
+def test_failure_exception_fails_a_live_room_like_sglang(sides):
+    prefill = sides("prefill", 1, 8, 4096)
+    decode = sides("decode", 1, 8, 4096)
+    r = decode.receiver(prefill, 3)
+    r.init([1, 2])
+    s = prefill.sender(3)
+    s.init(2)
+    wait_state(s, KVPoll.WaitingForInput)
+    assert s.failure_reason() is None
+    with pytest.raises(KVTransferError) as e:
+        s.failure_exception()
+    assert codes(e) == ErrorCode.RoomFailed and e.value.message
+    assert s.poll() == KVPoll.Failed
+    assert wait_final(r) == KVPoll.Failed
+
+
+def test_layouts_that_do_not_pair_fail_the_room(sides):
+    prefill = sides("prefill", 2, 16, 4096)
+    decode = sides("decode", 2, 16, 8192)
+    r = decode.receiver(prefill, 1)
+    assert wait_final(r) == KVPoll.Failed
+    assert "mismatch" in r.failure_reason(), r.failure_reason()
+    with pytest.raises(KVTransferError) as e:
+        r.init([1])
+    assert codes(e) == ErrorCode.RoomState
+
+
+class Spy:
+    """Stands in for the loaded library on one room and records the page pointers it gets."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name not in ("kvt_kv_sender_send", "kvt_kv_receiver_init"):
+            return fn
+
+        def record(handle, pages, n, *rest):
+            self.calls.append((name, ctypes.cast(pages, ctypes.c_void_p).value, n))
+            return fn(handle, pages, n, *rest)
+
+        return record
+
+
+def test_int32_page_arrays_are_passed_without_a_copy(sides):
+    prefill = sides("prefill", 2, 32, 4096)
+    decode = sides("decode", 2, 32, 4096)
+    prefill.fill()
+    dst = np.arange(31, 15, -1, dtype=np.int32)
+    src = np.arange(16, dtype=np.int32)
+    r = decode.receiver(prefill, 1)
+    r._lib = Spy(r._lib)
+    r.init(dst)
+    s = prefill.sender(1)
+    s._lib = Spy(s._lib)
+    s.init(16)
+    wait_state(s, KVPoll.WaitingForInput)
+    s.send(src[:8])  # a contiguous int32 view: its own memory
+    converted = src[8:].astype(np.int64)
+    s.send(converted)  # int64: converted to a new int32 array
+    assert wait_final(r) == KVPoll.Success, r.failure_reason()
+    assert np.array_equal(decode.mem[:, dst], prefill.mem[:, src])
+
+    assert r._lib.calls == [("kvt_kv_receiver_init", dst.ctypes.data, 16)]
+    (_, p1, n1), (_, p2, n2) = s._lib.calls
+    assert (p1, n1) == (src[:8].ctypes.data, 8), "the view's own data pointer was handed over"
+    assert n2 == 8 and p2 != converted.ctypes.data
+
+    # The conversion seam itself.
+    ptr, n, kept = as_pages(dst)
+    assert kept is dst and n == 16 and ctypes.cast(ptr, ctypes.c_void_p).value == dst.ctypes.data
+    for other in (dst[::2], dst.astype(np.int64), dst.tolist(), dst.astype(">i4")):
+        ptr, n, kept = as_pages(other)
+        assert kept is not other and kept.dtype == np.int32 and kept.flags.c_contiguous
+        assert np.array_equal(kept, np.asarray(other)) and n == len(kept)
+    ptr, n, kept = as_pages([])
+    assert n == 0
+
+
+def test_rooms_keep_their_manager_alive(sides):
+    prefill = sides("prefill", 1, 8, 4096)
+    side = sides("decode", 1, 8, 4096)
+    prefill.fill()
+    # A manager referenced only by its rooms (and its memory only by the manager), with the
+    # same layout as the prefill side's (one buffer, two aux buffers).
+    mem = np.zeros((1, 8, 4096), dtype=np.uint8)
+    aux = [np.zeros((AUX_SLOTS, n), dtype=np.uint8) for n in AUX_ITEMS]
+    args = KVArgs(
+        [mem.ctypes.data], [mem.nbytes], [4096], [a.ctypes.data for a in aux], [a.nbytes for a in aux], list(AUX_ITEMS)
+    )
+    mgr = KVManager(args, "decode", transport="tcp", keepalive=(mem, aux))
+    mem_ref, mgr_ref = weakref.ref(mem), weakref.ref(mgr)
+    del aux
+    r = KVReceiver(mgr, prefill.mgr.bootstrap_addr, 4)
+    del mgr, mem
+    gc.collect()
+    assert mgr_ref() is not None and mem_ref() is not None, "the receiver holds its manager"
+    r.init([7, 0])
+    s = prefill.sender(4)
+    s.init(2)
+    wait_state(s, KVPoll.WaitingForInput)
+    s.send([2, 3])
+    assert wait_final(r) == KVPoll.Success, r.failure_reason()
+    assert np.array_equal(mem_ref()[0, [7, 0]], prefill.mem[0, [2, 3]])
+    del r
+    gc.collect()
+    assert mgr_ref() is None and mem_ref() is None, "and lets it go with the last room"
+
+    # Closing the manager before its rooms is survivable: the room still closes cleanly.
+    r2 = side.receiver(prefill, 5)
+    side.mgr.close()
+    assert side.mgr.closed
+    r2.close()
+    r2.close()  # idempotent
+    with pytest.raises(KVTransferError) as e:
+        r2.poll()
+    assert codes(e) == ErrorCode.Shutdown
+    with pytest.raises(KVTransferError) as e:
+        KVReceiver(side.mgr, prefill.mgr.bootstrap_addr, 6)
+    assert codes(e) == ErrorCode.Shutdown
+
+
+def test_arguments():
+    assert role_code("prefill") == role_code(DisaggregationMode.PREFILL) == 0
+    assert role_code("Decode") == role_code(DisaggregationMode.DECODE) == role_code(1) == 1
+
+    class Mode(IntEnum):  # an IntEnum named like SGLang's, values not "prefill"
+        PREFILL = 5
+        DECODE = 6
+
+    assert role_code(Mode.PREFILL) == 0 and role_code(Mode.DECODE) == 1
+    for bad in ("null", DisaggregationMode.NULL, 7, True, None):
+        with pytest.raises(ValueError):
+            role_code(bad)
+    with pytest.raises(ValueError):
+        KVManager(KVArgs([1, 2], [4096], [4096]), "prefill")
+    with pytest.raises(KVTransferError) as e:
+        KVManager(KVArgs(), "prefill")  # no buffers at all
+    assert codes(e) in (ErrorCode.InvalidArgument, ErrorCode.InvalidConfig), e.value
+    mem = np.zeros(4096 * 4, dtype=np.uint8)
+    for item in (0, 2 * mem.nbytes):  # no page fits
+        with pytest.raises(KVTransferError) as e:
+            KVManager(KVArgs([mem.ctypes.data], [mem.nbytes], [item]), "prefill")
+        assert codes(e) == ErrorCode.InvalidArgument and "item_len" in e.value.message
+    with KVManager(KVArgs([mem.ctypes.data], [mem.nbytes], [4096]), "prefill", transport="tcp") as mgr:
+        assert mgr.bootstrap_addr.startswith("127.0.0.1:") and mgr.role == "prefill"
+        with pytest.raises(TypeError):
+            KVSender(mgr, None, "7")
+        with pytest.raises(ValueError):
+            KVSender(mgr, None, -1)
+        with pytest.raises(TypeError):
+            KVSender(object(), None, 1)
+        with KVSender(mgr, None, np.uint64(2**64 - 1)) as s:
+            assert s.bootstrap_room == 2**64 - 1
+            assert s.poll() == KVPoll.Bootstrapping
+            assert "room 18446744073709551615" in repr(s)
+    assert mgr.closed and "closed" in repr(mgr)
+
