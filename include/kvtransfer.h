@@ -197,6 +197,11 @@
 #define KVT_ERR_ROOM_STATE -31
 
 /**
+ * No segment the peer registered covers the given peer address.
+ */
+#define KVT_ERR_REMOTE_UNREGISTERED -34
+
+/**
  * `kvt_engine_config.transport`: RDMA where usable on both ends, else TCP (the default).
  */
 #define KVT_TRANSPORT_AUTO 0

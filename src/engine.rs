@@ -263,8 +263,8 @@ impl TransferEngine {
     }
 
     /// Maps `len` bytes at the peer's address `addr` to (segment, offset), refreshing the peer's
-    /// segment list once when no known segment covers them; `RemoteOutOfRange` /
-    /// `UnregisteredAddress` when none does.
+    /// segment list once when no known segment covers them; `RemoteUnregistered` when none
+    /// does.
     pub fn resolve_remote(&self, peer: PeerId, addr: u64, len: u64) -> Result<(SegmentId, u64)> {
         let p = self.inner.peer(peer)?;
         let find = |p: &Peer| {
@@ -283,7 +283,7 @@ impl TransferEngine {
             return Ok(found);
         }
         self.inner.refresh(&p)?;
-        find(&p).ok_or(Error::UnregisteredAddress { addr, len })
+        find(&p).ok_or(Error::RemoteUnregistered { addr, len })
     }
 
     /// Asks the peer for its current segment list.

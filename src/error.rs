@@ -226,6 +226,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// No segment the peer registered covers these bytes at its address.
+    #[error("peer memory [{addr:#x}, +{len}) is not inside a segment the peer registered")]
+    RemoteUnregistered {
+        /// Peer address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
     /// The operation does not fit the room's current state.
     #[error("room {room} is {state}: cannot {op}")]
     RoomState {
@@ -273,6 +281,7 @@ impl Error {
             Error::LayoutMismatch { .. } => 29,
             Error::RoomFailed { .. } => 30,
             Error::RoomState { .. } => 31,
+            Error::RemoteUnregistered { .. } => 34,
         }
     }
 
@@ -373,6 +382,7 @@ mod tests {
                 state: "Bootstrapping",
                 op: "send",
             },
+            Error::RemoteUnregistered { addr: 0, len: 1 },
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
         assert!(codes.iter().all(|c| *c > 0));

@@ -109,6 +109,8 @@ pub const KVT_ERR_LAYOUT_MISMATCH: i32 = -29;
 pub const KVT_ERR_ROOM_FAILED: i32 = -30;
 /// The operation does not fit the room's current state.
 pub const KVT_ERR_ROOM_STATE: i32 = -31;
+/// No segment the peer registered covers the given peer address.
+pub const KVT_ERR_REMOTE_UNREGISTERED: i32 = -34;
 
 /// The version of the C ABI this library implements; compare it with the header's
 /// `KVT_ABI_VERSION` at start-up.
@@ -305,14 +307,18 @@ mod tests {
                     op: "send",
                 },
             ),
+            (
+                KVT_ERR_REMOTE_UNREGISTERED,
+                Error::RemoteUnregistered { addr: 0, len: 1 },
+            ),
         ];
         for (status, e) in &pairs {
             assert_eq!(*status, -e.code(), "{e:?}");
         }
-        // One constant per code 1..=31, none left out.
+        // One constant per code, none left out.
         let mut codes: Vec<i32> = pairs.iter().map(|(s, _)| -s).collect();
         codes.sort();
-        assert_eq!(codes, (1..=31).collect::<Vec<_>>());
+        assert_eq!(codes, (1..=31).chain([34]).collect::<Vec<_>>());
     }
 
     #[test]

@@ -221,7 +221,7 @@ int main(void) {
     FAILS(kvt_transfer_sync_write(initiator, peer, s, d, l, 1), KVT_ERR_UNREGISTERED_ADDRESS,
           "is not inside a registered segment");
     FAILS(kvt_engine_resolve_remote(initiator, peer, (uint64_t)(uintptr_t)stray, 16, &seg, &off),
-          KVT_ERR_UNREGISTERED_ADDRESS, "not inside a registered segment");
+          KVT_ERR_REMOTE_UNREGISTERED, "not inside a segment the peer registered");
     bad = reqs[0];
     bad.remote_offset = len - 100;
     FAILS(kvt_batch_submit(initiator, peer, &bad, 1, 0, &batch), KVT_ERR_REMOTE_OUT_OF_RANGE,

@@ -40,6 +40,7 @@ class ErrorCode(IntEnum):
     LayoutMismatch = 29
     RoomFailed = 30
     RoomState = 31
+    RemoteUnregistered = 34
 
 
 class KVTransferError(Exception):

@@ -135,11 +135,11 @@ def test_failed_transfers_return_negative_codes_and_write_nothing(pair):
 
     # Destination not registered at the peer: refused, nothing moves (not even the good one).
     rc = write([src.ctypes.data, src.ctypes.data], [dst.ctypes.data, elsewhere.ctypes.data], [4096, 4096])
-    assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
+    assert rc == -ErrorCode.RemoteUnregistered, (rc, initiator.last_error)
     assert hex(elsewhere.ctypes.data) in initiator.last_error
     # Destination running past the end of the peer's segment.
     rc = write([src.ctypes.data], [dst.ctypes.data + MiB - 8], [16])
-    assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
+    assert rc == -ErrorCode.RemoteUnregistered, (rc, initiator.last_error)
     # Source not registered here.
     rc = write([elsewhere.ctypes.data], [dst.ctypes.data], [16])
     assert rc == -ErrorCode.UnregisteredAddress, (rc, initiator.last_error)
@@ -148,7 +148,7 @@ def test_failed_transfers_return_negative_codes_and_write_nothing(pair):
     assert write([src.ctypes.data], [dst.ctypes.data], [0]) == -ErrorCode.ZeroLength
     assert write([], [], []) == -ErrorCode.InvalidArgument
     assert initiator.batch_transfer_sync_write(peer + 1000, [src.ctypes.data], [dst.ctypes.data], [8]) == -ErrorCode.UnknownPeer
-    assert initiator.batch_transfer_sync_read(peer, [src.ctypes.data], [elsewhere.ctypes.data], [8]) == -ErrorCode.UnregisteredAddress
+    assert initiator.batch_transfer_sync_read(peer, [src.ctypes.data], [elsewhere.ctypes.data], [8]) == -ErrorCode.RemoteUnregistered
     # Nobody listening at that address: a negative code, no exception.
     assert initiator.batch_transfer_sync_write("127.0.0.1:1", [src.ctypes.data], [dst.ctypes.data], [8]) < 0
     assert initiator.last_error
@@ -157,7 +157,7 @@ def test_failed_transfers_return_negative_codes_and_write_nothing(pair):
     # A refused async submission raises (nothing was submitted, there is no batch id).
     with pytest.raises(KVTransferError) as e:
         initiator.batch_transfer_async_write(peer, [src.ctypes.data], [elsewhere.ctypes.data], [8])
-    assert e.value.code == ErrorCode.UnregisteredAddress and e.value.message
+    assert e.value.code == ErrorCode.RemoteUnregistered and e.value.message
 
     # Usage errors are exceptions, not codes.
     with pytest.raises(ValueError):
