@@ -88,3 +88,26 @@ fn bad_kv_options_are_refused() {
     assert!(!ok);
     assert!(stderr.contains("--role loopback"), "{stderr}");
 }
+
+/// Regression: 8 KiB pages over TCP leave part of the next frame header buffered after a small
+/// frame, which once overflowed the frame reader's arithmetic (panic in debug, a bad slice in
+/// release).
+#[test]
+fn llama_rooms_with_small_pages_verify() {
+    let (ok, stdout, stderr) = bench(&[
+        "--kv",
+        "llama-70b-tp8",
+        "--pages",
+        "64",
+        "--rooms",
+        "5",
+        "--json",
+        "--transport",
+        "tcp",
+    ]);
+    assert!(ok, "bench failed:\n{stdout}\n{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["buffers"], 160);
+    assert_eq!(v["verified"], true);
+    assert!(num(&v, "gbps") > 0.0, "{v}");
+}

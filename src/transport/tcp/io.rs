@@ -135,12 +135,13 @@ impl FrameReader {
             if self.cur.is_none() {
                 // After a large frame, read just the next header: its payload is probably large
                 // too and is better read straight into place than through the buffer.
+                let have = self.end - self.start;
                 let max = if self.header_only {
-                    FRAME_HEADER_LEN - (self.end - self.start)
+                    FRAME_HEADER_LEN.saturating_sub(have)
                 } else {
                     usize::MAX
                 };
-                if self.end - self.start < FRAME_HEADER_LEN && !self.fill(s, max)? {
+                if have < FRAME_HEADER_LEN && !self.fill(s, max)? {
                     return Ok(frames);
                 }
                 if self.end - self.start < FRAME_HEADER_LEN {
@@ -175,7 +176,7 @@ impl FrameReader {
             self.start = 0;
         }
         loop {
-            let stop = self.buf.len().min(self.end + max);
+            let stop = self.buf.len().min(self.end.saturating_add(max));
             match s.read(&mut self.buf[self.end..stop]) {
                 Ok(0) => {
                     return Err(io::Error::new(
