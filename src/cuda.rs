@@ -404,6 +404,8 @@ impl Drop for PinnedBuf {
 /// (the host-emulated device of the tests).
 pub(crate) enum Bounce {
     Pinned(PinnedBuf),
+    /// Only the host-emulated device of the tests makes these.
+    #[cfg_attr(not(test), allow(dead_code))]
     Heap(Vec<u8>),
 }
 
