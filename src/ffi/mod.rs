@@ -104,6 +104,11 @@ pub const KVT_ERR_LAYOUT_MISMATCH: i32 = -29;
 pub const KVT_ERR_ROOM_FAILED: i32 = -30;
 /// The operation does not fit the room's current state.
 pub const KVT_ERR_ROOM_STATE: i32 = -31;
+/// CUDA is unavailable (no driver library, no GPU, driver too old); GPU memory cannot be
+/// registered.
+pub const KVT_ERR_CUDA_UNAVAILABLE: i32 = -32;
+/// A CUDA driver call failed.
+pub const KVT_ERR_CUDA: i32 = -33;
 
 /// The version of the C ABI this library implements; compare it with the header's
 /// `KVT_ABI_VERSION` at start-up.
@@ -300,14 +305,26 @@ mod tests {
                     op: "send",
                 },
             ),
+            (
+                KVT_ERR_CUDA_UNAVAILABLE,
+                Error::CudaUnavailable { reason: "r".into() },
+            ),
+            (
+                KVT_ERR_CUDA,
+                Error::Cuda {
+                    call: "cuInit",
+                    code: 100,
+                    name: "CUDA_ERROR_NO_DEVICE".into(),
+                },
+            ),
         ];
         for (status, e) in &pairs {
             assert_eq!(*status, -e.code(), "{e:?}");
         }
-        // One constant per code 1..=31, none left out.
+        // One constant per code 1..=33, none left out.
         let mut codes: Vec<i32> = pairs.iter().map(|(s, _)| -s).collect();
         codes.sort();
-        assert_eq!(codes, (1..=31).collect::<Vec<_>>());
+        assert_eq!(codes, (1..=33).collect::<Vec<_>>());
     }
 
     #[test]
