@@ -197,6 +197,17 @@
 #define KVT_ERR_ROOM_STATE -31
 
 /**
+ * CUDA is unavailable (no driver library, no GPU, driver too old); GPU memory cannot be
+ * registered.
+ */
+#define KVT_ERR_CUDA_UNAVAILABLE -32
+
+/**
+ * A CUDA driver call failed.
+ */
+#define KVT_ERR_CUDA -33
+
+/**
  * No segment the peer registered covers the given peer address.
  */
 #define KVT_ERR_REMOTE_UNREGISTERED -34
@@ -524,6 +535,20 @@ int32_t kvt_engine_register(struct kvt_engine *e,
                             uint64_t addr,
                             uint64_t len,
                             uint32_t *out_segment);
+
+/**
+ * Registers GPU device memory `[addr, addr + len)` and stores its segment id in
+ * `*out_segment`. Unlike `kvt_engine_register`, which treats every address as host memory
+ * where CUDA is absent, this fails with `KVT_ERR_CUDA_UNAVAILABLE` there, and with
+ * `KVT_ERR_INVALID_ARGUMENT` when the range is not device memory.
+ *
+ * # Safety
+ * As for `kvt_engine_register`, for device memory.
+ */
+int32_t kvt_engine_register_device(struct kvt_engine *e,
+                                   uint64_t addr,
+                                   uint64_t len,
+                                   uint32_t *out_segment);
 
 /**
  * Unregisters a segment; `KVT_ERR_SEGMENT_BUSY` while transfers use it.

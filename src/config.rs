@@ -15,6 +15,7 @@
 //! | `devices` | `KVT_DEVICES` | all active ports (`mlx5_0,mlx5_3` or `dev:port`) |
 //! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
 //! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
+//! | `gpu_mode` | `KVT_GPU_MODE` | `auto` (`auto`, `dmabuf`, `peermem`, `staging`) |
 //!
 //! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
 //! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
@@ -63,6 +64,52 @@ impl FromStr for TransportKind {
     }
 }
 
+/// How GPU device memory is registered (host memory is unaffected by this choice).
+///
+/// `Auto` tries, per segment, dmabuf, then peermem, then host staging, logging why each
+/// preferred mode failed; a forced mode that fails makes the registration fail. On TCP, device
+/// segments always go through staging whatever the choice (there is no NIC to give them to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuMode {
+    /// dmabuf → peermem → staging, the first that works.
+    #[default]
+    Auto,
+    /// `cuMemGetHandleForAddressRange` + `ibv_reg_dmabuf_mr` only.
+    Dmabuf,
+    /// `ibv_reg_mr` on the device pointer only (needs the nvidia-peermem kernel module).
+    Peermem,
+    /// No GPUDirect: copies through pinned host bounce buffers.
+    Staging,
+}
+
+impl GpuMode {
+    /// Lower-case name (`auto`, `dmabuf`, `peermem`, `staging`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuMode::Auto => "auto",
+            GpuMode::Dmabuf => "dmabuf",
+            GpuMode::Peermem => "peermem",
+            GpuMode::Staging => "staging",
+        }
+    }
+}
+
+impl FromStr for GpuMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(GpuMode::Auto),
+            "dmabuf" => Ok(GpuMode::Dmabuf),
+            "peermem" => Ok(GpuMode::Peermem),
+            "staging" => Ok(GpuMode::Staging),
+            other => Err(invalid(
+                "gpu_mode",
+                format!("{other:?} is not auto, dmabuf, peermem or staging"),
+            )),
+        }
+    }
+}
+
 /// Configuration of one [`TransferEngine`](crate::TransferEngine).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -93,6 +140,8 @@ pub struct EngineConfig {
     pub gid_index: Option<u16>,
     /// RC queue pairs per (peer, rail) pair.
     pub qps_per_rail: usize,
+    /// How GPU memory is registered (see [`GpuMode`]).
+    pub gpu_mode: GpuMode,
 }
 
 impl Default for EngineConfig {
@@ -111,6 +160,7 @@ impl Default for EngineConfig {
             devices: None,
             gid_index: None,
             qps_per_rail: 2,
+            gpu_mode: GpuMode::Auto,
         }
     }
 }
@@ -228,6 +278,11 @@ impl EngineConfigBuilder {
         self.config.qps_per_rail = n;
         self
     }
+    /// How GPU memory is registered.
+    pub fn gpu_mode(mut self, mode: GpuMode) -> Self {
+        self.config.gpu_mode = mode;
+        self
+    }
     /// Log filter.
     pub fn log_level(mut self, level: impl Into<String>) -> Self {
         self.config.log_level = level.into();
@@ -290,6 +345,9 @@ impl EngineConfigBuilder {
             }
             if let Some(v) = get("KVT_QPS_PER_RAIL") {
                 c.qps_per_rail = parse_num("KVT_QPS_PER_RAIL", &v)? as usize;
+            }
+            if let Some(v) = get("KVT_GPU_MODE") {
+                c.gpu_mode = v.parse()?;
             }
             Ok(())
         };
@@ -368,6 +426,7 @@ mod tests {
             ("KVT_DEVICES", "mlx5_0, mlx5_3:1"),
             ("KVT_GID_INDEX", "3"),
             ("KVT_QPS_PER_RAIL", "4"),
+            ("KVT_GPU_MODE", "Staging"),
         ]
         .into();
         let c = EngineConfig::builder()
@@ -388,6 +447,7 @@ mod tests {
         );
         assert_eq!(c.gid_index, Some(3));
         assert_eq!(c.qps_per_rail, 4);
+        assert_eq!(c.gpu_mode, GpuMode::Staging);
     }
 
     #[test]
@@ -396,6 +456,18 @@ mod tests {
             .overrides_from(|k| (k == "KVT_TRANSPORT").then(|| "ib".into()))
             .build();
         assert!(matches!(e, Err(Error::InvalidConfig { ref field, .. }) if field == "transport"));
+        let e = EngineConfig::builder()
+            .overrides_from(|k| (k == "KVT_GPU_MODE").then(|| "gdr".into()))
+            .build();
+        assert!(matches!(e, Err(Error::InvalidConfig { ref field, .. }) if field == "gpu_mode"));
+        for m in [
+            GpuMode::Auto,
+            GpuMode::Dmabuf,
+            GpuMode::Peermem,
+            GpuMode::Staging,
+        ] {
+            assert_eq!(m.as_str().parse::<GpuMode>().unwrap(), m);
+        }
         let e = EngineConfig::builder()
             .overrides_from(|k| (k == "KVT_SLICE_SIZE").then(|| "lots".into()))
             .build();

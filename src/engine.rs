@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::batch::Batch;
-use crate::config::{EngineConfig, TransportKind};
+use crate::config::{EngineConfig, GpuMode, TransportKind};
+use crate::cuda::{self, Placement};
 use crate::error::{Error, Result};
 use crate::memory::raw::RawAlloc;
-use crate::memory::{MemoryKind, SegmentGuard, SegmentId, SegmentInfo, SegmentTable};
+use crate::memory::{
+    MemoryKind, Placed, RegMode, SegmentDetails, SegmentGuard, SegmentId, SegmentInfo, SegmentTable,
+};
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Request};
 use crate::transport::fence::RoomFences;
@@ -197,6 +200,14 @@ impl TransferEngine {
 
     /// Registers caller-owned memory `[addr, addr + len)` so transfers may use it.
     ///
+    /// The address is classified first ([`cuda::classify`]): host memory is registered as
+    /// is; GPU memory is registered in the mode [`EngineConfig::gpu_mode`] asks for — over RDMA
+    /// dmabuf, then peermem (the first that works, each failure logged with its reason), or the
+    /// forced one, whose failure is this call's error; over TCP always through host staging.
+    /// [`segment_info`](Self::segment_info) reports the mode chosen. Where CUDA is absent every
+    /// address is host memory, so a device pointer cannot be told apart (see
+    /// [`register_device_memory`](Self::register_device_memory) for a call that insists).
+    ///
     /// # Safety
     /// The range must be valid, mapped memory for as long as it stays registered, and the
     /// caller must not read or write a part of it while a transfer that writes that part is in
@@ -207,9 +218,43 @@ impl TransferEngine {
             segment = info.id.0,
             addr = format_args!("{:#x}", info.base),
             len,
+            mode = self
+                .inner
+                .segments
+                .details(info.id)
+                .map(|d| d.mode.as_str())
+                .unwrap_or("?"),
             "registered"
         );
         Ok(info)
+    }
+
+    /// Registers GPU device memory, as [`register_memory`](Self::register_memory) does, but
+    /// fails with [`Error::CudaUnavailable`] where CUDA is absent and with
+    /// [`Error::InvalidArgument`] when the range is not device memory, instead of treating it
+    /// as host memory.
+    ///
+    /// # Safety
+    /// As for [`register_memory`](Self::register_memory): the device range stays allocated
+    /// while registered and is not touched while a transfer that writes it is in flight.
+    pub unsafe fn register_device_memory(&self, addr: u64, len: usize) -> Result<SegmentInfo> {
+        cuda::available()?;
+        let placement = cuda::classify(addr, len as u64)?;
+        if !placement.is_device() {
+            return Err(Error::InvalidArgument(format!(
+                "[{addr:#x}, +{len}) is {placement} memory, not GPU memory"
+            )));
+        }
+        self.inner.register_device(addr, len as u64, placement)
+    }
+
+    /// Placement, registration mode and rails of local segment `id`.
+    pub fn segment_info(&self, id: SegmentId) -> Result<SegmentDetails> {
+        let mut d = self.inner.segments.details(id)?;
+        if let Some(r) = &self.inner.rdma {
+            d.rails = r.keys(id.0).iter().map(|k| k.rail).collect();
+        }
+        Ok(d)
     }
 
     /// Unregisters a segment. Refused with [`Error::SegmentBusy`] while transfers use it.
@@ -225,7 +270,9 @@ impl TransferEngine {
             });
         }
         let mem = RawAlloc::zeroed(len).map_err(|e| Error::io("alloc", e))?;
-        let info = self.inner.register(mem.addr(), len as u64)?;
+        let info = self
+            .inner
+            .register_host(mem.addr(), len as u64, Placement::Host)?;
         Ok(HostBuffer {
             mem: Some(mem),
             info,
@@ -390,9 +437,30 @@ impl Drop for TransferEngine {
 }
 
 impl Engine {
-    /// Registers a segment in the table and, with RDMA, on every rail.
+    /// Classifies `[addr, addr + len)` and registers it as host or device memory.
     fn register(&self, addr: u64, len: u64) -> Result<SegmentInfo> {
-        let info = self.segments.register(addr, len, MemoryKind::Host)?;
+        if len == 0 {
+            return Err(Error::ZeroLength {
+                what: "registration",
+            });
+        }
+        let placement = cuda::classify(addr, len)?;
+        if placement.is_device() {
+            self.register_device(addr, len, placement)
+        } else {
+            self.register_host(addr, len, placement)
+        }
+    }
+
+    /// Registers host memory in the table and, with RDMA, on every rail.
+    fn register_host(&self, addr: u64, len: u64, placement: Placement) -> Result<SegmentInfo> {
+        let placed = Placed {
+            placement,
+            ..Placed::host()
+        };
+        let info = self
+            .segments
+            .register_placed(addr, len, MemoryKind::Host, placed)?;
         if let Some(r) = &self.rdma {
             if let Err(e) = r.register(&info) {
                 let _ = self.segments.unregister(info.id);
@@ -400,6 +468,103 @@ impl Engine {
             }
         }
         Ok(info)
+    }
+
+    /// Registers GPU memory: over TCP through staging; over RDMA in the configured mode, or
+    /// dmabuf → peermem → staging for `auto`, logging each failure before falling back.
+    fn register_device(&self, addr: u64, len: u64, placement: Placement) -> Result<SegmentInfo> {
+        let Placement::Device { ordinal, .. } = placement else {
+            return self.register_host(addr, len, placement);
+        };
+        let Some(r) = &self.rdma else {
+            if !matches!(self.config.gpu_mode, GpuMode::Auto | GpuMode::Staging) {
+                tracing::info!(
+                    gpu_mode = self.config.gpu_mode.as_str(),
+                    "TCP moves GPU memory through host staging; gpu_mode applies to RDMA only"
+                );
+            }
+            let placed = Placed {
+                placement: placement.clone(),
+                mode: RegMode::Staging,
+                staging: Some(cuda::staging(ordinal)?),
+            };
+            let info = self
+                .segments
+                .register_placed(addr, len, MemoryKind::Gpu, placed)?;
+            tracing::info!(segment = info.id.0, %placement, mode = "staging", "GPU memory registered");
+            return Ok(info);
+        };
+        let order: &[RegMode] = match self.config.gpu_mode {
+            GpuMode::Auto => &[RegMode::Dmabuf, RegMode::Peermem, RegMode::Staging],
+            GpuMode::Dmabuf => &[RegMode::Dmabuf],
+            GpuMode::Peermem => &[RegMode::Peermem],
+            GpuMode::Staging => &[RegMode::Staging],
+        };
+        let placed = Placed {
+            placement: placement.clone(),
+            mode: order[0],
+            staging: None,
+        };
+        let info = self
+            .segments
+            .register_placed(addr, len, MemoryKind::Gpu, placed)?;
+        let mut last = None;
+        for (i, &mode) in order.iter().enumerate() {
+            let attempt = match mode {
+                RegMode::Dmabuf => cuda::export_dmabuf(ordinal, addr, len).and_then(|x| {
+                    use std::os::fd::AsFd;
+                    // The MRs keep the dma-buf referenced; the fd closes when `x` drops.
+                    r.register_from(&info, Some((x.fd.as_fd(), x.offset)))
+                }),
+                RegMode::Peermem => r.register(&info),
+                RegMode::Staging | RegMode::Host => Err(Error::TransportUnavailable {
+                    transport: "rdma",
+                    reason: "staging GPU memory over RDMA is not implemented yet; use \
+                             GPUDirect (dmabuf or peermem) or transport tcp"
+                        .into(),
+                }),
+            };
+            match attempt {
+                Ok(_) => {
+                    self.segments.set_mode(info.id, mode);
+                    tracing::info!(segment = info.id.0, %placement, %mode, "GPU memory registered");
+                    return Ok(info);
+                }
+                Err(e) => {
+                    if let Some(next) = order.get(i + 1) {
+                        tracing::warn!(segment = info.id.0, %placement,
+                            "GPU registration mode {mode} failed, falling back to {next}: {e}");
+                    } else {
+                        tracing::warn!(segment = info.id.0, %placement,
+                            "GPU registration mode {mode} failed: {e}");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        let _ = self.segments.unregister(info.id);
+        Err(last.expect("at least one mode was tried"))
+    }
+
+    /// Registers host memory as if it were GPU memory reached through staging, with `copier`
+    /// standing in for the device copies: drives the staging paths on hosts without a GPU.
+    #[cfg(test)]
+    pub(crate) fn register_emulated_device(
+        &self,
+        addr: u64,
+        len: u64,
+        copier: Arc<dyn crate::cuda::DeviceCopy>,
+    ) -> Result<SegmentInfo> {
+        let placed = Placed {
+            placement: Placement::Device {
+                ordinal: 0,
+                pci_bus_id: "emulated".into(),
+            },
+            mode: RegMode::Staging,
+            staging: Some(copier),
+        };
+        self.segments
+            .register_placed(addr, len, MemoryKind::Gpu, placed)
     }
 
     fn unregister(&self, id: SegmentId) -> Result<()> {
@@ -975,5 +1140,103 @@ impl Drop for HostBuffer {
                 std::mem::forget(self.mem.take());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod staging_tests {
+    //! GPU segments in staging mode over TCP, with host memory standing in for the device
+    //! (`HostEmulatedDevice` copies with memcpy): the frames, bounce buffers, chunking and
+    //! landing are the ones a real GPU uses; only the copy itself differs.
+    use super::*;
+    use crate::cuda::{HostEmulatedDevice, STAGE_CHUNK};
+    use crate::request::Request;
+    use std::sync::atomic::Ordering;
+
+    fn engine() -> TransferEngine {
+        TransferEngine::new(
+            EngineConfig::builder()
+                .transport(TransportKind::Tcp)
+                .slice_size(8 << 20)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn gpu_to_gpu_over_tcp_through_staging() {
+        let (target, initiator) = (engine(), engine());
+        // Larger than one bounce buffer and than one slice, so both split.
+        let len = 2 * STAGE_CHUNK + STAGE_CHUNK / 2 + 4096 + 17;
+        let src = RawAlloc::zeroed(len).unwrap();
+        let dst = RawAlloc::zeroed(len).unwrap();
+        let back = initiator.alloc(len).unwrap();
+        let (dev_src, dev_dst) = (
+            Arc::new(HostEmulatedDevice::default()),
+            Arc::new(HostEmulatedDevice::default()),
+        );
+        let s = initiator
+            .inner
+            .register_emulated_device(src.addr(), len as u64, dev_src.clone())
+            .unwrap();
+        let d = target
+            .inner
+            .register_emulated_device(dst.addr(), len as u64, dev_dst.clone())
+            .unwrap();
+        let details = target.segment_info(d.id).unwrap();
+        assert_eq!(details.mode, RegMode::Staging);
+        assert!(details.placement.is_device());
+        assert_eq!(details.info.kind, MemoryKind::Gpu);
+        let data = pattern(len, 3);
+        src.write_at(0, &data);
+        let peer = initiator.connect(target.local_addr()).unwrap();
+        // One big write plus scattered small pages (KV-page shaped), device → device.
+        let mut reqs = vec![Request::write(src.addr(), (len - 8192) as u64, d.id, 0)];
+        for p in 0..2u64 {
+            let off = (len - 8192) as u64 + p * 4096;
+            reqs.push(Request::write(src.addr() + off, 4096, d.id, off));
+        }
+        initiator.transfer_sync(peer, &reqs).unwrap();
+        let mut got = vec![0u8; len];
+        dst.read_at(0, &mut got);
+        assert!(got == data, "device → TCP → device bytes differ");
+        assert!(dev_src.copies.load(Ordering::Relaxed) >= 3, "D2H copies");
+        assert!(dev_dst.copies.load(Ordering::Relaxed) >= 3, "H2D copies");
+
+        // Read the device segment back into host memory (target D2H through staging).
+        initiator
+            .transfer_sync(peer, &[Request::read(back.addr(), len as u64, d.id, 0)])
+            .unwrap();
+        assert!(back.to_vec() == data, "device → host read differs");
+
+        // Host → device at an offset, and a read from the peer's device into a local device.
+        let host = target.alloc(8192).unwrap();
+        host.write(0, &pattern(8192, 9));
+        let peer_back = target.connect(initiator.local_addr()).unwrap();
+        target
+            .transfer_sync(
+                peer_back,
+                &[
+                    Request::write(host.addr(), 8192, s.id, 4096),
+                    Request::read(dst.addr() + 100, 5000, s.id, 20_000),
+                ],
+            )
+            .unwrap();
+        let mut page = vec![0u8; 8192];
+        src.read_at(4096, &mut page);
+        assert!(page == pattern(8192, 9), "host → device write differs");
+        let mut part = vec![0u8; 5000];
+        dst.read_at(100, &mut part);
+        assert!(
+            part == data[20_000..25_000],
+            "device read into a device differs"
+        );
     }
 }

@@ -244,6 +244,23 @@ pub enum Error {
         /// What was attempted.
         op: &'static str,
     },
+    /// CUDA cannot be used here: the driver library is missing, has no device, or is too old.
+    /// GPU memory cannot be registered; host memory works as before.
+    #[error("CUDA unavailable: {reason}")]
+    CudaUnavailable {
+        /// Why (e.g. `libcuda.so.1 not found`).
+        reason: String,
+    },
+    /// A CUDA driver call failed.
+    #[error("{call} failed: {name} ({code})")]
+    Cuda {
+        /// The driver call.
+        call: &'static str,
+        /// Its `CUresult` value.
+        code: i32,
+        /// The `CUresult` name (e.g. `CUDA_ERROR_INVALID_VALUE`).
+        name: String,
+    },
 }
 
 impl Error {
@@ -281,6 +298,8 @@ impl Error {
             Error::LayoutMismatch { .. } => 29,
             Error::RoomFailed { .. } => 30,
             Error::RoomState { .. } => 31,
+            Error::CudaUnavailable { .. } => 32,
+            Error::Cuda { .. } => 33,
             Error::RemoteUnregistered { .. } => 34,
         }
     }
@@ -382,6 +401,12 @@ mod tests {
                 state: "Bootstrapping",
                 op: "send",
             },
+            Error::CudaUnavailable { reason: "r".into() },
+            Error::Cuda {
+                call: "cuInit",
+                code: 100,
+                name: "CUDA_ERROR_NO_DEVICE".into(),
+            },
             Error::RemoteUnregistered { addr: 0, len: 1 },
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
@@ -390,5 +415,10 @@ mod tests {
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), n, "every variant has its own code");
+        assert_eq!(
+            codes.last(),
+            Some(&34),
+            "codes are dense and appended at the end"
+        );
     }
 }

@@ -11,6 +11,7 @@
 
 pub(crate) mod batch;
 pub mod config;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod ffi;
@@ -22,13 +23,14 @@ pub mod topology;
 pub(crate) mod transport;
 pub mod wire;
 
-pub use config::{EngineConfig, EngineConfigBuilder, TransportKind};
+pub use config::{EngineConfig, EngineConfigBuilder, GpuMode, TransportKind};
+pub use cuda::Placement;
 pub use engine::{HostBuffer, PeerId, PeerInfo, TransferEngine};
 pub use error::{Error, Result};
 pub use kv::{
     KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender, RoomMetrics,
 };
-pub use memory::{MemoryKind, SegmentId, SegmentInfo};
+pub use memory::{MemoryKind, RegMode, SegmentDetails, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
 pub use transport::rdma::Notification;
 

@@ -56,11 +56,13 @@ fn rxe_fabric_gives_four_rdma_rails_on_gid_index_1() {
     assert!(table.contains("rxeA0"), "{table}");
     assert!(table.contains("::ffff:198.18.0.1 (RoCE v2)"), "{table}");
     assert!(
-        table.ends_with(
+        table.contains(
             "transport auto: rdma (4 usable rails: rxeA0:1, rxeA1:1, rxeB0:1, rxeB1:1)\n"
         ),
         "{table}"
     );
+    let last = table.lines().last().unwrap_or("");
+    assert!(last.starts_with("GPU memory: "), "{table}");
 }
 
 #[test]
@@ -107,6 +109,30 @@ fn no_verbs_means_tcp_with_the_reason() {
     assert!(
         table.contains("transport auto: tcp (RDMA unavailable: the kernel has no RDMA support"),
         "{table}"
+    );
+}
+
+#[test]
+fn gpu_memory_line_says_why_cuda_is_unusable() {
+    if std::env::var_os("KVT_TEST_GPU").is_some() {
+        return;
+    }
+    let sysfs = fixture("no-verbs");
+    let table = stdout(&devices(&["--sysfs", sysfs.to_str().unwrap()]));
+    assert!(
+        table.contains(
+            "GPU memory: CUDA unavailable (libcuda.so.1 not found (no NVIDIA driver on the loader \
+             path)); GPU segments cannot be registered"
+        ),
+        "{table}"
+    );
+    let v = json(&["--sysfs", sysfs.to_str().unwrap()]);
+    assert_eq!(v["gpu"]["available"], false);
+    assert!(
+        v["gpu"]["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("libcuda.so.1 not found")),
+        "{v:#}"
     );
 }
 

@@ -227,6 +227,38 @@ pub unsafe extern "C" fn kvt_engine_register(
     })
 }
 
+/// Registers GPU device memory `[addr, addr + len)` and stores its segment id in
+/// `*out_segment`. Unlike `kvt_engine_register`, which treats every address as host memory
+/// where CUDA is absent, this fails with `KVT_ERR_CUDA_UNAVAILABLE` there, and with
+/// `KVT_ERR_INVALID_ARGUMENT` when the range is not device memory.
+///
+/// # Safety
+/// As for `kvt_engine_register`, for device memory.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_register_device(
+    e: *mut kvt_engine,
+    addr: u64,
+    len: u64,
+    out_segment: *mut u32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let out = unsafe { out_param(out_segment, "out_segment") }?;
+        if addr == 0 {
+            return Err(Error::InvalidArgument("addr is NULL".into()));
+        }
+        let len = usize::try_from(len)
+            .map_err(|_| Error::InvalidArgument(format!("len {len} does not fit in memory")))?;
+        // SAFETY: the caller keeps the device range allocated while registered and respects
+        // transfers in flight.
+        let info = unsafe { e.engine.register_device_memory(addr, len) }?;
+        out.write(info.id.0);
+        Ok(())
+    })
+}
+
 /// Unregisters a segment; `KVT_ERR_SEGMENT_BUSY` while transfers use it.
 ///
 /// # Safety
@@ -322,6 +354,33 @@ mod tests {
             got.devices,
             Some(vec!["mlx5_0".to_string(), "mlx5_3:1".to_string()])
         );
+    }
+
+    #[test]
+    fn device_registration_without_cuda_is_minus_32_with_a_message() {
+        if std::env::var_os("KVT_TEST_GPU").is_some() {
+            return;
+        }
+        let mut c = cfg();
+        c.transport = KVT_TRANSPORT_TCP;
+        let mut e: *mut kvt_engine = std::ptr::null_mut();
+        // SAFETY: a live config and a writable out-pointer.
+        assert_eq!(unsafe { kvt_engine_create(&c, &mut e) }, crate::ffi::KVT_OK);
+        let mut seg = u32::MAX;
+        // Any address: without CUDA nothing can be device memory, and nothing is touched.
+        // SAFETY: a live engine handle and a writable out-pointer.
+        let rc = unsafe { kvt_engine_register_device(e, 0x7f00_0000_0000, 4096, &mut seg) };
+        assert_eq!(rc, crate::ffi::KVT_ERR_CUDA_UNAVAILABLE);
+        assert_eq!(seg, u32::MAX, "out-parameter untouched on failure");
+        // SAFETY: read right after the failing call on this thread.
+        let msg = unsafe { std::ffi::CStr::from_ptr(crate::ffi::kvt_last_error_message()) };
+        let msg = msg.to_string_lossy();
+        assert!(
+            msg.contains("CUDA unavailable") && msg.contains("libcuda.so.1"),
+            "{msg}"
+        );
+        // SAFETY: the handle made above, destroyed once.
+        assert_eq!(unsafe { kvt_engine_destroy(e) }, crate::ffi::KVT_OK);
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub const KVT_ERR_LAYOUT_MISMATCH: i32 = -29;
 pub const KVT_ERR_ROOM_FAILED: i32 = -30;
 /// The operation does not fit the room's current state.
 pub const KVT_ERR_ROOM_STATE: i32 = -31;
+/// CUDA is unavailable (no driver library, no GPU, driver too old); GPU memory cannot be
+/// registered.
+pub const KVT_ERR_CUDA_UNAVAILABLE: i32 = -32;
+/// A CUDA driver call failed.
+pub const KVT_ERR_CUDA: i32 = -33;
 /// No segment the peer registered covers the given peer address.
 pub const KVT_ERR_REMOTE_UNREGISTERED: i32 = -34;
 
@@ -308,6 +313,18 @@ mod tests {
                 },
             ),
             (
+                KVT_ERR_CUDA_UNAVAILABLE,
+                Error::CudaUnavailable { reason: "r".into() },
+            ),
+            (
+                KVT_ERR_CUDA,
+                Error::Cuda {
+                    call: "cuInit",
+                    code: 100,
+                    name: "CUDA_ERROR_NO_DEVICE".into(),
+                },
+            ),
+            (
                 KVT_ERR_REMOTE_UNREGISTERED,
                 Error::RemoteUnregistered { addr: 0, len: 1 },
             ),
@@ -315,10 +332,10 @@ mod tests {
         for (status, e) in &pairs {
             assert_eq!(*status, -e.code(), "{e:?}");
         }
-        // One constant per code, none left out.
+        // One constant per code 1..=34, none left out.
         let mut codes: Vec<i32> = pairs.iter().map(|(s, _)| -s).collect();
         codes.sort();
-        assert_eq!(codes, (1..=31).chain([34]).collect::<Vec<_>>());
+        assert_eq!(codes, (1..=34).collect::<Vec<_>>());
     }
 
     #[test]

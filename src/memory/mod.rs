@@ -8,10 +8,11 @@ pub(crate) mod raw;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
+use crate::cuda::{DeviceCopy, Placement};
 use crate::error::{Error, Result};
 
 /// Numeric id of a segment, unique within its engine for the engine's lifetime.
@@ -32,6 +33,81 @@ pub enum MemoryKind {
     Host = 0,
     /// GPU device memory.
     Gpu = 1,
+}
+
+/// How a segment's memory was made reachable by the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RegMode {
+    /// Host memory: registered as is (`ibv_reg_mr`, or read and written in place on TCP).
+    Host = 0,
+    /// GPU memory exported as a dma-buf (`cuMemGetHandleForAddressRange`) and registered with
+    /// `ibv_reg_dmabuf_mr`, one fd shared by every rail.
+    Dmabuf = 1,
+    /// GPU memory registered with `ibv_reg_mr` on the device pointer (nvidia-peermem).
+    Peermem = 2,
+    /// GPU memory moved through pinned host bounce buffers with device copies (no GPUDirect).
+    Staging = 3,
+}
+
+impl RegMode {
+    /// Lower-case name (`host`, `dmabuf`, `peermem`, `staging`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegMode::Host => "host",
+            RegMode::Dmabuf => "dmabuf",
+            RegMode::Peermem => "peermem",
+            RegMode::Staging => "staging",
+        }
+    }
+
+    fn from_u8(v: u8) -> RegMode {
+        match v {
+            1 => RegMode::Dmabuf,
+            2 => RegMode::Peermem,
+            3 => RegMode::Staging,
+            _ => RegMode::Host,
+        }
+    }
+}
+
+impl std::fmt::Display for RegMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything the engine knows about one of its own segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentDetails {
+    /// What peers see.
+    pub info: SegmentInfo,
+    /// Where the memory lives, as CUDA reported it at registration.
+    pub placement: Placement,
+    /// How it was registered.
+    pub mode: RegMode,
+    /// RDMA rails it is registered on (empty on TCP).
+    pub rails: Vec<u16>,
+}
+
+/// Where a new segment lives and how the transport reaches it.
+#[derive(Debug, Clone)]
+pub(crate) struct Placed {
+    pub(crate) placement: Placement,
+    pub(crate) mode: RegMode,
+    /// Device copies for staging mode.
+    pub(crate) staging: Option<Arc<dyn DeviceCopy>>,
+}
+
+impl Placed {
+    /// Plain host memory.
+    pub(crate) fn host() -> Self {
+        Placed {
+            placement: Placement::Host,
+            mode: RegMode::Host,
+            staging: None,
+        }
+    }
 }
 
 /// Public description of a registered segment, local or remote.
@@ -70,11 +146,25 @@ impl SegmentInfo {
 pub(crate) struct Segment {
     pub(crate) info: SegmentInfo,
     in_flight: AtomicU64,
+    placement: Placement,
+    mode: AtomicU8,
+    staging: Option<Arc<dyn DeviceCopy>>,
 }
 
 impl Segment {
     pub(crate) fn addr(&self) -> u64 {
         self.info.base
+    }
+
+    /// Device copies when the segment is GPU memory reached through staging; `None` means its
+    /// bytes are host memory, read and written in place.
+    pub(crate) fn staging(&self) -> Option<&Arc<dyn DeviceCopy>> {
+        self.staging.as_ref()
+    }
+
+    /// How the segment is registered.
+    pub(crate) fn mode(&self) -> RegMode {
+        RegMode::from_u8(self.mode.load(Ordering::Acquire))
     }
 }
 
@@ -123,7 +213,20 @@ struct TableInner {
 
 impl SegmentTable {
     /// Registers `[addr, addr + len)`; rejects zero length, wrap-around and overlap.
+    #[cfg(test)]
     pub(crate) fn register(&self, addr: u64, len: u64, kind: MemoryKind) -> Result<SegmentInfo> {
+        self.register_placed(addr, len, kind, Placed::host())
+    }
+
+    /// Registers `[addr, addr + len)` with its placement and mode; rejects zero length,
+    /// wrap-around and overlap.
+    pub(crate) fn register_placed(
+        &self,
+        addr: u64,
+        len: u64,
+        kind: MemoryKind,
+        placed: Placed,
+    ) -> Result<SegmentInfo> {
         if len == 0 {
             return Err(Error::ZeroLength {
                 what: "registration",
@@ -159,6 +262,9 @@ impl SegmentTable {
         let seg = Arc::new(Segment {
             info: info.clone(),
             in_flight: AtomicU64::new(0),
+            placement: placed.placement,
+            mode: AtomicU8::new(placed.mode as u8),
+            staging: placed.staging,
         });
         t.by_base.insert(addr, seg.clone());
         t.by_id.insert(id, seg);
@@ -215,6 +321,28 @@ impl SegmentTable {
             .ok_or(Error::UnknownSegment { segment: id.0 })?;
         seg.info.check_range(offset, len)?;
         Ok(SegmentGuard::new(seg.clone()))
+    }
+
+    /// Records the mode a segment ended up registered with.
+    pub(crate) fn set_mode(&self, id: SegmentId, mode: RegMode) {
+        if let Some(s) = self.inner.read().by_id.get(&id.0) {
+            s.mode.store(mode as u8, Ordering::Release);
+        }
+    }
+
+    /// Placement and mode of segment `id` (rails are the transport's to add).
+    pub(crate) fn details(&self, id: SegmentId) -> Result<SegmentDetails> {
+        let t = self.inner.read();
+        let s = t
+            .by_id
+            .get(&id.0)
+            .ok_or(Error::UnknownSegment { segment: id.0 })?;
+        Ok(SegmentDetails {
+            info: s.info.clone(),
+            placement: s.placement.clone(),
+            mode: s.mode(),
+            rails: Vec::new(),
+        })
     }
 
     /// Describes every registered segment, in id order.

@@ -67,6 +67,7 @@ pub(crate) fn describe_remote_code(code: u16, hdr: &FrameHeader) -> String {
         7 => "range outside the segment",
         3 => "zero length",
         30 => "the receiving room was aborted",
+        33 => "staging the bytes into GPU memory failed",
         _ => "refused",
     };
     format!(

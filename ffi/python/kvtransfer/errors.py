@@ -40,6 +40,8 @@ class ErrorCode(IntEnum):
     LayoutMismatch = 29
     RoomFailed = 30
     RoomState = 31
+    CudaUnavailable = 32
+    Cuda = 33
     RemoteUnregistered = 34
 
 

@@ -72,6 +72,48 @@ pub(crate) fn run(a: DevicesArgs) -> Result<()> {
     Ok(())
 }
 
+/// What GPU memory would be registered as here: `(available, one-line summary)`.
+fn gpu_memory(verdict: &Verdict, a: &DevicesArgs) -> (bool, String) {
+    let mode = std::env::var("KVT_GPU_MODE")
+        .ok()
+        .and_then(|v| v.parse::<kvtransfer::GpuMode>().ok())
+        .unwrap_or_default();
+    match kvtransfer::cuda::driver_info() {
+        Err(kvtransfer::Error::CudaUnavailable { reason }) => (
+            false,
+            format!("CUDA unavailable ({reason}); GPU segments cannot be registered"),
+        ),
+        Err(e) => (false, format!("{e}; GPU segments cannot be registered")),
+        Ok((version, gpus)) => {
+            let driver = format!(
+                "{gpus} GPU{}, CUDA driver {}.{}",
+                if gpus == 1 { "" } else { "s" },
+                version / 1000,
+                version % 1000 / 10
+            );
+            if verdict.rails.is_empty() {
+                return (
+                    true,
+                    format!("{driver}; transport tcp: GPU segments go through host staging"),
+                );
+            }
+            let dmabuf = kvtransfer::cuda::dmabuf_export_supported().unwrap_or(false);
+            let peermem = a.sysfs.join("module/nvidia_peermem").exists();
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            (
+                true,
+                format!(
+                    "{driver}; rdma gpu_mode {}: dmabuf (driver exports dma-bufs: {}) → peermem \
+                     (nvidia_peermem loaded: {}) → staging (not over RDMA yet)",
+                    mode.as_str(),
+                    yes(dmabuf),
+                    yes(peermem)
+                ),
+            )
+        }
+    }
+}
+
 /// The rail a port would be, or why it is none.
 fn rail_of(
     port: &PortInfo,
@@ -150,6 +192,7 @@ fn print_table(ports: &[PortInfo], verdict: &Verdict, a: &DevicesArgs, unmatched
             verdict.rails.join(", ")
         );
     }
+    println!("GPU memory: {}", gpu_memory(verdict, a).1);
 }
 
 fn gid_json(g: &GidEntry) -> Value {
@@ -194,7 +237,9 @@ fn print_json(ports: &[PortInfo], verdict: &Verdict, a: &DevicesArgs, unmatched:
     } else {
         ("rdma", format!("{} usable rails", verdict.rails.len()))
     };
+    let (gpu_available, gpu_summary) = gpu_memory(verdict, a);
     let out = json!({
+        "gpu": { "available": gpu_available, "summary": gpu_summary },
         "transport": transport,
         "reason": reason,
         "rails": verdict.rails,

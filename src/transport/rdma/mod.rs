@@ -191,10 +191,23 @@ impl RdmaTransport {
 
     /// Registers a segment on every rail; returns its keys.
     pub(crate) fn register(&self, seg: &SegmentInfo) -> Result<Vec<RailKey>> {
+        self.register_from(seg, None)
+    }
+
+    /// Registers a segment on every rail, from its address (`ibv_reg_mr`, host memory or
+    /// peermem) or, with `dmabuf = (fd, offset)`, from a dma-buf (one fd for every rail).
+    pub(crate) fn register_from(
+        &self,
+        seg: &SegmentInfo,
+        dmabuf: Option<(std::os::fd::BorrowedFd<'_>, u64)>,
+    ) -> Result<Vec<RailKey>> {
         let mrs = self
             .rails
             .iter()
-            .map(|r| r.register(seg.base, seg.len))
+            .map(|r| match dmabuf {
+                None => r.register(seg.base, seg.len),
+                Some((fd, offset)) => r.register_dmabuf(fd, offset, seg.len, seg.base),
+            })
             .collect::<Result<Vec<_>>>()?;
         let keys = mrs
             .iter()

@@ -153,6 +153,26 @@ impl Rail {
         unsafe { self.pd.reg_mr(addr as usize, len as usize, access) }.map_err(verbs("ibv_reg_mr"))
     }
 
+    /// Registers `len` bytes of the dma-buf `fd` from `offset`, addressed by peers as `iova`
+    /// (the device address, so remote offsets work as for `ibv_reg_mr`).
+    pub(crate) fn register_dmabuf(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        iova: u64,
+    ) -> Result<Arc<MemoryRegion>> {
+        use std::os::fd::AsRawFd;
+        let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead;
+        // SAFETY: `fd` is a live dma-buf exported by the CUDA driver for a device segment the
+        // engine just accepted; the MR is dropped before the segment is reported unregistered.
+        unsafe {
+            self.pd
+                .reg_dmabuf_mr(offset, len as usize, iova, fd.as_raw_fd(), access)
+        }
+        .map_err(verbs("ibv_reg_dmabuf_mr"))
+    }
+
     /// Creates an RC QP on this rail (in RESET).
     pub(crate) fn create_qp(
         self: &Arc<Self>,

@@ -280,21 +280,37 @@ impl TcpConn {
             .encode()
         });
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2 + 1);
+        let mut sent = Ok(());
         for (s, h) in work.slices.iter().zip(&headers) {
             iov.push(IoSlice::new(h));
             if s.op == Op::Write {
                 let guard = work.guard_for(s.local_addr, s.len);
-                iov.push(IoSlice::new(raw::bytes(
-                    guard,
-                    s.local_addr,
-                    s.len as usize,
-                )));
+                match guard.segment().staging() {
+                    None => iov.push(IoSlice::new(raw::bytes(
+                        guard,
+                        s.local_addr,
+                        s.len as usize,
+                    ))),
+                    Some(device) => {
+                        // GPU memory without GPUDirect: what is queued goes first, then the
+                        // payload, copied to a bounce buffer piece by piece.
+                        sent = write_all_nb(w, &mut iov, self.stall).and_then(|()| {
+                            send_staged(w, device.as_ref(), s.local_addr, s.len, self.stall)
+                        });
+                        iov.clear();
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                }
             }
         }
-        if let Some(n) = &notify {
-            iov.push(IoSlice::new(n));
+        if sent.is_ok() {
+            if let Some(n) = &notify {
+                iov.push(IoSlice::new(n));
+            }
+            sent = write_all_nb(w, &mut iov, self.stall);
         }
-        let sent = write_all_nb(w, &mut iov, self.stall);
         tracing::trace!(
             batch = batch_id,
             slices = work.slices.len(),
@@ -483,6 +499,30 @@ impl TcpConn {
     }
 }
 
+/// Writes `len` bytes of GPU memory at `addr` through a staging bounce buffer.
+fn send_staged(
+    w: &mut TcpStream,
+    device: &dyn crate::cuda::DeviceCopy,
+    addr: u64,
+    len: u64,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut buf = device
+        .bounce()
+        .map_err(|e| io::Error::other(format!("no staging buffer: {e}")))?;
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        device
+            .to_host(addr + done, &mut buf[..n])
+            .map_err(|e| io::Error::other(format!("staging copy from the GPU failed: {e}")))?;
+        write_all_nb(w, &mut [IoSlice::new(&buf[..n])], stall)?;
+        done += n as u64;
+    }
+    device.recycle(buf);
+    Ok(())
+}
+
 struct Handler<'a> {
     conn: &'a TcpConn,
     current_read: &'a mut Option<PendingRead>,
@@ -517,11 +557,7 @@ impl FrameHandler for Handler<'_> {
                             hdr.len, r.len
                         )));
                     }
-                    Sink::Memory {
-                        guard: r.guard.clone(),
-                        addr: r.addr,
-                        batch: Some(r.batch.clone()),
-                    }
+                    Sink::memory(r.guard.clone(), r.addr, Some(r.batch.clone()))
                 } else {
                     Sink::Discard
                 };
@@ -537,15 +573,12 @@ impl FrameHandler for Handler<'_> {
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
         // A read's pin goes before its unit completes: completion may unregister the memory.
-        let collected = match sink {
-            Sink::Collect(v) => Some(v),
-            other => {
-                drop(other);
-                None
-            }
+        let (collected, landed) = match sink {
+            Sink::Collect(v) => (Some(v), Ok(())),
+            other => (None, other.land()),
         };
         let result = if hdr.status == 0 {
-            Ok(())
+            landed
         } else {
             Err(describe_remote_code(hdr.status, hdr))
         };

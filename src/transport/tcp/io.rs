@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::batch::Batch;
+use crate::cuda::{Bounce, DeviceCopy};
 use crate::memory::{SegmentGuard, raw};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 
@@ -72,10 +73,140 @@ pub(crate) enum Sink {
         addr: u64,
         batch: Option<Arc<Batch>>,
     },
+    /// Into GPU memory reached through staging: through a bounce buffer, copied to the device
+    /// each time it fills and when the frame ends (see [`Sink::land`]).
+    Staged(Box<Staged>),
     /// Read and thrown away.
     Discard,
     /// Collected into a buffer (small control payloads).
     Collect(Vec<u8>),
+}
+
+impl Sink {
+    /// Where a payload for `[addr, ..)` of the guarded segment goes: in place for host memory,
+    /// through a bounce buffer for GPU memory registered in staging mode.
+    pub(crate) fn memory(guard: SegmentGuard, addr: u64, batch: Option<Arc<Batch>>) -> Sink {
+        match guard.segment().staging().cloned() {
+            None => Sink::Memory { guard, addr, batch },
+            Some(device) => Sink::Staged(Box::new(Staged {
+                guard,
+                addr,
+                batch,
+                device,
+                buf: None,
+                filled: 0,
+                landed: 0,
+                error: None,
+            })),
+        }
+    }
+
+    /// Finishes a completely read frame: a staged payload's last bytes go to the device.
+    /// `Err` says why a staged payload did not (fully) land.
+    pub(crate) fn land(self) -> Result<(), String> {
+        match self {
+            Sink::Staged(mut st) => {
+                st.flush();
+                if let Some(b) = st.buf.take() {
+                    st.device.recycle(b);
+                }
+                match st.error.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A payload on its way to GPU memory through a bounce buffer.
+pub(crate) struct Staged {
+    guard: SegmentGuard,
+    /// Device address the frame's payload starts at.
+    addr: u64,
+    batch: Option<Arc<Batch>>,
+    device: Arc<dyn DeviceCopy>,
+    buf: Option<Bounce>,
+    /// Bytes waiting in `buf`.
+    filled: usize,
+    /// Payload bytes already copied to the device.
+    landed: u64,
+    /// The first failure; later bytes are dropped.
+    error: Option<String>,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("segment", &self.guard.segment().info.id)
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("landed", &self.landed)
+            .finish()
+    }
+}
+
+impl Staged {
+    /// The free part of the bounce buffer (allocated on first use); `None` after a failure.
+    fn space(&mut self) -> Option<&mut [u8]> {
+        if self.error.is_some() {
+            return None;
+        }
+        if self.buf.is_none() {
+            match self.device.bounce() {
+                Ok(b) => self.buf = Some(b),
+                Err(e) => {
+                    self.error = Some(format!("no staging buffer: {e}"));
+                    return None;
+                }
+            }
+        }
+        let filled = self.filled;
+        self.buf.as_mut().map(|b| &mut b[filled..])
+    }
+
+    /// Accounts `n` new bytes in the buffer; copies it to the device when full.
+    fn filled(&mut self, n: usize) {
+        self.filled += n;
+        if self.buf.as_ref().is_some_and(|b| self.filled == b.len()) {
+            self.flush();
+        }
+    }
+
+    fn push(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            let Some(space) = self.space() else { return };
+            let n = space.len().min(chunk.len());
+            space[..n].copy_from_slice(&chunk[..n]);
+            chunk = &chunk[n..];
+            self.filled(n);
+        }
+    }
+
+    /// Copies what the buffer holds to the device (under the batch's copy permit).
+    fn flush(&mut self) {
+        let n = std::mem::take(&mut self.filled);
+        if n == 0 || self.error.is_some() {
+            return;
+        }
+        let Some(buf) = &self.buf else { return };
+        let permit = self.batch.as_ref().map(|b| b.copy_permit());
+        if matches!(permit, Some(None)) {
+            // The batch failed: nothing more may land.
+            self.error = Some("batch failed".into());
+            return;
+        }
+        let dst = self.addr + self.landed;
+        let seg = &self.guard.segment().info;
+        if dst + n as u64 > seg.base + seg.len {
+            self.error = Some(format!("staged payload runs past segment {}", seg.id));
+            return;
+        }
+        match self.device.to_device(dst, &buf[..n]) {
+            Ok(()) => self.landed += n as u64,
+            Err(e) => self.error = Some(format!("staging copy to the GPU failed: {e}")),
+        }
+    }
 }
 
 /// Decides what to do with frames as the reader decodes them.
@@ -222,10 +353,9 @@ impl FrameReader {
                 self.start = 0;
                 self.end = 0;
                 match read_direct(s, cur, want as usize, &mut self.buf[..FRAME_HEADER_LEN])? {
-                    Direct::Read(n) => {
-                        let payload = n.min(want as usize);
+                    Direct::Read { payload, tail } => {
                         cur.done += payload as u64;
-                        self.end = n - payload;
+                        self.end = tail;
                         continue;
                     }
                     Direct::WouldBlock => return Ok(false),
@@ -240,7 +370,11 @@ impl FrameReader {
 }
 
 enum Direct {
-    Read(usize),
+    /// Payload bytes read, and bytes of what follows read into the tail.
+    Read {
+        payload: usize,
+        tail: usize,
+    },
     WouldBlock,
     NotMemory,
 }
@@ -252,6 +386,9 @@ fn read_direct(
     want: usize,
     tail: &mut [u8],
 ) -> io::Result<Direct> {
+    if let Sink::Staged(st) = &mut cur.sink {
+        return read_staged(s, st, want, tail);
+    }
     let Sink::Memory { guard, addr, batch } = &cur.sink else {
         return Ok(Direct::NotMemory);
     };
@@ -270,7 +407,53 @@ fn read_direct(
                     "connection closed by peer mid-frame",
                 ));
             }
-            Ok(n) => return Ok(Direct::Read(n)),
+            Ok(n) => {
+                let payload = n.min(want);
+                return Ok(Direct::Read {
+                    payload,
+                    tail: n - payload,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Direct::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads payload bytes straight into a staged sink's bounce buffer (and, when the rest of the
+/// payload fits, the start of the next frame into `tail`).
+fn read_staged(
+    s: &mut TcpStream,
+    st: &mut Staged,
+    want: usize,
+    tail: &mut [u8],
+) -> io::Result<Direct> {
+    let Some(space) = st.space() else {
+        return Ok(Direct::NotMemory);
+    };
+    let piece = space.len().min(want);
+    let tail: &mut [u8] = if piece == want { tail } else { &mut [] };
+    loop {
+        let r = s.read_vectored(&mut [
+            std::io::IoSliceMut::new(&mut space[..piece]),
+            std::io::IoSliceMut::new(&mut *tail),
+        ]);
+        match r {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by peer mid-frame",
+                ));
+            }
+            Ok(n) => {
+                let payload = n.min(piece);
+                st.filled(payload);
+                return Ok(Direct::Read {
+                    payload,
+                    tail: n - payload,
+                });
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Direct::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -280,6 +463,11 @@ fn read_direct(
 
 fn deliver(sink: &mut Sink, at: u64, chunk: &[u8]) {
     match sink {
+        Sink::Staged(st) => {
+            debug_assert_eq!(at, st.landed + st.filled as u64);
+            st.push(chunk);
+            return;
+        }
         Sink::Memory { guard, addr, batch } => {
             let permit = batch.as_ref().map(|b| b.copy_permit());
             if !matches!(permit, Some(None)) {

@@ -96,6 +96,9 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
 /// Ack status of writes refused because their room was aborted (`Error::RoomFailed`'s code).
 const ROOM_ABORTED: u16 = 30;
 
+/// Ack status of writes whose staging copy into GPU memory failed (`Error::Cuda`'s code).
+const STAGING_FAILED: u16 = 33;
+
 /// Marks a write frame that belongs to a notified batch (a KV room): bit 32 of its tag.
 pub(crate) const TAG_ROOM: u64 = 1 << 32;
 
@@ -138,6 +141,9 @@ impl Target {
             .segments
             .pin_range(crate::memory::SegmentId(hdr.segment), hdr.offset, hdr.len)
         {
+            Ok(guard) if guard.segment().staging().is_some() => {
+                self.serve_staged_read(resp, &guard, hdr)
+            }
             Ok(guard) => {
                 resp.len = hdr.len;
                 let addr = guard.segment().addr() + hdr.offset;
@@ -154,6 +160,56 @@ impl Target {
                 self.reply(resp, &[])
             }
         }
+    }
+}
+
+impl Target {
+    /// Answers a read of GPU memory in staging mode: copies it out piece by piece through a
+    /// bounce buffer. A copy that fails before the header went out is refused with
+    /// `STAGING_FAILED`; one that fails later closes the connection (the header promised the
+    /// bytes).
+    fn serve_staged_read(
+        &mut self,
+        mut resp: FrameHeader,
+        guard: &crate::memory::SegmentGuard,
+        hdr: &FrameHeader,
+    ) -> io::Result<()> {
+        let device = guard.segment().staging().expect("staged segment").clone();
+        let addr = guard.segment().addr() + hdr.offset;
+        let mut buf = match device.bounce() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("refusing read: no staging buffer: {e}");
+                resp.status = STAGING_FAILED;
+                return self.reply(resp, &[]);
+            }
+        };
+        let mut done = 0u64;
+        while done < hdr.len {
+            let n = (hdr.len - done).min(buf.len() as u64) as usize;
+            if let Err(e) = device.to_host(addr + done, &mut buf[..n]) {
+                device.recycle(buf);
+                if done == 0 {
+                    tracing::warn!("refusing read: staging copy failed: {e}");
+                    resp.status = STAGING_FAILED;
+                    return self.reply(resp, &[]);
+                }
+                return Err(io::Error::other(format!(
+                    "staging copy failed mid-read: {e}"
+                )));
+            }
+            if done == 0 {
+                resp.len = hdr.len;
+                let h = resp.encode();
+                let mut iov = [IoSlice::new(&h), IoSlice::new(&buf[..n])];
+                write_all_nb(&mut self.out, &mut iov, self.stall)?;
+            } else {
+                write_all_nb(&mut self.out, &mut [IoSlice::new(&buf[..n])], self.stall)?;
+            }
+            done += n as u64;
+        }
+        device.recycle(buf);
+        Ok(())
     }
 }
 
@@ -179,11 +235,7 @@ impl FrameHandler for Target {
                 ) {
                     Ok(guard) => {
                         let addr = guard.segment().addr() + hdr.offset;
-                        Ok(Sink::Memory {
-                            guard,
-                            addr,
-                            batch: None,
-                        })
+                        Ok(Sink::memory(guard, addr, None))
                     }
                     Err(e) => {
                         tracing::debug!("refusing write: {e}");
@@ -201,7 +253,15 @@ impl FrameHandler for Target {
     }
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
-        drop(sink); // releases the segment pin of a write
+        // A staged write reaches GPU memory here, before the ack; then the pin goes.
+        if let Err(reason) = sink.land() {
+            tracing::warn!(
+                batch = hdr.batch,
+                segment = hdr.segment,
+                "staged write failed: {reason}"
+            );
+            self.errors.entry(hdr.batch).or_insert(STAGING_FAILED);
+        }
         self.hold = None;
         match hdr.op {
             FrameOp::Write if hdr.flags & FLAG_LAST != 0 => {
