@@ -131,6 +131,7 @@ SIGNATURES = {
     "kvt_engine_local_addr": (_I32, [_H, POINTER(c_char), c_size_t]),
     "kvt_engine_transport": (_I32, [_H, POINTER(c_char), c_size_t]),
     "kvt_engine_register": (_I32, [_H, c_uint64, c_uint64, _PU32]),
+    "kvt_engine_register_device": (_I32, [_H, c_uint64, c_uint64, _PU32]),
     "kvt_engine_unregister": (_I32, [_H, c_uint32]),
     "kvt_engine_connect": (_I32, [_H, c_char_p, _PU64]),
     "kvt_engine_resolve_remote": (_I32, [_H, c_uint64, c_uint64, c_uint64, _PU32, _PU64]),

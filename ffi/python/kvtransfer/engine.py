@@ -133,6 +133,14 @@ class TransferEngine:
 
     register_memory = register
 
+    def register_device(self, addr: int, length: int) -> int:
+        """Registers GPU memory (a device pointer, e.g. ``tensor.data_ptr()``) and returns its
+        segment id; ``CudaUnavailable`` (code 32) where there is no CUDA."""
+        seg = c_uint32()
+        check(self._lib.kvt_engine_register_device(self._h(), int(addr), int(length), byref(seg)))
+        self._segments[seg.value] = (int(addr), int(length), None)
+        return seg.value
+
     def unregister(self, segment: int) -> None:
         """Unregisters a segment (``SegmentBusy`` while transfers use it)."""
         check(self._lib.kvt_engine_unregister(self._h(), segment))

@@ -280,3 +280,16 @@ def test_last_error_message_is_per_thread():
         assert kvtransfer.last_error_message() == ""
     finally:
         engine.close()
+
+
+def test_device_registration_without_cuda_is_a_clear_error():
+    import os
+
+    if os.environ.get("KVT_TEST_GPU") == "1":
+        pytest.skip("a GPU host: CUDA is present")
+    with TransferEngine(transport="tcp") as engine:
+        buf = np.zeros(4096, dtype=np.uint8)
+        with pytest.raises(KVTransferError) as e:
+            engine.register_device(buf.ctypes.data, buf.nbytes)
+        assert e.value.code == ErrorCode.CudaUnavailable
+        assert "CUDA unavailable" in e.value.message
