@@ -17,6 +17,7 @@ pub mod ffi;
 pub mod kv;
 pub mod memory;
 pub mod plan;
+pub mod probe;
 pub mod request;
 pub mod topology;
 pub(crate) mod transport;
