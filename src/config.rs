@@ -16,6 +16,7 @@
 //! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
 //! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
 //! | `gpu_mode` | `KVT_GPU_MODE` | `auto` (`auto`, `dmabuf`, `peermem`, `staging`) |
+//! | `rails_per_gpu` | `KVT_RAILS_PER_GPU` | 1 (nearest rails a GPU segment uses) |
 //!
 //! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
 //! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
@@ -142,6 +143,9 @@ pub struct EngineConfig {
     pub qps_per_rail: usize,
     /// How GPU memory is registered (see [`GpuMode`]).
     pub gpu_mode: GpuMode,
+    /// How many of the nearest rails a GPU segment is registered on and striped over
+    /// ([`topology::rails_for`](crate::topology::rails_for)).
+    pub rails_per_gpu: usize,
 }
 
 impl Default for EngineConfig {
@@ -161,6 +165,7 @@ impl Default for EngineConfig {
             gid_index: None,
             qps_per_rail: 2,
             gpu_mode: GpuMode::Auto,
+            rails_per_gpu: 1,
         }
     }
 }
@@ -189,6 +194,9 @@ impl EngineConfig {
         }
         if !(1..=16).contains(&self.qps_per_rail) {
             return Err(invalid("qps_per_rail", "must be 1..=16"));
+        }
+        if !(1..=16).contains(&self.rails_per_gpu) {
+            return Err(invalid("rails_per_gpu", "must be 1..=16"));
         }
         if self.batch_timeout.is_zero() {
             return Err(invalid("batch_timeout", "must be > 0"));
@@ -283,6 +291,13 @@ impl EngineConfigBuilder {
         self.config.gpu_mode = mode;
         self
     }
+
+    /// Nearest rails per GPU segment.
+    pub fn rails_per_gpu(mut self, n: usize) -> Self {
+        self.config.rails_per_gpu = n;
+        self
+    }
+
     /// Log filter.
     pub fn log_level(mut self, level: impl Into<String>) -> Self {
         self.config.log_level = level.into();
@@ -348,6 +363,9 @@ impl EngineConfigBuilder {
             }
             if let Some(v) = get("KVT_GPU_MODE") {
                 c.gpu_mode = v.parse()?;
+            }
+            if let Some(v) = get("KVT_RAILS_PER_GPU") {
+                c.rails_per_gpu = parse_num("KVT_RAILS_PER_GPU", &v)? as usize;
             }
             Ok(())
         };
@@ -427,6 +445,7 @@ mod tests {
             ("KVT_GID_INDEX", "3"),
             ("KVT_QPS_PER_RAIL", "4"),
             ("KVT_GPU_MODE", "Staging"),
+            ("KVT_RAILS_PER_GPU", "2"),
         ]
         .into();
         let c = EngineConfig::builder()
@@ -448,6 +467,11 @@ mod tests {
         assert_eq!(c.gid_index, Some(3));
         assert_eq!(c.qps_per_rail, 4);
         assert_eq!(c.gpu_mode, GpuMode::Staging);
+        assert_eq!(c.rails_per_gpu, 2);
+        let e = EngineConfig::builder().rails_per_gpu(0).build();
+        assert!(
+            matches!(e, Err(Error::InvalidConfig { ref field, .. }) if field == "rails_per_gpu")
+        );
     }
 
     #[test]

@@ -1054,7 +1054,20 @@ fn open_rdma(
     let sysfs = std::path::Path::new("/sys");
     let ports = crate::topology::discover(sysfs)?;
     let allow = config.devices.as_deref();
-    let choice: Vec<RailChoice> = crate::topology::usable_rails(&ports, allow, config.gid_index)?
+    let mut usable = crate::topology::usable_rails(&ports, allow, config.gid_index)?;
+    if allow.is_none() {
+        // Without an allow-list, only the KV rails: on a GPU host whose compute NICs share a
+        // PCIe switch with the GPUs, the storage and management NICs are left out.
+        let pci = crate::topology::discover_pci(sysfs).unwrap_or_default();
+        let devices: Vec<&str> = usable.iter().map(|(p, _)| p.device.as_str()).collect();
+        let kv = crate::topology::kv_rails(&pci, &devices);
+        let mut i = 0;
+        usable.retain(|_| {
+            i += 1;
+            kv.contains(&(i - 1))
+        });
+    }
+    let choice: Vec<RailChoice> = usable
         .into_iter()
         .map(|(port, gid)| RailChoice {
             device: port.device.clone(),

@@ -18,6 +18,7 @@ pub mod ffi;
 pub mod kv;
 pub mod memory;
 pub mod plan;
+pub mod probe;
 pub mod request;
 pub mod topology;
 pub(crate) mod transport;

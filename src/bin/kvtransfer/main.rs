@@ -1,8 +1,9 @@
-//! `kvtransfer`: demo transfer, bandwidth/latency benchmark.
+//! `kvtransfer`: demo transfer, bandwidth/latency benchmark, device listing and doctor.
 
 mod bench;
 mod demo;
 mod devices;
+mod doctor;
 mod kvbench;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Lists RDMA ports, the GID each would use, and which transport `auto` picks.
     Devices(devices::DevicesArgs),
+    /// Checks RDMA and GPU prerequisites, explains each problem with its fix, and maps GPUs to rails.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Devices(a) => devices::run(a),
+        Command::Doctor(a) => doctor::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

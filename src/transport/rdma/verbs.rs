@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{BasicCompletionQueue, PollCompletionQueueError};
-use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device::{DeviceInfo, DeviceList, GetDeviceListErrorKind};
 use sideway::ibverbs::device_context::{DeviceContext, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
@@ -38,15 +38,11 @@ fn verbs<E: std::error::Error>(call: &'static str) -> impl FnOnce(E) -> Error {
 /// Opens the verbs library's device list, telling apart the reasons it can be unusable.
 pub(crate) fn device_list() -> Result<DeviceList> {
     DeviceList::new().map_err(|e| {
-        let mut errno = None;
-        let mut cur: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(c) = cur {
-            if let Some(io) = c.downcast_ref::<io::Error>() {
-                errno = io.raw_os_error();
-                break;
-            }
-            cur = c.source();
-        }
+        // The io::Error is held directly: the transparent kind forwards `source()` past it.
+        let errno = match &e.0 {
+            GetDeviceListErrorKind::Ibverbs(io) => io.raw_os_error(),
+            _ => None,
+        };
         match errno {
             // rdma-mummy-sys answers EOPNOTSUPP when it could not dlopen libibverbs.so.1.
             Some(95) => Error::RdmaCoreMissing,

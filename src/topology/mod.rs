@@ -18,6 +18,9 @@
 //! | `class/infiniband/<dev>/device/net/<netdev>/` | netdev of a PCI device (fallback) |
 //! | `class/infiniband/<dev>/parent` | netdev under an rxe (Soft-RoCE) device (fallback) |
 //! | `class/net/<netdev>/mtu` | Ethernet MTU, from which a RoCE port's MTU follows |
+//!
+//! [`pci`] places GPUs and RDMA devices on the PCI tree and measures the [`Distance`] between
+//! them; [`rails`] decides which rails carry KV and which ones each segment uses.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -27,6 +30,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+
+pub mod pci;
+pub mod rails;
+
+pub use pci::{Distance, Gpu, Hca, PciDevice, PciTopology, discover_pci, distance};
+pub use rails::{Placement, kv_rails, rails_for, ranked_rails};
 
 /// Where sysfs is mounted on a running Linux host.
 pub const SYSFS_ROOT: &str = "/sys";
