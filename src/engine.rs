@@ -257,6 +257,36 @@ impl TransferEngine {
         Ok(d)
     }
 
+    /// Registers host memory like [`register_memory`](Self::register_memory), but on the
+    /// given rails only (indices into [`rails`](Self::rails)); batches touching it are striped
+    /// over the lanes of those rails. `InvalidArgument` on an engine without RDMA, for an
+    /// empty list or a rail that does not exist.
+    ///
+    /// # Safety
+    /// As for [`register_memory`](Self::register_memory).
+    pub unsafe fn register_memory_on_rails(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        rails: &[usize],
+    ) -> Result<SegmentInfo> {
+        self.inner.register_host_on(addr as u64, len as u64, rails)
+    }
+
+    /// This engine's RDMA rails as `device:port`, in rail order (empty over TCP).
+    pub fn rails(&self) -> Vec<String> {
+        self.inner
+            .rdma
+            .as_ref()
+            .map(|r| {
+                r.rails
+                    .iter()
+                    .map(|x| format!("{}:{}", x.device, x.info.port))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Unregisters a segment. Refused with [`Error::SegmentBusy`] while transfers use it.
     pub fn unregister_memory(&self, segment: SegmentId) -> Result<()> {
         self.inner.unregister(segment)
@@ -452,6 +482,29 @@ impl Engine {
         }
     }
 
+    /// Registers host memory on `rails` only (RDMA engines).
+    fn register_host_on(&self, addr: u64, len: u64, rails: &[usize]) -> Result<SegmentInfo> {
+        let Some(r) = &self.rdma else {
+            return Err(Error::InvalidArgument(
+                "rails apply to RDMA engines; this one runs over TCP".into(),
+            ));
+        };
+        if len == 0 {
+            return Err(Error::ZeroLength {
+                what: "registration",
+            });
+        }
+        r.check_rails(rails)?;
+        let info = self
+            .segments
+            .register_placed(addr, len, MemoryKind::Host, Placed::host())?;
+        if let Err(e) = r.register_from(&info, None, Some(rails)) {
+            let _ = self.segments.unregister(info.id);
+            return Err(e);
+        }
+        Ok(info)
+    }
+
     /// Registers host memory in the table and, with RDMA, on every rail.
     fn register_host(&self, addr: u64, len: u64, placement: Placement) -> Result<SegmentInfo> {
         let placed = Placed {
@@ -508,15 +561,16 @@ impl Engine {
         let info = self
             .segments
             .register_placed(addr, len, MemoryKind::Gpu, placed)?;
+        let rails = gpu_rails(r, &placement, self.config.rails_per_gpu);
         let mut last = None;
         for (i, &mode) in order.iter().enumerate() {
             let attempt = match mode {
                 RegMode::Dmabuf => cuda::export_dmabuf(ordinal, addr, len).and_then(|x| {
                     use std::os::fd::AsFd;
                     // The MRs keep the dma-buf referenced; the fd closes when `x` drops.
-                    r.register_from(&info, Some((x.fd.as_fd(), x.offset)))
+                    r.register_from(&info, Some((x.fd.as_fd(), x.offset)), rails.as_deref())
                 }),
-                RegMode::Peermem => r.register(&info),
+                RegMode::Peermem => r.register_from(&info, None, rails.as_deref()),
                 RegMode::Staging | RegMode::Host => Err(Error::TransportUnavailable {
                     transport: "rdma",
                     reason: "staging GPU memory over RDMA is not implemented yet; use \
@@ -866,13 +920,16 @@ impl Engine {
             ));
         }
         let guards: Arc<[SegmentGuard]> = self.validate(&p, requests)?.into();
-        let lanes = p.link.lanes();
+        // The lanes whose rails carry every segment of the batch (all lanes unless a segment
+        // was registered on some rails only); the planner numbers them 0..lanes.
+        let allowed = self.allowed_lanes(&p, &guards, requests)?;
+        let lanes = allowed.len();
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let first_lane = if total <= self.config.min_stripe_bytes {
             // A small batch goes to the idlest lane (ties: the lowest), so one stream of small
             // transfers stays on one hot connection while concurrent submitters spread out.
             (0..lanes)
-                .min_by_key(|&i| p.link.outstanding(i))
+                .min_by_key(|&i| p.link.outstanding(allowed[i]))
                 .unwrap_or(0)
         } else {
             self.lane_rotation.fetch_add(1, Ordering::Relaxed) % lanes
@@ -887,7 +944,7 @@ impl Engine {
         let units: u32 = planned.lanes.iter().map(|l| p.link.units_of(l)).sum();
         let used: Vec<u16> = (0..lanes)
             .filter(|i| !planned.lanes[*i].is_empty())
-            .map(|i| i as u16)
+            .map(|i| allowed[i] as u16)
             .collect();
         let notify = notify.map(|tag| rdma::imm_encode(tag, used.len() as u32));
         let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
@@ -918,10 +975,52 @@ impl Engine {
                     guards: guards.clone(),
                     notify,
                 };
-                p.link.post(lane, work, inline, &remote);
+                p.link.post(allowed[lane], work, inline, &remote);
             }
         }
         Ok(BatchId(id))
+    }
+
+    /// Lanes of `p` whose local rail carries every local segment of the batch and whose
+    /// remote rail carries every remote one.
+    fn allowed_lanes(
+        &self,
+        p: &Peer,
+        guards: &[SegmentGuard],
+        requests: &[Request],
+    ) -> Result<Vec<usize>> {
+        let (Some(rails), Some(r)) = (p.link.lane_rails(), &self.rdma) else {
+            return Ok((0..p.link.lanes()).collect());
+        };
+        let locals: Vec<u32> = guards.iter().map(|g| g.segment().info.id.0).collect();
+        let mut remotes: Vec<u32> = requests.iter().map(|q| q.remote_segment.0).collect();
+        remotes.sort_unstable();
+        remotes.dedup();
+        let segments = p.segments.read();
+        let ok: Vec<usize> = rails
+            .iter()
+            .enumerate()
+            .filter(|(_, (local, remote))| {
+                locals.iter().all(|&s| r.lkey(s, *local).is_some())
+                    && remotes.iter().all(|s| {
+                        segments
+                            .get(s)
+                            .is_some_and(|d| d.keys.iter().any(|k| k.rail == *remote))
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if ok.is_empty() {
+            return Err(Error::TransportUnavailable {
+                transport: "rdma",
+                reason: format!(
+                    "no lane to {} joins a rail of local segment(s) {locals:?} to a rail of \
+                     remote segment(s) {remotes:?}",
+                    p.info.addr
+                ),
+            });
+        }
+        Ok(ok)
     }
 
     fn lanes_of<'a>(&self, b: &'a Batch) -> Option<(Arc<Peer>, &'a [u16])> {
@@ -1043,6 +1142,26 @@ fn rdma_endpoint(h: &Hello) -> Result<Option<RdmaEndpoint>> {
         Some(e) => Ok(Some(RdmaEndpoint::decode(&e.data)?)),
         None => Ok(None),
     }
+}
+
+/// The rails GPU memory at `placement` is registered on and striped over: the
+/// `rails_per_gpu` nearest to the GPU by PCIe distance (`topology::rails_for`); `None` (every
+/// rail) when the PCI topology cannot be read.
+fn gpu_rails(r: &RdmaTransport, placement: &Placement, rails_per_gpu: usize) -> Option<Vec<usize>> {
+    let Placement::Device { pci_bus_id, .. } = placement else {
+        return None;
+    };
+    let topo = crate::topology::discover_pci(std::path::Path::new(crate::topology::SYSFS_ROOT))
+        .map_err(|e| tracing::warn!("GPU memory goes on every rail: {e}"))
+        .ok()?;
+    let names: Vec<&str> = r.rails.iter().map(|x| x.device.as_str()).collect();
+    let at = crate::topology::Placement::Gpu {
+        pci: pci_bus_id.clone(),
+    };
+    let rails = crate::topology::rails_for(&topo, &names, &at, rails_per_gpu);
+    tracing::info!(gpu = %pci_bus_id, rails = ?rails.iter().map(|&i| names[i]).collect::<Vec<_>>(),
+        "GPU memory registered on its nearest rails");
+    Some(rails)
 }
 
 /// Discovers the RDMA rails this config allows and opens them.

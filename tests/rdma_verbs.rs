@@ -386,3 +386,37 @@ fn kv_room_over_two_rails_lands_whole_and_a_receiver_abort_freezes_memory() {
         s.failure_reason()
     );
 }
+
+#[test]
+fn a_segment_registered_on_one_rail_is_striped_over_that_rail_only() {
+    if !in_vm() {
+        return;
+    }
+    let a = engine(&["rxeA0", "rxeA1"]);
+    let b = engine(&["rxeB0", "rxeB1"]);
+    assert_eq!(b.rails(), ["rxeB0:1", "rxeB1:1"]);
+    let len = 8 << 20;
+    let mut dst = vec![0u8; len];
+    // SAFETY: `dst` outlives `b` (dropped at the end of the test, after the transfer).
+    let seg = unsafe { b.register_memory_on_rails(dst.as_mut_ptr(), len, &[1]) }.unwrap();
+    assert!(matches!(
+        // SAFETY: as above; the call fails before registering anything.
+        unsafe { b.register_memory_on_rails(dst.as_mut_ptr(), 4096, &[2]) },
+        Err(Error::InvalidArgument(_))
+    ));
+    let src = a.alloc(len).unwrap();
+    let data = pattern(len, 9);
+    src.write(0, &data);
+    let peer = a.connect(b.local_addr()).unwrap();
+    let (rail0, rail1) = (sent_packets("rxeA0"), sent_packets("rxeA1"));
+    let reqs: Vec<Request> = (0..(len >> 16) as u64)
+        .map(|i| Request::write(src.addr() + (i << 16), 1 << 16, seg.id, i << 16))
+        .collect();
+    a.transfer_sync(peer, &reqs).unwrap();
+    let (d0, d1) = (sent_packets("rxeA0") - rail0, sent_packets("rxeA1") - rail1);
+    eprintln!("packets sent: rail 0 {d0}, rail 1 {d1}");
+    assert!(d1 > 1000, "rail 1 carried the data: {d1}");
+    assert!(d0 < 16, "rail 0 stayed idle: {d0}");
+    assert!(dst == data, "bytes verified");
+    drop((a, b));
+}

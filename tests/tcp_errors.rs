@@ -299,3 +299,22 @@ fn connecting_to_nothing_fails_cleanly() {
         })
     ));
 }
+
+#[test]
+fn rails_apply_to_rdma_engines_only() {
+    let e = TransferEngine::new(
+        EngineConfig::builder()
+            .transport(kvtransfer::TransportKind::Tcp)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(e.rails().is_empty());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives the engine; the call fails before registering anything.
+    let r = unsafe { e.register_memory_on_rails(buf.as_mut_ptr(), buf.len(), &[0]) };
+    assert!(
+        matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("RDMA")),
+        "{r:?}"
+    );
+}

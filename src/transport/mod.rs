@@ -101,6 +101,15 @@ impl Link {
         }
     }
 
+    /// Each lane's (local rail, remote rail) on RDMA; `None` on TCP (every lane reaches every
+    /// segment).
+    pub(crate) fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
+        match self {
+            Link::Tcp(_) => None,
+            Link::Rdma(l) => Some(l.lane_rails()),
+        }
+    }
+
     /// Completion units a lane's slices add to a batch.
     pub(crate) fn units_of(&self, slices: &[Slice]) -> u32 {
         match self {

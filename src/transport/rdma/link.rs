@@ -193,6 +193,11 @@ impl RdmaLink {
         }
     }
 
+    /// Each lane's (local rail index, remote rail index).
+    pub(crate) fn lane_rails(&self) -> Vec<(usize, u16)> {
+        self.lanes.iter().map(|l| (l.rail, l.remote_rail)).collect()
+    }
+
     /// `Err(PeerLost)` once the control connection or any lane died.
     pub(crate) fn check_alive(&self) -> Result<()> {
         self.control.check_alive()?;

@@ -130,7 +130,8 @@ struct TargetQp {
 /// The engine's RDMA state.
 pub(crate) struct RdmaTransport {
     pub(crate) rails: Vec<Arc<Rail>>,
-    mrs: RwLock<HashMap<u32, Vec<Arc<MemoryRegion>>>>,
+    /// Memory regions per segment, per rail (`None`: not registered on that rail).
+    mrs: RwLock<HashMap<u32, Vec<Option<Arc<MemoryRegion>>>>>,
     pub(crate) tokens: Vec<Mutex<HashMap<u64, Token>>>,
     pub(crate) next_token: AtomicU64,
     target_qps: Mutex<HashMap<u64, TargetQp>>,
@@ -191,34 +192,53 @@ impl RdmaTransport {
 
     /// Registers a segment on every rail; returns its keys.
     pub(crate) fn register(&self, seg: &SegmentInfo) -> Result<Vec<RailKey>> {
-        self.register_from(seg, None)
+        self.register_from(seg, None, None)
     }
 
-    /// Registers a segment on every rail, from its address (`ibv_reg_mr`, host memory or
-    /// peermem) or, with `dmabuf = (fd, offset)`, from a dma-buf (one fd for every rail).
+    /// `InvalidArgument` unless `rails` names at least one rail, each of this engine.
+    pub(crate) fn check_rails(&self, rails: &[usize]) -> Result<()> {
+        if rails.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a segment needs at least one rail".into(),
+            ));
+        }
+        match rails.iter().find(|&&i| i >= self.rails.len()) {
+            Some(bad) => Err(Error::InvalidArgument(format!(
+                "rail {bad} does not exist (this engine has {})",
+                self.rails.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Registers `seg` on `rails` (rail indices; every rail when `None`), from a dma-buf
+    /// `(fd, offset)` when given.
     pub(crate) fn register_from(
         &self,
         seg: &SegmentInfo,
         dmabuf: Option<(std::os::fd::BorrowedFd<'_>, u64)>,
+        rails: Option<&[usize]>,
     ) -> Result<Vec<RailKey>> {
+        if let Some(l) = rails {
+            self.check_rails(l)?;
+        }
         let mrs = self
             .rails
             .iter()
-            .map(|r| match dmabuf {
-                None => r.register(seg.base, seg.len),
-                Some((fd, offset)) => r.register_dmabuf(fd, offset, seg.len, seg.base),
+            .enumerate()
+            .map(|(i, r)| {
+                if rails.is_some_and(|l| !l.contains(&i)) {
+                    return Ok(None);
+                }
+                match dmabuf {
+                    None => r.register(seg.base, seg.len),
+                    Some((fd, offset)) => r.register_dmabuf(fd, offset, seg.len, seg.base),
+                }
+                .map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
-        let keys = mrs
-            .iter()
-            .zip(&self.rails)
-            .map(|(m, r)| RailKey {
-                rail: r.info.index,
-                rkey: m.rkey(),
-            })
-            .collect();
         self.mrs.write().insert(seg.id.0, mrs);
-        Ok(keys)
+        Ok(self.keys(seg.id.0))
     }
 
     /// Deregisters a segment's memory regions.
@@ -234,9 +254,11 @@ impl RdmaTransport {
             .map(|m| {
                 m.iter()
                     .zip(&self.rails)
-                    .map(|(m, r)| RailKey {
-                        rail: r.info.index,
-                        rkey: m.rkey(),
+                    .filter_map(|(m, r)| {
+                        m.as_ref().map(|m| RailKey {
+                            rail: r.info.index,
+                            rkey: m.rkey(),
+                        })
                     })
                     .collect()
             })
@@ -249,7 +271,7 @@ impl RdmaTransport {
             .read()
             .get(&segment)
             .and_then(|m| m.get(rail))
-            .map(|m| m.lkey())
+            .and_then(|m| m.as_ref().map(|m| m.lkey()))
     }
 
     /// Target side of the bootstrap: connects one QP to each of the initiator's, returns the
