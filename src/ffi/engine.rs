@@ -209,6 +209,27 @@ pub unsafe extern "C" fn kvt_engine_register(
     len: u64,
     out_segment: *mut u32,
 ) -> i32 {
+    let register = |engine: &crate::TransferEngine, addr: u64, len: usize| {
+        // SAFETY: the caller keeps the range mapped while registered and respects transfers
+        // in flight (the contract above is the engine's own).
+        unsafe { engine.register_memory(addr as usize as *mut u8, len) }
+    };
+    // SAFETY: a live handle and a writable out-parameter by the contract.
+    unsafe { register_with(e, addr, len, out_segment, register) }
+}
+
+/// The shared body of the registration calls: checks the arguments, registers with
+/// `register`, stores the segment id.
+///
+/// # Safety
+/// `e` is a live engine handle and `out_segment` writable.
+unsafe fn register_with(
+    e: *mut kvt_engine,
+    addr: u64,
+    len: u64,
+    out_segment: *mut u32,
+    register: impl FnOnce(&crate::TransferEngine, u64, usize) -> crate::Result<crate::SegmentInfo>,
+) -> i32 {
     guard(|| {
         // SAFETY: a live handle by the contract.
         let e = unsafe { arg_ref(e, "e") }?;
@@ -219,9 +240,7 @@ pub unsafe extern "C" fn kvt_engine_register(
         }
         let len = usize::try_from(len)
             .map_err(|_| Error::InvalidArgument(format!("len {len} does not fit in memory")))?;
-        // SAFETY: the caller keeps the range mapped while registered and respects transfers
-        // in flight (the contract above is the engine's own).
-        let info = unsafe { e.engine.register_memory(addr as usize as *mut u8, len) }?;
+        let info = register(&e.engine, addr, len)?;
         out.write(info.id.0);
         Ok(())
     })
@@ -241,22 +260,13 @@ pub unsafe extern "C" fn kvt_engine_register_device(
     len: u64,
     out_segment: *mut u32,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: a live handle by the contract.
-        let e = unsafe { arg_ref(e, "e") }?;
-        // SAFETY: writable by the contract.
-        let out = unsafe { out_param(out_segment, "out_segment") }?;
-        if addr == 0 {
-            return Err(Error::InvalidArgument("addr is NULL".into()));
-        }
-        let len = usize::try_from(len)
-            .map_err(|_| Error::InvalidArgument(format!("len {len} does not fit in memory")))?;
+    let register = |engine: &crate::TransferEngine, addr: u64, len: usize| {
         // SAFETY: the caller keeps the device range allocated while registered and respects
         // transfers in flight.
-        let info = unsafe { e.engine.register_device_memory(addr, len) }?;
-        out.write(info.id.0);
-        Ok(())
-    })
+        unsafe { engine.register_device_memory(addr, len) }
+    };
+    // SAFETY: a live handle and a writable out-parameter by the contract.
+    unsafe { register_with(e, addr, len, out_segment, register) }
 }
 
 /// Unregisters a segment; `KVT_ERR_SEGMENT_BUSY` while transfers use it.

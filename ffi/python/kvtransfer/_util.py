@@ -148,3 +148,26 @@ def as_pages(indices: Any) -> Tuple[Any, int, np.ndarray]:
 def closed_error(what: str) -> KVTransferError:
     return KVTransferError(ErrorCode.Shutdown, f"{what} is closed")
 
+
+
+class Handle:
+    """Base of the classes that own a library handle in ``self._handle``: context manager
+    (``with`` closes it) and a best-effort ``close()`` at garbage collection."""
+
+    _handle: Any = None
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_handle", None) is not None:
+                self.close()
+        except Exception:
+            pass

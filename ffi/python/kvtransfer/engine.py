@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _lib
-from ._util import address_of, closed_error, engine_config, read_string, u64_array, u64_ptr
+from ._util import Handle, address_of, closed_error, engine_config, read_string, u64_array, u64_ptr
 from .errors import ErrorCode, KVTransferError, check, last_error_message
 
 #: ``get_batch_transfer_status`` values.
@@ -24,7 +24,7 @@ BATCH_FAILED = _lib.BATCH_FAILED
 Peer = Union[int, str]
 
 
-class TransferEngine:
+class TransferEngine(Handle):
     """One engine: a bootstrap listener, registered segments, peers and batches.
 
     ``listen`` is ``"ip:port"`` (None: ``KVT_LISTEN`` or ``127.0.0.1:0``), ``transport`` is
@@ -77,18 +77,6 @@ class TransferEngine:
         self._segments.clear()
         self._peers.clear()
 
-    def __enter__(self) -> "TransferEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_handle", None) is not None:
-                self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self._handle is None:

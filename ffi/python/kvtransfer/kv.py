@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any, List, Optional, Sequence, Union
 
 from . import _lib
-from ._util import as_pages, closed_error, engine_config, read_string
+from ._util import Handle, as_pages, closed_error, engine_config, read_string
 from .errors import ErrorCode, KVTransferError, check
 
 
@@ -115,7 +115,7 @@ def _check_room(room: Any) -> int:
     return room
 
 
-class KVManager:
+class KVManager(Handle):
     """Serves rooms in one role over an engine of its own, with every buffer of ``args``
     registered.
 
@@ -188,25 +188,13 @@ class KVManager:
         if handle is not None:
             check(self._lib.kvt_kv_manager_destroy(handle))
 
-    def __enter__(self) -> "KVManager":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_handle", None) is not None:
-                self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else self.bootstrap_addr
         return f"<KVManager {self.role} {state}>"
 
 
-class _Room:
+class _Room(Handle):
     """What senders and receivers share: a handle, its manager, polling and aborting."""
 
     _prefix = ""
@@ -289,18 +277,6 @@ class _Room:
         """SGLang's name for releasing a finished room: same as :meth:`close`."""
         self.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_handle", None) is not None:
-                self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else self.poll().name
