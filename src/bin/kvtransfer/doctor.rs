@@ -673,9 +673,14 @@ impl Map {
         for (node, rails) in &self.host {
             let _ = write!(
                 found,
-                "\nhost memory numa {} -> {}",
+                "\nnearest to numa {}: {}",
                 numa_text(*node),
                 rails.join(", ")
+            );
+        }
+        if !self.host.is_empty() {
+            found.push_str(
+                "\nhost memory is registered on every KV rail (its NUMA node is unknown at registration)",
             );
         }
         if far.is_empty() {
