@@ -621,3 +621,29 @@ fn sender_process_killed_mid_room_fails_the_receiver() {
     let why = r.failure_reason().unwrap();
     assert!(why.contains("peer lost"), "{why}");
 }
+
+/// A destination arriving while its sender is being created must pair with it (a lost
+/// hand-off left both sides in Bootstrapping until their deadline).
+#[test]
+fn rooms_pair_however_receiver_and_sender_creation_interleave() {
+    let mut prefill = Side::new(KvRole::Prefill, 1, 8, 4096, cfg());
+    let decode = Side::new(KvRole::Decode, 1, 8, 4096, cfg());
+    prefill.fill();
+    let addr = prefill.mgr.bootstrap_addr();
+    for room in 0..300u64 {
+        let r = KvReceiver::new(&decode.mgr, addr, room).unwrap();
+        r.init(&[(room % 8) as i32], None).unwrap();
+        if room % 3 == 1 {
+            std::thread::sleep(Duration::from_micros(room % 50));
+        }
+        let s = KvSender::new(&prefill.mgr, room).unwrap();
+        s.init(1, None).unwrap();
+        wait_state(
+            || s.poll(),
+            KvPoll::WaitingForInput,
+            Duration::from_secs(10),
+        );
+        s.send(&[(room % 8) as i32], true).unwrap();
+        wait_state(|| r.poll(), KvPoll::Success, Duration::from_secs(10));
+    }
+}

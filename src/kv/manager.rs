@@ -443,11 +443,24 @@ impl Shared {
     }
 
     /// Prefill side: a sender was created; its destination may be waiting already.
-    pub(crate) fn sender_created(&self, room: u64, sender: &Arc<SendRoom>) {
-        let pending = self.pending.lock().remove(&room);
-        if let Some(p) = pending {
+    ///
+    /// Registers the sender and takes a waiting destination under the `pending` lock, the
+    /// lock `on_room_init` holds while it looks for the sender: a destination arriving at the
+    /// same moment is either seen here or sees the sender, never neither.
+    pub(crate) fn add_sender(&self, room: u64, sender: &Arc<SendRoom>) -> Result<()> {
+        let waiting = {
+            let mut pending = self.pending.lock();
+            let mut senders = self.senders.lock();
+            if senders.contains_key(&room) {
+                return Err(Error::DuplicateRoom { room });
+            }
+            senders.insert(room, sender.clone());
+            pending.remove(&room)
+        };
+        if let Some(p) = waiting {
             self.attach(room, sender, p);
         }
+        Ok(())
     }
 
     fn on_room_init(
@@ -481,17 +494,26 @@ impl Shared {
             pages,
             at: Instant::now(),
         };
+        // Same lock order as `add_sender` (pending, then senders), held across the look-up
+        // and the insert so a sender created meanwhile cannot miss this destination.
+        let mut pending = self.pending.lock();
         let sender = self.senders.lock().get(&room).cloned();
+        #[cfg(test)]
+        tests::hold_after_lookup(sender.is_none());
         match sender {
-            Some(s) => self.attach(room, &s, init),
+            Some(s) => {
+                drop(pending);
+                self.attach(room, &s, init)
+            }
             None => {
-                let duplicate = match self.pending.lock().entry(room) {
+                let duplicate = match pending.entry(room) {
                     std::collections::hash_map::Entry::Occupied(_) => true,
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(init);
                         false
                     }
                 };
+                drop(pending);
                 if duplicate {
                     let e = Error::DuplicateRoom { room };
                     reject(&from.channel, room, e.code() as u16, e.to_string());
@@ -709,6 +731,53 @@ fn sweep_pending(weak: Weak<Shared>) {
         for (room, p) in expired {
             let e = Error::UnknownRoom { room };
             reject(&p.from.channel, room, e.code() as u16, e.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::TransportKind;
+    use crate::kv::{KvPoll, KvReceiver, KvSender};
+
+    /// Milliseconds `on_room_init` waits between finding no sender and parking the destination.
+    static HOLD_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn hold_after_lookup(no_sender: bool) {
+        let ms = HOLD_MS.load(Ordering::Relaxed);
+        if no_sender && ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+
+    fn manager(role: KvRole) -> KvManager {
+        let engine = EngineConfig::builder()
+            .transport(TransportKind::Tcp)
+            .build()
+            .unwrap();
+        KvManager::with_owned_memory(engine, KvConfig::new(role), &[(4, 4096)], &[]).unwrap()
+    }
+
+    /// A sender created while its destination is between "no sender yet" and "parked" must
+    /// still get it (before the fix both sides stayed in Bootstrapping until the deadline).
+    #[test]
+    fn a_sender_created_mid_hand_off_still_pairs() {
+        let prefill = manager(KvRole::Prefill);
+        let decode = manager(KvRole::Decode);
+        HOLD_MS.store(300, Ordering::Relaxed);
+        let r = KvReceiver::new(&decode, prefill.bootstrap_addr(), 5).unwrap();
+        r.init(&[1], None).unwrap();
+        std::thread::sleep(Duration::from_millis(100)); // the channel thread is in the hold
+        let s = KvSender::new(&prefill, 5).unwrap();
+        HOLD_MS.store(0, Ordering::Relaxed);
+        let until = Instant::now() + Duration::from_secs(5);
+        while s.poll() != KvPoll::WaitingForInput {
+            assert!(Instant::now() < until, "destination lost: {:?}", s.poll());
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

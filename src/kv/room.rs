@@ -272,14 +272,7 @@ impl KvSender {
                 runs: Vec::new(),
             }),
         });
-        {
-            let mut senders = shared.senders.lock();
-            if senders.contains_key(&room) {
-                return Err(Error::DuplicateRoom { room });
-            }
-            senders.insert(room, r.clone());
-        }
-        shared.sender_created(room, &r);
+        shared.add_sender(room, &r)?;
         Ok(KvSender { shared, room: r })
     }
 
