@@ -400,24 +400,31 @@ fn read_direct(
         return Ok(Direct::NotMemory);
     }
     loop {
-        match raw::read_into_then(guard, addr + cur.done, want, tail, s) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed by peer mid-frame",
-                ));
-            }
-            Ok(n) => {
-                let payload = n.min(want);
-                return Ok(Direct::Read {
-                    payload,
-                    tail: n - payload,
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Direct::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        let r = raw::read_into_then(guard, addr + cur.done, want, tail, s);
+        if let Some(outcome) = read_outcome(r, want) {
+            return outcome;
         }
+    }
+}
+
+/// What one payload read amounts to, `want` bytes of it being payload and the rest tail;
+/// `None` when it was interrupted and must be retried.
+fn read_outcome(r: io::Result<usize>, want: usize) -> Option<io::Result<Direct>> {
+    match r {
+        Ok(0) => Some(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed by peer mid-frame",
+        ))),
+        Ok(n) => {
+            let payload = n.min(want);
+            Some(Ok(Direct::Read {
+                payload,
+                tail: n - payload,
+            }))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Ok(Direct::WouldBlock)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+        Err(e) => Some(Err(e)),
     }
 }
 
@@ -439,24 +446,13 @@ fn read_staged(
             std::io::IoSliceMut::new(&mut space[..piece]),
             std::io::IoSliceMut::new(&mut *tail),
         ]);
-        match r {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed by peer mid-frame",
-                ));
-            }
-            Ok(n) => {
-                let payload = n.min(piece);
+        match read_outcome(r, piece) {
+            Some(Ok(Direct::Read { payload, tail })) => {
                 st.filled(payload);
-                return Ok(Direct::Read {
-                    payload,
-                    tail: n - payload,
-                });
+                return Ok(Direct::Read { payload, tail });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Direct::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Some(outcome) => return outcome,
+            None => {}
         }
     }
 }
