@@ -1,33 +1,15 @@
 //! `kvtransfer devices` against the sysfs fixture trees and against this host's `/sys`.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sysfs")
-        .join(name)
-}
+mod common;
+
+use common::{cli_stdout as stdout, sysfs_fixture as fixture};
 
 fn devices(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .arg("devices")
-        .args(args)
-        .output()
-        .expect("run kvtransfer")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+    common::run_cli("devices", args)
 }
 
 fn json(args: &[&str]) -> Value {

@@ -1,46 +1,22 @@
 //! `kvtransfer doctor` against the sysfs fixture trees and against this host's `/sys`.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
+mod common;
+
+use common::cli_stdout as stdout;
+
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sysfs")
-        .join(name)
+    common::sysfs_fixture(name)
         .to_str()
         .expect("utf-8 path")
         .to_string()
 }
 
 fn doctor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .arg("doctor")
-        .args(args)
-        // The environment must not steer the rails under test.
-        .env_remove("KVT_DEVICES")
-        .env_remove("KVT_GID_INDEX")
-        .env_remove("KVT_RAILS_PER_GPU")
-        .env_remove("KVT_TRANSPORT")
-        .output()
-        .expect("run kvtransfer")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+    common::run_cli("doctor", args)
 }
 
 fn json(args: &[&str]) -> Value {

@@ -1,9 +1,11 @@
-//! Shared by the integration tests: `kvtransfer bench --role target` as a separate process.
+//! Shared by the integration tests: `kvtransfer bench --role target` as a separate process,
+//! and running CLI subcommands against the sysfs fixture trees.
 
 #![allow(dead_code)] // each test file uses part of it
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 
 use kvtransfer::SegmentId;
 
@@ -56,4 +58,37 @@ pub fn spawn_target(transport: &str, buffer: &str, env: &[(&str, String)]) -> Ta
         segment: SegmentId(v["segment"].as_u64().expect("segment") as u32),
         len: v["len"].as_u64().expect("len"),
     }
+}
+
+/// The sysfs fixture tree `name` under `tests/fixtures/sysfs`.
+pub fn sysfs_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sysfs")
+        .join(name)
+}
+
+/// Runs `kvtransfer <subcommand> <args>` with no `KVT_*` variable steering rails or transport.
+pub fn run_cli(subcommand: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+        .arg(subcommand)
+        .args(args)
+        .env_remove("KVT_DEVICES")
+        .env_remove("KVT_GID_INDEX")
+        .env_remove("KVT_RAILS_PER_GPU")
+        .env_remove("KVT_TRANSPORT")
+        .output()
+        .expect("run kvtransfer")
+}
+
+/// The stdout of a CLI run that must have succeeded without a panic.
+pub fn cli_stdout(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
 }
