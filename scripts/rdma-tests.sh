@@ -8,8 +8,9 @@
 # TCG emulation is enough, /dev/kvm is not needed. Where that is missing it prints one line,
 # "rdma-tests: skipped: <reason>", and exits 0 -- except under CI=true, where it fails.
 #
-# It prepares the machine (scripts/rdma-vm/setup.sh), builds the verbs test binary on the
-# host (cargo test --release --no-run --test rdma_verbs), boots the guest once and runs
+# It prepares the machine (scripts/rdma-vm/setup.sh), builds the verbs test binary and the
+# library's unit-test binary on the host (cargo test --release --no-run --test rdma_verbs,
+# and --lib, whose tests named *over_rdma* run), boots the guest once and runs
 # every planned step in it, in order, with libtest's output passed through. Until the test
 # target rdma_verbs exists (or with KVT_RDMA_TESTS_SMOKE=1), the plan is a smoke check
 # instead: ibv_devinfo, and ib_write_bw from rxeA0 to rxeB0.
@@ -94,6 +95,20 @@ build_test_binary() {
   [ -n "$exe" ] && [ -x "$exe" ] || { say "no executable for test target $1 in cargo's output"; return 1; }
   echo "$exe"
 }
+# The library's own unit-test binary (tests that need crate internals, e.g. emulated GPU
+# memory); prints the executable's path.
+build_lib_test_binary() {
+  local json=$tmp/cargo-lib.json exe
+  if ! cargo test --release --no-run --message-format=json --lib > "$json"; then
+    jq -r 'select(.reason == "compiler-message") | .message.rendered' "$json" >&2 || true
+    say "building the library's unit tests failed"
+    return 1
+  fi
+  exe=$(jq -r 'select(.reason == "compiler-artifact" and .profile.test and .executable != null) | .executable' \
+    "$json" | tail -n 1)
+  [ -n "$exe" ] && [ -x "$exe" ] || { say "no unit-test executable in cargo's output"; return 1; }
+  echo "$exe"
+}
 has_test_target() {
   cargo metadata --no-deps --format-version 1 |
     jq -e --arg t "$1" '[.packages[].targets[] | select(.name == $t and (.kind | index("test")))] | length > 0' \
@@ -103,6 +118,9 @@ has_test_target() {
 if [ "${KVT_RDMA_TESTS_SMOKE:-0}" != 1 ] && has_test_target rdma_verbs; then
   bin=$(build_test_binary rdma_verbs)
   plan_add "rdma_verbs ($(basename "$bin"))" "$bin" --test-threads=1
+  # Unit tests named *over_rdma* skip themselves outside the guest.
+  lib=$(build_lib_test_binary)
+  plan_add "unit tests over_rdma ($(basename "$lib"))" "$lib" --test-threads=1 over_rdma
 else
   say "smoke checks only (no test target rdma_verbs, or KVT_RDMA_TESTS_SMOKE=1)"
   plan_add "ibv_devinfo: every device PORT_ACTIVE" kvt_check_devinfo

@@ -569,20 +569,32 @@ impl Engine {
                     use std::os::fd::AsFd;
                     // The MRs keep the dma-buf referenced; the fd closes when `x` drops.
                     r.register_from(&info, Some((x.fd.as_fd(), x.offset)), rails.as_deref())
+                        .map(|_| info.clone())
                 }),
-                RegMode::Peermem => r.register_from(&info, None, rails.as_deref()),
-                RegMode::Staging | RegMode::Host => Err(Error::TransportUnavailable {
-                    transport: "rdma",
-                    reason: "staging GPU memory over RDMA is not implemented yet; use \
-                             GPUDirect (dmabuf or peermem) or transport tcp"
-                        .into(),
+                RegMode::Peermem => r
+                    .register_from(&info, None, rails.as_deref())
+                    .map(|_| info.clone()),
+                // No memory region: batches that touch this segment go over the peer's TCP
+                // control connection, through pinned bounce buffers. The placeholder entry
+                // gives way to one that carries the device copies.
+                RegMode::Staging | RegMode::Host => cuda::staging(ordinal).and_then(|copier| {
+                    self.segments.unregister(info.id)?;
+                    let placed = Placed {
+                        placement: placement.clone(),
+                        mode: RegMode::Staging,
+                        staging: Some(copier),
+                    };
+                    self.segments
+                        .register_placed(addr, len, MemoryKind::Gpu, placed)
                 }),
             };
             match attempt {
-                Ok(_) => {
-                    self.segments.set_mode(info.id, mode);
-                    tracing::info!(segment = info.id.0, %placement, %mode, "GPU memory registered");
-                    return Ok(info);
+                Ok(done) => {
+                    if done.id == info.id {
+                        self.segments.set_mode(info.id, mode);
+                    }
+                    tracing::info!(segment = done.id.0, %placement, %mode, "GPU memory registered");
+                    return Ok(done);
                 }
                 Err(e) => {
                     if let Some(next) = order.get(i + 1) {
@@ -921,8 +933,12 @@ impl Engine {
         }
         let guards: Arc<[SegmentGuard]> = self.validate(&p, requests)?.into();
         // The lanes whose rails carry every segment of the batch (all lanes unless a segment
-        // was registered on some rails only); the planner numbers them 0..lanes.
-        let allowed = self.allowed_lanes(&p, &guards, requests)?;
+        // was registered on some rails only), or on RDMA the staging lane alone when a
+        // segment of either side is staged; the planner numbers them 0..lanes.
+        let allowed = match p.link.staging_lane() {
+            Some(lane) if Self::touches_staging(&p, &guards, requests) => vec![lane],
+            _ => self.allowed_lanes(&p, &guards, requests)?,
+        };
         let lanes = allowed.len();
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let first_lane = if total <= self.config.min_stripe_bytes {
@@ -941,7 +957,12 @@ impl Engine {
             first_lane,
         };
         let planned = plan(requests, &params);
-        let units: u32 = planned.lanes.iter().map(|l| p.link.units_of(l)).sum();
+        let units: u32 = planned
+            .lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| p.link.units_of(allowed[i], l))
+            .sum();
         let used: Vec<u16> = (0..lanes)
             .filter(|i| !planned.lanes[*i].is_empty())
             .map(|i| allowed[i] as u16)
@@ -979,6 +1000,24 @@ impl Engine {
             }
         }
         Ok(BatchId(id))
+    }
+
+    /// Whether a batch touches GPU memory reached through staging: a local segment with
+    /// device copies, or a remote one that no rail of the peer can reach (no memory key).
+    fn touches_staging(p: &Peer, guards: &[SegmentGuard], requests: &[Request]) -> bool {
+        if guards.iter().any(|g| g.segment().staging().is_some()) {
+            return true;
+        }
+        let segments = p.segments.read();
+        let mut last = None;
+        requests.iter().any(|r| {
+            let seg = r.remote_segment.0;
+            if last == Some(seg) {
+                return false;
+            }
+            last = Some(seg);
+            segments.get(&seg).is_some_and(|d| d.keys.is_empty())
+        })
     }
 
     /// Lanes of `p` whose local rail carries every local segment of the batch and whose
@@ -1296,6 +1335,28 @@ mod staging_tests {
         .unwrap()
     }
 
+    /// An RDMA engine on Soft-RoCE device `dev`, inside the guest of scripts/rdma-tests.sh
+    /// (`KVT_VM=1`); `None` elsewhere.
+    fn rdma_engine(dev: &str) -> Option<TransferEngine> {
+        if std::env::var("KVT_VM").as_deref() != Ok("1") {
+            eprintln!("skipped: not inside the Soft-RoCE guest (run scripts/rdma-tests.sh)");
+            return None;
+        }
+        let gid = std::env::var("KVT_GID_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let config = EngineConfig::builder()
+            .transport(TransportKind::Rdma)
+            .devices([dev])
+            .gid_index(gid)
+            .slice_size(8 << 20)
+            .batch_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Some(TransferEngine::new(config).unwrap_or_else(|e| panic!("rdma engine on {dev}: {e}")))
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
@@ -1304,7 +1365,85 @@ mod staging_tests {
 
     #[test]
     fn gpu_to_gpu_over_tcp_through_staging() {
-        let (target, initiator) = (engine(), engine());
+        round_trip_through_staging(&engine(), &engine());
+    }
+
+    /// Over RDMA, batches touching a staged segment (on either side) take the control
+    /// connection; the others keep the QPs.
+    #[test]
+    fn gpu_to_gpu_over_rdma_through_staging() {
+        let (Some(target), Some(initiator)) = (rdma_engine("rxeA0"), rdma_engine("rxeB0")) else {
+            return;
+        };
+        assert_eq!(
+            (target.transport(), initiator.transport()),
+            ("rdma", "rdma")
+        );
+        let peer = round_trip_through_staging(&target, &initiator);
+        let staging_lane = initiator
+            .inner
+            .peer(peer)
+            .unwrap()
+            .link
+            .staging_lane()
+            .unwrap();
+
+        // A staged destination is announced without memory keys; a notified batch to it
+        // arrives through the control connection, and the notification follows the bytes.
+        let len = STAGE_CHUNK + 12_345;
+        let dst = RawAlloc::zeroed(len).unwrap();
+        let dev = Arc::new(HostEmulatedDevice::default());
+        let d = target
+            .inner
+            .register_emulated_device(dst.addr(), len as u64, dev.clone())
+            .unwrap();
+        let host = initiator.alloc(len).unwrap();
+        let data = pattern(len, 21);
+        host.write(0, &data);
+        let reqs = [Request::write(host.addr(), len as u64, d.id, 0)];
+        let b = initiator.submit_with_notify(peer, &reqs, 0x5a5a).unwrap();
+        assert_eq!(
+            initiator.inner.batch(b).unwrap().lanes,
+            [staging_lane as u16]
+        );
+        initiator.wait(b).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while seen.is_empty() && Instant::now() < deadline {
+            seen = target.notifications();
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen.len(), 1, "one notification for the staged batch");
+        assert_eq!(seen[0].tag, 0x5a5a);
+        let mut got = vec![0u8; len];
+        dst.read_at(0, &mut got);
+        assert!(got == data, "host → staged device bytes differ");
+        assert!(dev.copies.load(Ordering::Relaxed) >= 2, "H2D copies");
+
+        // Host ↔ host on the same link still goes over the QPs.
+        let there = target.alloc(4096).unwrap();
+        let b = initiator
+            .submit(
+                peer,
+                &[Request::write(host.addr(), 4096, there.segment(), 0)],
+            )
+            .unwrap();
+        let lanes = initiator.inner.batch(b).unwrap().lanes.clone();
+        initiator.wait(b).unwrap();
+        assert!(
+            lanes.iter().all(|&l| (l as usize) < staging_lane),
+            "QP lanes: {lanes:?}"
+        );
+        assert!(
+            there.to_vec() == data[..4096],
+            "host → host over the QPs differs"
+        );
+    }
+
+    /// Moves bytes device → device, device → host, host → device and device → device by read
+    /// between two engines whose GPU segments are staged; returns initiator's peer id of
+    /// target.
+    fn round_trip_through_staging(target: &TransferEngine, initiator: &TransferEngine) -> PeerId {
         // Larger than one bounce buffer and than one slice, so both split.
         let len = 2 * STAGE_CHUNK + STAGE_CHUNK / 2 + 4096 + 17;
         let src = RawAlloc::zeroed(len).unwrap();
@@ -1370,5 +1509,6 @@ mod staging_tests {
             part == data[20_000..25_000],
             "device read into a device differs"
         );
+        peer
     }
 }

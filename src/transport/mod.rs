@@ -110,12 +110,32 @@ impl Link {
         }
     }
 
-    /// Completion units a lane's slices add to a batch.
-    pub(crate) fn units_of(&self, slices: &[Slice]) -> u32 {
+    /// The lane that carries batches touching GPU memory in staging mode (on either side) on
+    /// an RDMA link: the TCP control connection, numbered after the QP lanes. Staged memory
+    /// has no memory region, so no QP can reach it; the TCP path copies it through pinned
+    /// bounce buffers. `None` on TCP links, where every lane stages.
+    pub(crate) fn staging_lane(&self) -> Option<usize> {
         match self {
-            Link::Tcp(_) => units_of(slices),
+            Link::Tcp(_) => None,
+            Link::Rdma(l) => Some(l.lanes.len()),
+        }
+    }
+
+    /// The TCP connection behind `lane`, if it is one (every TCP lane, an RDMA link's
+    /// staging lane).
+    fn conn(&self, lane: usize) -> Option<&tcp::TcpConn> {
+        match self {
+            Link::Tcp(l) => Some(&l.conns[lane]),
+            Link::Rdma(l) => (lane == l.lanes.len()).then_some(&*l.control),
+        }
+    }
+
+    /// Completion units the slices of `lane` add to a batch.
+    pub(crate) fn units_of(&self, lane: usize, slices: &[Slice]) -> u32 {
+        match self.conn(lane) {
+            Some(_) => units_of(slices),
             // One signalled completion at the end of the lane's chain covers it all.
-            Link::Rdma(_) => u32::from(!slices.is_empty()),
+            None => u32::from(!slices.is_empty()),
         }
     }
 
@@ -127,38 +147,40 @@ impl Link {
         inline: bool,
         remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
     ) {
-        match self {
-            Link::Tcp(l) => l.conns[lane].post(work, inline),
-            Link::Rdma(l) => l.post(lane, work, remote),
+        match (self.conn(lane), self) {
+            (Some(c), _) => c.post(work, inline),
+            (None, Link::Rdma(l)) => l.post(lane, work, remote),
+            (None, Link::Tcp(_)) => unreachable!("every TCP lane is a connection"),
         }
     }
 
     /// Caller-driven progress on a lane (TCP reads its socket; RDMA has pollers).
     pub(crate) fn progress(&self, lane: usize) {
-        if let Link::Tcp(l) = self {
-            l.conns[lane].progress();
+        if let Some(c) = self.conn(lane) {
+            c.progress();
         }
     }
 
     /// See [`tcp::TcpConn::start_driving`].
     pub(crate) fn start_driving(&self, lane: usize) {
-        if let Link::Tcp(l) = self {
-            l.conns[lane].start_driving();
+        if let Some(c) = self.conn(lane) {
+            c.start_driving();
         }
     }
 
     /// See [`tcp::TcpConn::stop_driving`].
     pub(crate) fn stop_driving(&self, lane: usize, hand_back: bool) {
-        if let Link::Tcp(l) = self {
-            l.conns[lane].stop_driving(hand_back);
+        if let Some(c) = self.conn(lane) {
+            c.stop_driving(hand_back);
         }
     }
 
     /// Load of a lane, for choosing the idlest.
     pub(crate) fn outstanding(&self, lane: usize) -> usize {
-        match self {
-            Link::Tcp(l) => l.conns[lane].outstanding(),
-            Link::Rdma(l) => l.outstanding(lane),
+        match (self.conn(lane), self) {
+            (Some(c), _) => c.outstanding(),
+            (None, Link::Rdma(l)) => l.outstanding(lane),
+            (None, Link::Tcp(_)) => 0,
         }
     }
 
