@@ -519,6 +519,23 @@ impl Engine {
                 let _ = self.segments.unregister(info.id);
                 return Err(e);
             }
+            // Registered on every rail, so any peer rail can be reached; batches prefer the
+            // rails of the memory's NUMA node (its pages are resident now: registration
+            // pinned them).
+            let node = crate::topology::numa::node_of(addr, len);
+            if let (Some(node), Some(topo)) = (node, r.pci()) {
+                let names = r.rail_names();
+                let at = crate::topology::Placement::Host {
+                    numa_node: Some(node),
+                };
+                let near = crate::topology::rails_for(topo, &names, &at, 1);
+                if near.len() < names.len() {
+                    tracing::info!(segment = info.id.0, numa_node = node,
+                        rails = ?near.iter().map(|&i| names[i]).collect::<Vec<_>>(),
+                        "host memory striped over its NUMA node's rails");
+                    r.set_near(info.id.0, near);
+                }
+            }
         }
         Ok(info)
     }
@@ -1049,6 +1066,8 @@ impl Engine {
             })
             .map(|(i, _)| i)
             .collect();
+        let near: Vec<Vec<usize>> = locals.iter().filter_map(|&s| r.near(s)).collect();
+        let ok = prefer_near(ok, &rails, &near);
         if ok.is_empty() {
             return Err(Error::TransportUnavailable {
                 transport: "rdma",
@@ -1183,6 +1202,21 @@ fn rdma_endpoint(h: &Hello) -> Result<Option<RdmaEndpoint>> {
     }
 }
 
+/// Of the lanes `ok` (indices into `rails`, each lane's (local rail, remote rail)), those
+/// whose local rail is near every segment in `near` (each a list of preferred rails), when
+/// there is one; else `ok` unchanged: reaching the peer beats staying near.
+fn prefer_near(ok: Vec<usize>, rails: &[(usize, u16)], near: &[Vec<usize>]) -> Vec<usize> {
+    if near.is_empty() {
+        return ok;
+    }
+    let preferred: Vec<usize> = ok
+        .iter()
+        .copied()
+        .filter(|&l| near.iter().all(|n| n.contains(&rails[l].0)))
+        .collect();
+    if preferred.is_empty() { ok } else { preferred }
+}
+
 /// The rails GPU memory at `placement` is registered on and striped over: the
 /// `rails_per_gpu` nearest to the GPU by PCIe distance (`topology::rails_for`); `None` (every
 /// rail) when the PCI topology cannot be read.
@@ -1190,14 +1224,12 @@ fn gpu_rails(r: &RdmaTransport, placement: &Placement, rails_per_gpu: usize) -> 
     let Placement::Device { pci_bus_id, .. } = placement else {
         return None;
     };
-    let topo = crate::topology::discover_pci(std::path::Path::new(crate::topology::SYSFS_ROOT))
-        .map_err(|e| tracing::warn!("GPU memory goes on every rail: {e}"))
-        .ok()?;
-    let names: Vec<&str> = r.rails.iter().map(|x| x.device.as_str()).collect();
+    let topo = r.pci()?;
+    let names = r.rail_names();
     let at = crate::topology::Placement::Gpu {
         pci: pci_bus_id.clone(),
     };
-    let rails = crate::topology::rails_for(&topo, &names, &at, rails_per_gpu);
+    let rails = crate::topology::rails_for(topo, &names, &at, rails_per_gpu);
     tracing::info!(gpu = %pci_bus_id, rails = ?rails.iter().map(|&i| names[i]).collect::<Vec<_>>(),
         "GPU memory registered on its nearest rails");
     Some(rails)
@@ -1311,6 +1343,32 @@ impl Drop for HostBuffer {
                 std::mem::forget(self.mem.take());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::prefer_near;
+
+    /// Four lanes: local rails 0, 1, 2, 3 to the peer's same rails.
+    const RAILS: [(usize, u16); 4] = [(0, 0), (1, 1), (2, 2), (3, 3)];
+
+    #[test]
+    fn near_rails_narrow_the_lanes() {
+        assert_eq!(prefer_near(vec![0, 1, 2, 3], &RAILS, &[vec![2, 3]]), [2, 3]);
+        // Two local segments: only lanes near both.
+        assert_eq!(
+            prefer_near(vec![0, 1, 2, 3], &RAILS, &[vec![1, 2, 3], vec![0, 1, 2]]),
+            [1, 2]
+        );
+    }
+
+    #[test]
+    fn reaching_the_peer_beats_staying_near() {
+        // The peer's segment sits on rails 0 and 1 only, the local one is near 2 and 3.
+        assert_eq!(prefer_near(vec![0, 1], &RAILS, &[vec![2, 3]]), [0, 1]);
+        assert_eq!(prefer_near(vec![0, 1, 2, 3], &RAILS, &[]), [0, 1, 2, 3]);
+        assert_eq!(prefer_near(vec![], &RAILS, &[vec![0]]), Vec::<usize>::new());
     }
 }
 

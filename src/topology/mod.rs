@@ -20,7 +20,8 @@
 //! | `class/net/<netdev>/mtu` | Ethernet MTU, from which a RoCE port's MTU follows |
 //!
 //! [`pci`] places GPUs and RDMA devices on the PCI tree and measures the [`Distance`] between
-//! them; [`rails`] decides which rails carry KV and which ones each segment uses.
+//! them; [`rails`] decides which rails carry KV and which ones each segment uses; [`numa`]
+//! finds the NUMA node of host memory.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -31,6 +32,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+pub mod numa;
 pub mod pci;
 pub mod rails;
 

@@ -132,6 +132,11 @@ pub(crate) struct RdmaTransport {
     pub(crate) rails: Vec<Arc<Rail>>,
     /// Memory regions per segment, per rail (`None`: not registered on that rail).
     mrs: RwLock<HashMap<u32, Vec<Option<Arc<MemoryRegion>>>>>,
+    /// Rails a segment's batches prefer (host memory: its NUMA node's), where they are fewer
+    /// than the rails it is registered on.
+    near: RwLock<HashMap<u32, Vec<usize>>>,
+    /// The PCI topology of this host, read once on first use (`None`: unreadable).
+    pci: std::sync::OnceLock<Option<crate::topology::PciTopology>>,
     pub(crate) tokens: Vec<Mutex<HashMap<u64, Token>>>,
     pub(crate) next_token: AtomicU64,
     target_qps: Mutex<HashMap<u64, TargetQp>>,
@@ -164,6 +169,8 @@ impl RdmaTransport {
             tokens: rails.iter().map(|_| Mutex::new(HashMap::new())).collect(),
             rails,
             mrs: RwLock::new(HashMap::new()),
+            near: RwLock::new(HashMap::new()),
+            pci: std::sync::OnceLock::new(),
             next_token: AtomicU64::new(1),
             target_qps: Mutex::new(HashMap::new()),
             next_qp_key: AtomicU64::new(1),
@@ -244,6 +251,33 @@ impl RdmaTransport {
     /// Deregisters a segment's memory regions.
     pub(crate) fn unregister(&self, segment: u32) {
         self.mrs.write().remove(&segment);
+        self.near.write().remove(&segment);
+    }
+
+    /// Makes `rails` the ones `segment`'s batches prefer.
+    pub(crate) fn set_near(&self, segment: u32, rails: Vec<usize>) {
+        self.near.write().insert(segment, rails);
+    }
+
+    /// The rails `segment`'s batches prefer, if fewer than it is registered on.
+    pub(crate) fn near(&self, segment: u32) -> Option<Vec<usize>> {
+        self.near.read().get(&segment).cloned()
+    }
+
+    /// This host's PCI topology (GPUs, HCAs, NUMA nodes), read from sysfs on first use.
+    pub(crate) fn pci(&self) -> Option<&crate::topology::PciTopology> {
+        self.pci
+            .get_or_init(|| {
+                crate::topology::discover_pci(std::path::Path::new(crate::topology::SYSFS_ROOT))
+                    .map_err(|e| tracing::warn!("PCI topology unreadable, every rail is near: {e}"))
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Rail device names, in rail order.
+    pub(crate) fn rail_names(&self) -> Vec<&str> {
+        self.rails.iter().map(|x| x.device.as_str()).collect()
     }
 
     /// Keys of a registered segment.
