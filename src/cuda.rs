@@ -440,6 +440,26 @@ pub(crate) trait DeviceCopy: Send + Sync {
     fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Copies `src` to device address `dst`.
     fn to_device(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Copies each device range `(addr, len)` of `parts`, back to back, into the start of
+    /// `dst`: many small pages for one wait on the device instead of one wait each.
+    fn to_host_gather(&self, parts: &[(u64, usize)], dst: &mut [u8]) -> Result<()> {
+        let mut at = 0;
+        for &(src, n) in parts {
+            self.to_host(src, &mut dst[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+    /// Copies consecutive pieces of `src` to the device ranges `(addr, len)` of `parts`, in
+    /// order: the other half of [`to_host_gather`](Self::to_host_gather).
+    fn to_device_scatter(&self, parts: &[(u64, usize)], src: &[u8]) -> Result<()> {
+        let mut at = 0;
+        for &(dst, n) in parts {
+            self.to_device(dst, &src[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
     /// A bounce buffer of [`STAGE_CHUNK`] bytes (give it back with [`recycle`](Self::recycle)).
     fn bounce(&self) -> Result<Bounce>;
     /// Returns a bounce buffer for reuse.
@@ -529,6 +549,51 @@ impl DeviceCopy for CudaStaging {
         })
     }
 
+    fn to_host_gather(&self, parts: &[(u64, usize)], dst: &mut [u8]) -> Result<()> {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        assert!(
+            total <= dst.len(),
+            "gathered pages exceed the bounce buffer"
+        );
+        let base = dst.as_mut_ptr();
+        self.run("cuMemcpyDtoHAsync", |s| {
+            let mut at = 0;
+            for &(src, n) in parts {
+                // SAFETY: `dst` is exclusively borrowed for `total` bytes (checked above) until
+                // the stream is synchronised in `run`; each `src` range lies in a registered
+                // device segment.
+                let r = unsafe { sys::cuMemcpyDtoHAsync_v2(base.add(at).cast(), src, n, s) };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return r;
+                }
+                at += n;
+            }
+            sys::CUresult::CUDA_SUCCESS
+        })
+    }
+
+    fn to_device_scatter(&self, parts: &[(u64, usize)], src: &[u8]) -> Result<()> {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        assert!(
+            total <= src.len(),
+            "scattered pages exceed the bounce buffer"
+        );
+        let base = src.as_ptr();
+        self.run("cuMemcpyHtoDAsync", |s| {
+            let mut at = 0;
+            for &(dst, n) in parts {
+                // SAFETY: `src` is borrowed for `total` bytes (checked above) until the stream
+                // is synchronised in `run`; each `dst` range lies in a registered device segment.
+                let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, base.add(at).cast(), n, s) };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return r;
+                }
+                at += n;
+            }
+            sys::CUresult::CUDA_SUCCESS
+        })
+    }
+
     fn bounce(&self) -> Result<Bounce> {
         if let Some(b) = self.pool.lock().pop() {
             return Ok(Bounce::Pinned(b));
@@ -572,6 +637,37 @@ impl DeviceCopy for HostEmulatedDevice {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: as in `to_host`, in the other direction.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as usize as *mut u8, src.len()) };
+        Ok(())
+    }
+    /// One call, one counted copy: as one wait on a real device.
+    fn to_host_gather(&self, parts: &[(u64, usize)], dst: &mut [u8]) -> Result<()> {
+        self.copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut at = 0;
+        for &(src, n) in parts {
+            // SAFETY: as in `to_host`, for each part; `dst` holds them all (sliced).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src as usize as *const u8,
+                    dst[at..at + n].as_mut_ptr(),
+                    n,
+                )
+            };
+            at += n;
+        }
+        Ok(())
+    }
+    fn to_device_scatter(&self, parts: &[(u64, usize)], src: &[u8]) -> Result<()> {
+        self.copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut at = 0;
+        for &(dst, n) in parts {
+            // SAFETY: as in `to_device`, for each part; `src` holds them all (sliced).
+            unsafe {
+                std::ptr::copy_nonoverlapping(src[at..at + n].as_ptr(), dst as usize as *mut u8, n)
+            };
+            at += n;
+        }
         Ok(())
     }
     fn bounce(&self) -> Result<Bounce> {

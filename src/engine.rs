@@ -201,9 +201,11 @@ impl TransferEngine {
     /// Registers caller-owned memory `[addr, addr + len)` so transfers may use it.
     ///
     /// The address is classified first ([`cuda::classify`]): host memory is registered as
-    /// is; GPU memory is registered in the mode [`EngineConfig::gpu_mode`] asks for — over RDMA
-    /// dmabuf, then peermem (the first that works, each failure logged with its reason), or the
-    /// forced one, whose failure is this call's error; over TCP always through host staging.
+    /// is (over RDMA on every rail, striped over its NUMA node's); GPU memory is registered in
+    /// the mode [`EngineConfig::gpu_mode`] asks for — over RDMA dmabuf, then peermem, then
+    /// staging (the first that works, each failure logged with its reason), or the forced one,
+    /// whose failure is this call's error; over TCP always through host staging. Over RDMA,
+    /// batches touching staged memory go through the peer's TCP control connection.
     /// [`segment_info`](Self::segment_info) reports the mode chosen. Where CUDA is absent every
     /// address is host memory, so a device pointer cannot be told apart (see
     /// [`register_device_memory`](Self::register_device_memory) for a call that insists).
@@ -1424,6 +1426,56 @@ mod staging_tests {
     #[test]
     fn gpu_to_gpu_over_tcp_through_staging() {
         round_trip_through_staging(&engine(), &engine());
+    }
+
+    /// Scattered pages from and to staged memory are gathered into bounce buffers: one wait
+    /// on the device per bounce buffer, not one per page, on either side.
+    #[test]
+    fn scattered_staged_pages_share_device_copies() {
+        let (target, initiator) = (engine(), engine());
+        let (page, pages) = (4096usize, 1500usize);
+        let len = 2 * page * pages;
+        let src = RawAlloc::zeroed(len).unwrap();
+        let dst = RawAlloc::zeroed(len).unwrap();
+        let data = pattern(len, 5);
+        src.write_at(0, &data);
+        let (dev_src, dev_dst) = (
+            Arc::new(HostEmulatedDevice::default()),
+            Arc::new(HostEmulatedDevice::default()),
+        );
+        initiator
+            .inner
+            .register_emulated_device(src.addr(), len as u64, dev_src.clone())
+            .unwrap();
+        let d = target
+            .inner
+            .register_emulated_device(dst.addr(), len as u64, dev_dst.clone())
+            .unwrap();
+        let peer = initiator.connect(target.local_addr()).unwrap();
+        // Every other page, to reversed places: nothing coalesces.
+        let reqs: Vec<Request> = (0..pages)
+            .map(|p| {
+                let from = (2 * p * page) as u64;
+                let to = (2 * (pages - 1 - p) * page) as u64;
+                Request::write(src.addr() + from, page as u64, d.id, to)
+            })
+            .collect();
+        initiator.transfer_sync(peer, &reqs).unwrap();
+        let mut got = vec![0u8; len];
+        dst.read_at(0, &mut got);
+        for p in 0..pages {
+            let (from, to) = (2 * p * page, 2 * (pages - 1 - p) * page);
+            assert!(got[to..to + page] == data[from..from + page], "page {p}");
+        }
+        // 6 MB of pages: two bounce buffers' worth, split over the lanes.
+        let lanes = initiator.peer_info(peer).unwrap().lanes as u64;
+        for (side, dev) in [("sender", &dev_src), ("target", &dev_dst)] {
+            let copies = dev.copies.load(Ordering::Relaxed);
+            assert!(
+                copies <= 2 * lanes + 2,
+                "{side}: {copies} device copies for {pages} pages"
+            );
+        }
     }
 
     /// Over RDMA, batches touching a staged segment (on either side) take the control

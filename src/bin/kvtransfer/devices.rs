@@ -104,7 +104,7 @@ fn gpu_memory(verdict: &Verdict, a: &DevicesArgs) -> (bool, String) {
                 true,
                 format!(
                     "{driver}; rdma gpu_mode {}: dmabuf (driver exports dma-bufs: {}) → peermem \
-                     (nvidia_peermem loaded: {}) → staging (not over RDMA yet)",
+                     (nvidia_peermem loaded: {}) → staging (over the TCP control connection)",
                     mode.as_str(),
                     yes(dmabuf),
                     yes(peermem)

@@ -455,7 +455,7 @@ fn peermem(sysfs: &Path, pci: &PciTopology) -> Check {
     check(
         "nvidia-peermem",
         Status::Warn,
-        "not loaded: GPU memory can only be registered through dma-buf",
+        "not loaded: GPU memory is registered through dma-buf, or else staged over TCP",
     )
     .fix("`modprobe nvidia-peermem` (part of the NVIDIA driver since 470); needed unless dma-buf registration works")
 }
@@ -680,7 +680,7 @@ impl Map {
         }
         if !self.host.is_empty() {
             found.push_str(
-                "\nhost memory is registered on every KV rail (its NUMA node is unknown at registration)",
+                "\nhost memory: registered on every KV rail, striped over its NUMA node's rails",
             );
         }
         if far.is_empty() {

@@ -281,29 +281,49 @@ impl TcpConn {
         });
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2 + 1);
         let mut sent = Ok(());
-        for (s, h) in work.slices.iter().zip(&headers) {
-            iov.push(IoSlice::new(h));
-            if s.op == Op::Write {
-                let guard = work.guard_for(s.local_addr, s.len);
-                match guard.segment().staging() {
-                    None => iov.push(IoSlice::new(raw::bytes(
+        let mut i = 0;
+        while i < work.slices.len() {
+            let (s, h) = (&work.slices[i], &headers[i]);
+            let staged = (s.op == Op::Write)
+                .then(|| work.guard_for(s.local_addr, s.len).segment().staging())
+                .flatten();
+            let Some(device) = staged else {
+                iov.push(IoSlice::new(h));
+                if s.op == Op::Write {
+                    let guard = work.guard_for(s.local_addr, s.len);
+                    iov.push(IoSlice::new(raw::bytes(
                         guard,
                         s.local_addr,
                         s.len as usize,
-                    ))),
-                    Some(device) => {
-                        // GPU memory without GPUDirect: what is queued goes first, then the
-                        // payload, copied to a bounce buffer piece by piece.
-                        sent = write_all_nb(w, &mut iov, self.stall).and_then(|()| {
-                            send_staged(w, device.as_ref(), s.local_addr, s.len, self.stall)
-                        });
-                        iov.clear();
-                        if sent.is_err() {
-                            break;
-                        }
-                    }
+                    )));
                 }
+                i += 1;
+                continue;
+            };
+            // GPU memory without GPUDirect: what is queued goes first, then the payloads
+            // through bounce buffers.
+            sent = write_all_nb(w, &mut iov, self.stall);
+            iov.clear();
+            let run = staged_run(work, i, device);
+            sent = sent.and_then(|()| {
+                if run > 1 || s.len as usize <= crate::cuda::STAGE_CHUNK {
+                    send_gathered(
+                        w,
+                        device.as_ref(),
+                        &work.slices[i..i + run],
+                        &headers[i..i + run],
+                        self.stall,
+                    )
+                } else {
+                    write_all_nb(w, &mut [IoSlice::new(h)], self.stall).and_then(|()| {
+                        send_staged(w, device.as_ref(), s.local_addr, s.len, self.stall)
+                    })
+                }
+            });
+            if sent.is_err() {
+                break;
             }
+            i += run;
         }
         if sent.is_ok() {
             if let Some(n) = &notify {
@@ -497,6 +517,60 @@ impl TcpConn {
     pub(crate) fn close(&self) {
         self.die("connection closed locally".into());
     }
+}
+
+/// How many write slices from `first` on, all staged on `device`, fit one bounce buffer
+/// together (at least one).
+fn staged_run(work: &Work, first: usize, device: &Arc<dyn crate::cuda::DeviceCopy>) -> usize {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for s in &work.slices[first..] {
+        let same = s.op == Op::Write
+            && work
+                .guard_for(s.local_addr, s.len)
+                .segment()
+                .staging()
+                .is_some_and(|d| Arc::ptr_eq(d, device));
+        if !same || bytes + s.len as usize > crate::cuda::STAGE_CHUNK {
+            break;
+        }
+        bytes += s.len as usize;
+        n += 1;
+    }
+    n.max(1)
+}
+
+/// Writes the frames of `slices` (staged writes whose payloads fit one bounce buffer
+/// together): their pages are gathered with one wait on the device, then headers and
+/// payloads go out in one vectored write.
+fn send_gathered(
+    w: &mut TcpStream,
+    device: &dyn crate::cuda::DeviceCopy,
+    slices: &[crate::plan::Slice],
+    headers: &[[u8; 40]],
+    stall: Duration,
+) -> io::Result<()> {
+    let mut buf = device
+        .bounce()
+        .map_err(|e| io::Error::other(format!("no staging buffer: {e}")))?;
+    let parts: Vec<(u64, usize)> = slices
+        .iter()
+        .map(|s| (s.local_addr, s.len as usize))
+        .collect();
+    device
+        .to_host_gather(&parts, &mut buf)
+        .map_err(|e| io::Error::other(format!("staging copy from the GPU failed: {e}")))?;
+    let mut iov = Vec::with_capacity(slices.len() * 2);
+    let mut at = 0;
+    for (h, &(_, n)) in headers.iter().zip(&parts) {
+        iov.push(IoSlice::new(h));
+        iov.push(IoSlice::new(&buf[at..at + n]));
+        at += n;
+    }
+    let sent = write_all_nb(w, &mut iov, stall);
+    drop(iov);
+    device.recycle(buf);
+    sent
 }
 
 /// Writes `len` bytes of GPU memory at `addr` through a staging bounce buffer.

@@ -95,9 +95,54 @@ impl Sink {
                 device,
                 buf: None,
                 filled: 0,
+                start: 0,
+                deferred: false,
                 landed: 0,
                 error: None,
             })),
+        }
+    }
+
+    /// A payload for staged GPU memory at `addr` that goes into `buf` after the `filled`
+    /// bytes already there and stays there when the frame ends: the caller lands many frames
+    /// with one device copy ([`Sink::take_deferred`]). The payload must fit.
+    pub(crate) fn deferred(
+        guard: SegmentGuard,
+        addr: u64,
+        device: Arc<dyn DeviceCopy>,
+        buf: Bounce,
+        filled: usize,
+    ) -> Sink {
+        Sink::Staged(Box::new(Staged {
+            guard,
+            addr,
+            batch: None,
+            device,
+            buf: Some(buf),
+            filled,
+            start: filled,
+            deferred: true,
+            landed: 0,
+            error: None,
+        }))
+    }
+
+    /// Takes back what a [`deferred`](Self::deferred) sink holds after its frame: the bounce
+    /// buffer, the bytes filled (the frame's payload at `[start, filled)`), the frame's pin
+    /// and its first failure. Any other sink comes back as `Err`.
+    pub(crate) fn take_deferred(self) -> Result<DeferredFrame, Sink> {
+        match self {
+            Sink::Staged(st) if st.deferred => {
+                let st = *st;
+                Ok(DeferredFrame {
+                    buf: st.buf.expect("a deferred sink starts with its buffer"),
+                    start: st.start,
+                    filled: st.filled,
+                    guard: st.guard,
+                    error: st.error,
+                })
+            }
+            other => Err(other),
         }
     }
 
@@ -106,6 +151,7 @@ impl Sink {
     pub(crate) fn land(self) -> Result<(), String> {
         match self {
             Sink::Staged(mut st) => {
+                debug_assert!(!st.deferred, "deferred frames are taken back, not landed");
                 st.flush();
                 if let Some(b) = st.buf.take() {
                     st.device.recycle(b);
@@ -120,6 +166,17 @@ impl Sink {
     }
 }
 
+/// A frame read into a shared bounce buffer, waiting to land (see [`Sink::deferred`]).
+pub(crate) struct DeferredFrame {
+    pub(crate) buf: Bounce,
+    /// Where the frame's payload starts in `buf`.
+    pub(crate) start: usize,
+    /// Bytes in `buf`, this frame's included.
+    pub(crate) filled: usize,
+    pub(crate) guard: SegmentGuard,
+    pub(crate) error: Option<String>,
+}
+
 /// A payload on its way to GPU memory through a bounce buffer.
 pub(crate) struct Staged {
     guard: SegmentGuard,
@@ -130,6 +187,10 @@ pub(crate) struct Staged {
     buf: Option<Bounce>,
     /// Bytes waiting in `buf`.
     filled: usize,
+    /// Where this frame's payload starts in `buf` (non-zero only when deferred).
+    start: usize,
+    /// The buffer is shared with earlier frames and lands later, all at once: no copy here.
+    deferred: bool,
     /// Payload bytes already copied to the device.
     landed: u64,
     /// The first failure; later bytes are dropped.
@@ -168,7 +229,7 @@ impl Staged {
     /// Accounts `n` new bytes in the buffer; copies it to the device when full.
     fn filled(&mut self, n: usize) {
         self.filled += n;
-        if self.buf.as_ref().is_some_and(|b| self.filled == b.len()) {
+        if !self.deferred && self.buf.as_ref().is_some_and(|b| self.filled == b.len()) {
             self.flush();
         }
     }
@@ -185,6 +246,9 @@ impl Staged {
 
     /// Copies what the buffer holds to the device (under the batch's copy permit).
     fn flush(&mut self) {
+        if self.deferred {
+            return;
+        }
         let n = std::mem::take(&mut self.filled);
         if n == 0 || self.error.is_some() {
             return;
@@ -460,7 +524,7 @@ fn read_staged(
 fn deliver(sink: &mut Sink, at: u64, chunk: &[u8]) {
     match sink {
         Sink::Staged(st) => {
-            debug_assert_eq!(at, st.landed + st.filled as u64);
+            debug_assert_eq!(at, st.landed + (st.filled - st.start) as u64);
             st.push(chunk);
             return;
         }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
-use crate::memory::{SegmentTable, raw};
+use super::io::{DeferredFrame, FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
+use crate::cuda::{Bounce, DeviceCopy, STAGE_CHUNK};
+use crate::memory::{SegmentGuard, SegmentTable, raw};
 use crate::transport::fence::{ROOM_SLOT_SHIFT, RoomFences, RoomHold};
 use crate::transport::rdma::{Notifier, imm_decode};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
@@ -62,6 +63,7 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
         notifier,
         fences,
         hold: None,
+        landing: None,
         peer_engine,
         peer_epoch,
         out,
@@ -114,6 +116,8 @@ struct Target {
     fences: Arc<RoomFences>,
     /// The room gate held while the current write frame's payload lands.
     hold: Option<RoomHold>,
+    /// Small staged writes read but not yet copied to the device.
+    landing: Option<Landing>,
     peer_engine: u64,
     peer_epoch: u64,
     out: TcpStream,
@@ -122,7 +126,105 @@ struct Target {
     stall: Duration,
 }
 
+/// Small writes to staged GPU memory gathered in one bounce buffer, landed with one device
+/// copy before anything depends on them (their batch's ack, a notification, a read, a write
+/// that does not join). Until then their pins and room gates stay held.
+struct Landing {
+    device: Arc<dyn DeviceCopy>,
+    /// `None` while a frame is being read into it.
+    buf: Option<Bounce>,
+    filled: usize,
+    /// Device destination and length of each frame, in buffer order.
+    parts: Vec<(u64, usize)>,
+    batches: Vec<u64>,
+    guards: Vec<SegmentGuard>,
+    holds: Vec<RoomHold>,
+}
+
 impl Target {
+    /// Where a write of `len` bytes to staged memory at `addr` goes: into the landing buffer
+    /// when it fits there (started if need be), else through the frame's own staging.
+    fn staged_sink(&mut self, guard: SegmentGuard, addr: u64, len: u64) -> Sink {
+        let device = guard.segment().staging().expect("staged segment").clone();
+        let joins = self.landing.as_ref().is_some_and(|l| {
+            Arc::ptr_eq(&l.device, &device)
+                && l.buf
+                    .as_ref()
+                    .is_some_and(|b| l.filled + len as usize <= b.len())
+        });
+        if !joins {
+            self.land_pending();
+            if len as usize > STAGE_CHUNK {
+                return Sink::memory(guard, addr, None);
+            }
+            match device.bounce() {
+                Ok(buf) => {
+                    self.landing = Some(Landing {
+                        device: device.clone(),
+                        buf: Some(buf),
+                        filled: 0,
+                        parts: Vec::new(),
+                        batches: Vec::new(),
+                        guards: Vec::new(),
+                        holds: Vec::new(),
+                    })
+                }
+                // The frame's own staging reports the failure.
+                Err(_) => return Sink::memory(guard, addr, None),
+            }
+        }
+        let l = self.landing.as_mut().expect("joined or started above");
+        let buf = l.buf.take().expect("joined or started with its buffer");
+        Sink::deferred(guard, addr, device, buf, l.filled)
+    }
+
+    /// Takes a deferred frame back into the landing buffer once read.
+    fn gathered(&mut self, hdr: &FrameHeader, frame: DeferredFrame) {
+        let l = self
+            .landing
+            .as_mut()
+            .expect("a deferred frame belongs to the landing");
+        l.buf = Some(frame.buf);
+        match frame.error {
+            None => {
+                l.filled = frame.filled;
+                l.parts.push((
+                    frame.guard.segment().addr() + hdr.offset,
+                    frame.filled - frame.start,
+                ));
+                l.batches.push(hdr.batch);
+                l.guards.push(frame.guard);
+                l.holds.extend(self.hold.take());
+            }
+            Some(reason) => {
+                tracing::warn!(batch = hdr.batch, "staged write failed: {reason}");
+                self.errors.entry(hdr.batch).or_insert(STAGING_FAILED);
+            }
+        }
+    }
+
+    /// Copies every gathered write to the device (one copy), then lets their pins and room
+    /// gates go; a failed copy fails each of their batches.
+    fn land_pending(&mut self) {
+        let Some(l) = self.landing.take() else { return };
+        let Some(buf) = l.buf else {
+            // A frame was cut off while read into it: nothing here may land.
+            return;
+        };
+        if !l.parts.is_empty() {
+            if let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled]) {
+                tracing::warn!(
+                    writes = l.parts.len(),
+                    "staging copy to the GPU failed: {e}"
+                );
+                for b in &l.batches {
+                    self.errors.entry(*b).or_insert(STAGING_FAILED);
+                }
+            }
+        }
+        l.device.recycle(buf);
+    }
+
     fn reply(&mut self, hdr: FrameHeader, payload: &[u8]) -> io::Result<()> {
         let h = hdr.encode();
         let mut iov = [IoSlice::new(&h), IoSlice::new(payload)];
@@ -215,6 +317,10 @@ impl Target {
 
 impl FrameHandler for Target {
     fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink> {
+        if hdr.op != FrameOp::Write {
+            // Whatever follows may depend on the gathered writes having landed.
+            self.land_pending();
+        }
         match hdr.op {
             FrameOp::Write => {
                 if let Some(tag) = room_tag(hdr) {
@@ -233,6 +339,10 @@ impl FrameHandler for Target {
                     hdr.offset,
                     hdr.len,
                 ) {
+                    Ok(guard) if guard.segment().staging().is_some() => {
+                        let addr = guard.segment().addr() + hdr.offset;
+                        Ok(self.staged_sink(guard, addr, hdr.len))
+                    }
                     Ok(guard) => {
                         let addr = guard.segment().addr() + hdr.offset;
                         Ok(Sink::memory(guard, addr, None))
@@ -253,18 +363,25 @@ impl FrameHandler for Target {
     }
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
-        // A staged write reaches GPU memory here, before the ack; then the pin goes.
-        if let Err(reason) = sink.land() {
-            tracing::warn!(
-                batch = hdr.batch,
-                segment = hdr.segment,
-                "staged write failed: {reason}"
-            );
-            self.errors.entry(hdr.batch).or_insert(STAGING_FAILED);
+        // A staged write reaches GPU memory here (or, gathered, before its batch's ack or
+        // anything else that may depend on it); then the pin goes.
+        match sink.take_deferred() {
+            Ok(frame) => self.gathered(hdr, frame),
+            Err(sink) => {
+                if let Err(reason) = sink.land() {
+                    tracing::warn!(
+                        batch = hdr.batch,
+                        segment = hdr.segment,
+                        "staged write failed: {reason}"
+                    );
+                    self.errors.entry(hdr.batch).or_insert(STAGING_FAILED);
+                }
+            }
         }
         self.hold = None;
         match hdr.op {
             FrameOp::Write if hdr.flags & FLAG_LAST != 0 => {
+                self.land_pending();
                 let status = self.errors.remove(&hdr.batch).unwrap_or(0);
                 tracing::trace!(batch = hdr.batch, status, "ack");
                 let ack = FrameHeader {
