@@ -530,6 +530,34 @@ impl CudaStaging {
     }
 }
 
+/// Whether the parts `(addr, len)` fit back to back in `len` bytes.
+fn fits(parts: &[(u64, usize)], len: usize) -> bool {
+    parts.iter().map(|p| p.1).sum::<usize>() <= len
+}
+
+impl CudaStaging {
+    /// Enqueues `copy(offset in the bounce buffer, device address, len, stream)` for each part,
+    /// stopping at the first error, then waits for the stream once.
+    fn run_each(
+        &self,
+        call: &'static str,
+        parts: &[(u64, usize)],
+        copy: impl Fn(usize, u64, usize, sys::CUstream) -> sys::CUresult,
+    ) -> Result<()> {
+        self.run(call, |s| {
+            let mut at = 0;
+            for &(addr, n) in parts {
+                let r = copy(at, addr, n, s);
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return r;
+                }
+                at += n;
+            }
+            sys::CUresult::CUDA_SUCCESS
+        })
+    }
+}
+
 impl DeviceCopy for CudaStaging {
     fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         let (p, n) = (dst.as_mut_ptr(), dst.len());
@@ -550,47 +578,28 @@ impl DeviceCopy for CudaStaging {
     }
 
     fn to_host_gather(&self, parts: &[(u64, usize)], dst: &mut [u8]) -> Result<()> {
-        let total: usize = parts.iter().map(|p| p.1).sum();
         assert!(
-            total <= dst.len(),
+            fits(parts, dst.len()),
             "gathered pages exceed the bounce buffer"
         );
         let base = dst.as_mut_ptr();
-        self.run("cuMemcpyDtoHAsync", |s| {
-            let mut at = 0;
-            for &(src, n) in parts {
-                // SAFETY: `dst` is exclusively borrowed for `total` bytes (checked above) until
-                // the stream is synchronised in `run`; each `src` range lies in a registered
-                // device segment.
-                let r = unsafe { sys::cuMemcpyDtoHAsync_v2(base.add(at).cast(), src, n, s) };
-                if r != sys::CUresult::CUDA_SUCCESS {
-                    return r;
-                }
-                at += n;
-            }
-            sys::CUresult::CUDA_SUCCESS
+        self.run_each("cuMemcpyDtoHAsync", parts, |at, src, n, s| {
+            // SAFETY: `dst` is exclusively borrowed and holds every part (checked above) until
+            // the stream is synchronised in `run`; `src` lies in a registered device segment.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(base.add(at).cast(), src, n, s) }
         })
     }
 
     fn to_device_scatter(&self, parts: &[(u64, usize)], src: &[u8]) -> Result<()> {
-        let total: usize = parts.iter().map(|p| p.1).sum();
         assert!(
-            total <= src.len(),
+            fits(parts, src.len()),
             "scattered pages exceed the bounce buffer"
         );
         let base = src.as_ptr();
-        self.run("cuMemcpyHtoDAsync", |s| {
-            let mut at = 0;
-            for &(dst, n) in parts {
-                // SAFETY: `src` is borrowed for `total` bytes (checked above) until the stream
-                // is synchronised in `run`; each `dst` range lies in a registered device segment.
-                let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, base.add(at).cast(), n, s) };
-                if r != sys::CUresult::CUDA_SUCCESS {
-                    return r;
-                }
-                at += n;
-            }
-            sys::CUresult::CUDA_SUCCESS
+        self.run_each("cuMemcpyHtoDAsync", parts, |at, dst, n, s| {
+            // SAFETY: `src` is borrowed and holds every part (checked above) until the stream
+            // is synchronised in `run`; `dst` lies in a registered device segment.
+            unsafe { sys::cuMemcpyHtoDAsync_v2(dst, base.add(at).cast(), n, s) }
         })
     }
 

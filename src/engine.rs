@@ -1423,6 +1423,31 @@ mod staging_tests {
             .collect()
     }
 
+    type Emulated = Arc<HostEmulatedDevice>;
+
+    /// Registers `src` on `initiator` and `dst` on `target` as staged GPU memory, each with its
+    /// own emulated device.
+    fn emulated_pair(
+        initiator: &TransferEngine,
+        target: &TransferEngine,
+        src: &RawAlloc,
+        dst: &RawAlloc,
+    ) -> (Emulated, SegmentInfo, Emulated, SegmentInfo) {
+        let (dev_src, dev_dst) = (
+            Arc::new(HostEmulatedDevice::default()),
+            Arc::new(HostEmulatedDevice::default()),
+        );
+        let s = initiator
+            .inner
+            .register_emulated_device(src.addr(), src.len() as u64, dev_src.clone())
+            .unwrap();
+        let d = target
+            .inner
+            .register_emulated_device(dst.addr(), dst.len() as u64, dev_dst.clone())
+            .unwrap();
+        (dev_src, s, dev_dst, d)
+    }
+
     #[test]
     fn gpu_to_gpu_over_tcp_through_staging() {
         round_trip_through_staging(&engine(), &engine());
@@ -1439,18 +1464,7 @@ mod staging_tests {
         let dst = RawAlloc::zeroed(len).unwrap();
         let data = pattern(len, 5);
         src.write_at(0, &data);
-        let (dev_src, dev_dst) = (
-            Arc::new(HostEmulatedDevice::default()),
-            Arc::new(HostEmulatedDevice::default()),
-        );
-        initiator
-            .inner
-            .register_emulated_device(src.addr(), len as u64, dev_src.clone())
-            .unwrap();
-        let d = target
-            .inner
-            .register_emulated_device(dst.addr(), len as u64, dev_dst.clone())
-            .unwrap();
+        let (dev_src, _, dev_dst, d) = emulated_pair(&initiator, &target, &src, &dst);
         let peer = initiator.connect(target.local_addr()).unwrap();
         // Every other page, to reversed places: nothing coalesces.
         let reqs: Vec<Request> = (0..pages)
@@ -1559,18 +1573,7 @@ mod staging_tests {
         let src = RawAlloc::zeroed(len).unwrap();
         let dst = RawAlloc::zeroed(len).unwrap();
         let back = initiator.alloc(len).unwrap();
-        let (dev_src, dev_dst) = (
-            Arc::new(HostEmulatedDevice::default()),
-            Arc::new(HostEmulatedDevice::default()),
-        );
-        let s = initiator
-            .inner
-            .register_emulated_device(src.addr(), len as u64, dev_src.clone())
-            .unwrap();
-        let d = target
-            .inner
-            .register_emulated_device(dst.addr(), len as u64, dev_dst.clone())
-            .unwrap();
+        let (dev_src, s, dev_dst, d) = emulated_pair(initiator, target, &src, &dst);
         let details = target.segment_info(d.id).unwrap();
         assert_eq!(details.mode, RegMode::Staging);
         assert!(details.placement.is_device());

@@ -94,6 +94,12 @@ impl RawAlloc {
         self.ptr as usize as u64
     }
 
+    /// Length in bytes.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.layout.size()
+    }
+
     /// Copies `dst.len()` bytes at `offset` out of the allocation.
     pub(crate) fn read_at(&self, offset: usize, dst: &mut [u8]) {
         assert!(
