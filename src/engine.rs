@@ -1499,6 +1499,66 @@ mod staging_tests {
         }
     }
 
+    /// Gathered staged writes keep their room's gate held until they land: once a fence on
+    /// the room returns, the staged memory no longer changes.
+    #[test]
+    fn a_fenced_room_gets_no_late_gathered_write() {
+        let (target, initiator) = (engine(), engine());
+        let (page, pages) = (4096usize, 8192usize);
+        let len = 2 * page * pages;
+        let (src, dst) = (
+            RawAlloc::zeroed(len).unwrap(),
+            RawAlloc::zeroed(len).unwrap(),
+        );
+        src.write_at(0, &pattern(len, 11));
+        let (_, _, dev_dst, d) = emulated_pair(&initiator, &target, &src, &dst);
+        let peer = initiator.connect(target.local_addr()).unwrap();
+        let reqs: Vec<Request> = (0..pages)
+            .map(|p| {
+                let (from, to) = ((2 * p * page) as u64, (2 * (pages - 1 - p) * page) as u64);
+                Request::write(src.addr() + from, page as u64, d.id, to)
+            })
+            .collect();
+        let slot = 77u32;
+        let t0 = Instant::now();
+        let b = initiator
+            .submit_with_notify(
+                peer,
+                &reqs,
+                slot << crate::transport::fence::ROOM_SLOT_SHIFT,
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while dev_dst.copies.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            thread::yield_now();
+        }
+        let key = (initiator.engine_id(), initiator.epoch(), slot);
+        assert!(
+            target.inner.fences.fence(key, Duration::from_secs(10)),
+            "fence in time"
+        );
+        eprintln!("fence returned at {:?}", t0.elapsed());
+        let mut before = vec![0u8; len];
+        dst.read_at(0, &mut before);
+        let landed = before.iter().filter(|&&x| x != 0).count();
+        eprintln!(
+            "fenced at {:?}: {landed} of {len} bytes landed",
+            t0.elapsed()
+        );
+        let result = initiator.wait(b);
+        eprintln!("batch over at {:?}: {result:?}", t0.elapsed());
+        thread::sleep(Duration::from_millis(200));
+        let mut after = vec![0u8; len];
+        dst.read_at(0, &mut after);
+        assert!(before == after, "staged memory changed after the fence");
+        assert!(landed > 0, "some pages landed before the fence");
+        if landed < len / 4 {
+            // Less than half of the pages: the batch cannot have completed.
+            let e = result.expect_err("writes after the fence are refused");
+            assert!(e.to_string().contains("aborted"), "{e}");
+        }
+    }
+
     /// Over RDMA, batches touching a staged segment (on either side) take the control
     /// connection; the others keep the QPs.
     #[test]

@@ -73,7 +73,9 @@ pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
     let mut last_activity = Instant::now();
     while !shutdown.load(Ordering::Acquire) {
         match reader.drain(&mut input, &mut h) {
-            Ok(0) => {}
+            // Nothing more to read for now: gathered writes land instead of waiting for more
+            // (a room fence waits for them).
+            Ok(0) => h.land_pending(),
             Ok(_) => last_activity = Instant::now(),
             Err(e) => {
                 match e.kind() {
@@ -206,11 +208,13 @@ impl Target {
     /// Copies every gathered write to the device (one copy), then lets their pins and room
     /// gates go; a failed copy fails each of their batches.
     fn land_pending(&mut self) {
-        let Some(l) = self.landing.take() else { return };
-        let Some(buf) = l.buf else {
-            // A frame was cut off while read into it: nothing here may land.
+        if self.landing.as_ref().is_some_and(|l| l.buf.is_none()) {
+            // A frame is being read into the buffer (the socket ran dry mid-frame): everything
+            // lands once it is complete.
             return;
-        };
+        }
+        let Some(l) = self.landing.take() else { return };
+        let buf = l.buf.expect("checked above");
         if !l.parts.is_empty() {
             if let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled]) {
                 tracing::warn!(
@@ -328,6 +332,8 @@ impl FrameHandler for Target {
                     match self.fences.enter(key) {
                         Some(hold) => self.hold = Some(hold),
                         None => {
+                            // Gathered writes may hold this room's gate: let its fence return.
+                            self.land_pending();
                             tracing::debug!(slot = key.2, "dropping a write of an aborted room");
                             self.errors.entry(hdr.batch).or_insert(ROOM_ABORTED);
                             return Ok(Sink::Discard);
