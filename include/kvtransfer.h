@@ -14,9 +14,9 @@
  *   and the defaults honour the KVT_* environment variables.
  * - Handles come from *_create and go back through *_destroy (NULL is fine there).
  *   Destroy KV senders and receivers before their manager.
- * - SIGPIPE: the first engine or KV manager sets it to SIG_IGN if it is still at SIG_DFL
- *   (which would kill the process when a peer goes away while the library writes to it),
- *   as Rust and Python programs do at start-up. A handler the program installed is kept.
+ * - Signals are left alone: socket writes use MSG_NOSIGNAL, so a peer that goes away
+ *   while the library writes to it is an error, never a SIGPIPE, whatever the program's
+ *   SIGPIPE disposition.
  * - Strings are NUL-terminated UTF-8. Functions that fill a caller's buffer never
  *   truncate: a buffer too small gives KVT_ERR_INVALID_ARGUMENT and is left untouched.
  */
@@ -485,7 +485,6 @@ int32_t kvt_init_logging(const char *filter);
 
 /**
  * Starts an engine with `cfg` (NULL: every default) and stores its handle in `*out`.
- * The first engine or manager sets SIGPIPE to ignore if it is at its default action.
  *
  * # Safety
  * `cfg` is NULL or points to a `kvt_engine_config` of at least `struct_size` bytes whose
@@ -661,8 +660,7 @@ int32_t kvt_transfer_submit_write(struct kvt_engine *e,
 /**
  * Starts a KV manager: an engine with `engine`'s settings (NULL: defaults) that registers
  * every buffer of `kv` and serves rooms in `kv->role`. Stores the handle in `*out`. The
- * arrays of `kv` are copied; the buffers they describe are not. The first engine or manager
- * sets SIGPIPE to ignore if it is at its default action.
+ * arrays of `kv` are copied; the buffers they describe are not.
  *
  * # Safety
  * `engine` is NULL or a valid `kvt_engine_config`; `kv` points to a valid `kvt_kv_config`;

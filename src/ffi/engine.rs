@@ -118,7 +118,6 @@ pub(crate) unsafe fn engine_config(cfg: *const kvt_engine_config) -> Result<Engi
 }
 
 /// Starts an engine with `cfg` (NULL: every default) and stores its handle in `*out`.
-/// The first engine or manager sets SIGPIPE to ignore if it is at its default action.
 ///
 /// # Safety
 /// `cfg` is NULL or points to a `kvt_engine_config` of at least `struct_size` bytes whose
@@ -133,7 +132,6 @@ pub unsafe extern "C" fn kvt_engine_create(
         let out = unsafe { out_param(out, "out") }?;
         // SAFETY: forwarded contract.
         let config = unsafe { engine_config(cfg) }?;
-        super::signals::ignore_default_sigpipe();
         let engine = TransferEngine::new(config)?;
         out.write(into_handle(kvt_engine { engine }));
         Ok(())

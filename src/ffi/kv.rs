@@ -122,8 +122,7 @@ unsafe fn kv_settings(kv: *const kvt_kv_config) -> Result<(KvConfig, KvLayout)> 
 
 /// Starts a KV manager: an engine with `engine`'s settings (NULL: defaults) that registers
 /// every buffer of `kv` and serves rooms in `kv->role`. Stores the handle in `*out`. The
-/// arrays of `kv` are copied; the buffers they describe are not. The first engine or manager
-/// sets SIGPIPE to ignore if it is at its default action.
+/// arrays of `kv` are copied; the buffers they describe are not.
 ///
 /// # Safety
 /// `engine` is NULL or a valid `kvt_engine_config`; `kv` points to a valid `kvt_kv_config`;
@@ -143,7 +142,6 @@ pub unsafe extern "C" fn kvt_kv_manager_create(
         let (config, layout) = unsafe { kv_settings(kv) }?;
         // SAFETY: forwarded contract.
         let engine = unsafe { engine_config(engine) }?;
-        super::signals::ignore_default_sigpipe();
         // SAFETY: the caller keeps every layout buffer valid for the manager's lifetime and
         // that of its rooms (the contract above).
         let manager = unsafe { KvManager::new(engine, config, layout) }?;

@@ -16,9 +16,9 @@
 //!   library reads only the fields that size covers, and zero or NULL fields mean "default"
 //!   (defaults include the `KVT_*` environment overrides).
 //!
-//! - The first engine or KV manager sets SIGPIPE to "ignore" if it is at its default action
-//!   (which would kill the process when a peer goes away mid-write), as Rust and Python
-//!   programs do at start-up; a handler the program installed is left alone.
+//! - The library leaves signal handling alone: its socket writes use `MSG_NOSIGNAL`, so a peer
+//!   that goes away mid-write is an error (`PeerLost`), never a SIGPIPE, whatever the
+//!   program's SIGPIPE set-up.
 //!
 //! Handles are `Box`ed Rust values behind pointers; each `*_create` has a `*_destroy`, which
 //! accepts NULL. All the `unsafe` code of the crate's C surface lives here.
@@ -28,7 +28,6 @@
 
 mod boundary;
 mod pointers;
-mod signals;
 mod versioned;
 
 // The ABI proper, in the order the header lists it (cbindgen follows declaration order).

@@ -1,7 +1,7 @@
 //! The KV control channel: one TCP connection between a decode and a prefill manager that
 //! carries [`KvMessage`]s both ways (room set-up, rejections, aborts).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -119,8 +119,7 @@ impl Channel {
 }
 
 fn write_message(s: &mut TcpStream, msg: &KvMessage) -> Result<()> {
-    s.write_all(&msg.encode())
-        .map_err(|e| Error::io("send (KV channel)", e))
+    crate::transport::tcp::send_all(s, &msg.encode()).map_err(|e| Error::io("send (KV channel)", e))
 }
 
 /// Reads one message (blocking).

@@ -1,7 +1,7 @@
 //! Socket helpers shared by both ends of a TCP data connection: readiness waits, vectored
 //! writes on non-blocking sockets, and the resumable frame reader.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -30,6 +30,33 @@ fn wait_for(s: &TcpStream, what: PollFlags, timeout: Duration) -> bool {
     }
 }
 
+/// Most buffers one `sendmsg` takes (the kernel's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// Sends what the socket takes of `bufs` (at most [`MAX_IOV`] of them) with `MSG_NOSIGNAL`: a
+/// peer that has gone answers `EPIPE` instead of raising SIGPIPE, so a process embedding the
+/// library is never killed by a lost peer, whatever its signal set-up.
+pub(crate) fn send_vectored(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let bufs = &bufs[..bufs.len().min(MAX_IOV)];
+    sendmsg::<()>(s.as_raw_fd(), bufs, &[], MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+}
+
+/// Writes all of `buf` to a blocking socket (its write timeout bounds each wait), as
+/// [`send_vectored`] does: no SIGPIPE.
+pub(crate) fn send_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match send_vectored(s, &[IoSlice::new(buf)]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes every byte of `bufs` to a non-blocking socket, waiting for room when it is full.
 /// Gives up with `TimedOut` when the peer accepts nothing for `stall`.
 pub(crate) fn write_all_nb(
@@ -39,7 +66,7 @@ pub(crate) fn write_all_nb(
 ) -> io::Result<()> {
     let mut stalled_since: Option<Instant> = None;
     while !bufs.is_empty() {
-        match s.write_vectored(bufs) {
+        match send_vectored(s, bufs) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
             Ok(n) => {
                 stalled_since = None;
@@ -543,4 +570,42 @@ fn deliver(sink: &mut Sink, at: u64, chunk: &[u8]) {
     }
     // The batch failed: discard this and every later chunk of the frame.
     *sink = Sink::Discard;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+
+    use nix::sys::signal::{SigSet, Signal, raise};
+
+    use super::{send_all, send_vectored};
+
+    /// A socket shut down for writing answers `EPIPE` and raises no SIGPIPE. The signal is
+    /// blocked on this thread so that, if raised, it stays pending (Linux keeps blocked signals
+    /// even when ignored); SIGTERM, raised after as a marker and numbered higher, tells us
+    /// that nothing lower was pending.
+    #[test]
+    fn a_write_to_a_closed_socket_fails_without_sigpipe() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _peer = listener.accept().unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGPIPE);
+        set.add(Signal::SIGTERM);
+        set.thread_block().unwrap();
+        let e = send_all(&s, b"frame").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        let e = send_vectored(&s, &[IoSlice::new(b"a"), IoSlice::new(b"b")]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        raise(Signal::SIGTERM).unwrap();
+        let first = set.wait().unwrap();
+        if first == Signal::SIGPIPE {
+            // Consume the marker before failing, so no SIGTERM is left behind.
+            let _ = set.wait();
+        }
+        set.thread_unblock().unwrap();
+        assert_eq!(first, Signal::SIGTERM, "a write raised SIGPIPE");
+    }
 }

@@ -10,12 +10,13 @@ mod conn;
 mod io;
 mod target;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use conn::TcpConn;
+pub(crate) use io::send_all;
 pub(crate) use target::{ServeContext, serve};
 
 use crate::error::{Error, Result};
@@ -35,7 +36,7 @@ pub(crate) fn read_hello(s: &mut TcpStream, peer: &str) -> Result<Hello> {
 
 /// Writes one handshake message.
 pub(crate) fn write_hello(s: &mut TcpStream, hello: &Hello, peer: &str) -> Result<()> {
-    s.write_all(&wire::encode_hello(hello))
+    io::send_all(s, &wire::encode_hello(hello))
         .map_err(|e| handshake_io(peer, "sending the handshake", e))
 }
 
