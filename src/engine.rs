@@ -333,6 +333,19 @@ impl TransferEngine {
         Ok(self.inner.peer(peer)?.info.clone())
     }
 
+    /// Every peer this engine has connected to and not disconnected, by id.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<PeerInfo> = self
+            .inner
+            .peers
+            .read()
+            .values()
+            .map(|p| p.info.clone())
+            .collect();
+        v.sort_by_key(|p| p.id.0);
+        v
+    }
+
     /// The peer's segments as last learned (handshake or refresh).
     pub fn remote_segments(&self, peer: PeerId) -> Result<Vec<SegmentInfo>> {
         let p = self.inner.peer(peer)?;

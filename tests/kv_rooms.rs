@@ -255,6 +255,16 @@ fn sender_created_first_and_empty_last_chunk() {
         }
     }
     assert_eq!(decode.aux_slot(1), prefill.aux_slot(0));
+
+    // The prefill engine's peer belongs to the KV channel: it goes when the decode side does.
+    assert_eq!(prefill.mgr.engine().peers().len(), 1);
+    drop(receiver);
+    drop(decode);
+    wait_for(
+        "the prefill engine to let go of the decode peer",
+        Duration::from_secs(10),
+        || prefill.mgr.engine().peers().is_empty(),
+    );
 }
 
 #[test]

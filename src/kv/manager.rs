@@ -618,6 +618,11 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
         m.pending
             .lock()
             .retain(|_, p| !Arc::ptr_eq(&p.from, &inbound));
+        // The engine peer was this channel's alone: closing it stops what its failed rooms
+        // still had in flight and leaves no dead peer behind.
+        if let Ok(target) = &inbound.target {
+            let _ = m.engine.disconnect(target.peer);
+        }
     }
 }
 
