@@ -425,6 +425,12 @@ typedef struct kvt_kv_config {
      * How many aux buffers.
      */
     size_t num_aux;
+    /**
+     * How long an abort waits for writes in flight to finish before it cuts the peer off; 0:
+     * `KVT_ABORT_TIMEOUT_MS`, else 10000. (Added after the first release: callers compiled
+     * without it leave it out of `struct_size` and get the default.)
+     */
+    uint64_t abort_timeout_ms;
 } kvt_kv_config;
 
 /**

@@ -57,6 +57,10 @@ pub struct kvt_kv_config {
     pub aux: *const kvt_kv_buffer,
     /// How many aux buffers.
     pub num_aux: usize,
+    /// How long an abort waits for writes in flight to finish before it cuts the peer off; 0:
+    /// `KVT_ABORT_TIMEOUT_MS`, else 10000. (Added after the first release: callers compiled
+    /// without it leave it out of `struct_size` and get the default.)
+    pub abort_timeout_ms: u64,
 }
 
 impl Versioned for kvt_kv_config {
@@ -70,11 +74,12 @@ impl Versioned for kvt_kv_config {
             num_buffers: 0,
             aux: std::ptr::null(),
             num_aux: 0,
+            abort_timeout_ms: 0,
         }
     }
     fn fields() -> Vec<(usize, usize)> {
         field_spans!(kvt_kv_config; struct_size, role, room_timeout_ms, buffers, num_buffers,
-            aux, num_aux)
+            aux, num_aux, abort_timeout_ms)
     }
 }
 
@@ -108,6 +113,9 @@ unsafe fn kv_settings(kv: *const kvt_kv_config) -> Result<(KvConfig, KvLayout)> 
     let mut config = KvConfig::new(role);
     if c.room_timeout_ms != 0 {
         config = config.room_timeout(Duration::from_millis(c.room_timeout_ms));
+    }
+    if c.abort_timeout_ms != 0 {
+        config = config.abort_timeout(Duration::from_millis(c.abort_timeout_ms));
     }
     // SAFETY: the arrays hold num_buffers and num_aux entries by the contract.
     let (buffers, aux) = unsafe {
@@ -210,10 +218,12 @@ mod tests {
         }];
         let mut c = config(KVT_ROLE_DECODE, &b);
         c.room_timeout_ms = 1500;
+        c.abort_timeout_ms = 250;
         // SAFETY: a live config whose array holds one buffer.
         let (cfg, layout) = unsafe { kv_settings(&c) }.unwrap();
         assert_eq!(cfg.role, KvRole::Decode);
         assert_eq!(cfg.room_timeout, Duration::from_millis(1500));
+        assert_eq!(cfg.abort_timeout, Duration::from_millis(250));
         assert_eq!(layout.pages(), 2);
         assert!(layout.aux.is_empty());
     }

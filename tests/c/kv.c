@@ -54,6 +54,7 @@ static void side_init(struct side *s, uint32_t role, uint8_t seed) {
     s->kv.struct_size = sizeof s->kv;
     s->kv.role = role;
     s->kv.room_timeout_ms = 20000;
+    s->kv.abort_timeout_ms = 5000;
     s->kv.buffers = s->buffers;
     s->kv.num_buffers = LAYERS;
     s->kv.aux = &s->aux_buffer;

@@ -92,6 +92,7 @@ class KvConfig(Structure):
         ("num_buffers", c_size_t),
         ("aux", POINTER(KvBuffer)),
         ("num_aux", c_size_t),
+        ("abort_timeout_ms", c_uint64),
     ]
 
 

@@ -135,6 +135,7 @@ class KVManager(Handle):
         listen: Optional[str] = None,
         transport: Union[str, int] = "auto",
         room_timeout_ms: int = 0,
+        abort_timeout_ms: int = 0,
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
         devices: Union[str, Sequence[str], None] = None,
@@ -145,14 +146,15 @@ class KVManager(Handle):
         self.args = args
         self.role = "prefill" if role_code(role) == _lib.ROLE_PREFILL else "decode"
         self._keepalive = keepalive
-        if room_timeout_ms < 0:
-            raise ValueError("room_timeout_ms must be >= 0")
+        if room_timeout_ms < 0 or abort_timeout_ms < 0:
+            raise ValueError("room_timeout_ms and abort_timeout_ms must be >= 0")
         bufs, nbufs = _buffers(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, "kv")
         aux, naux = _buffers(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens, "aux")
         kv = _lib.KvConfig()
         kv.struct_size = ctypes.sizeof(_lib.KvConfig)
         kv.role = role_code(role)
         kv.room_timeout_ms = room_timeout_ms
+        kv.abort_timeout_ms = abort_timeout_ms
         kv.buffers = ctypes.cast(bufs, ctypes.POINTER(_lib.KvBuffer))
         kv.num_buffers = nbufs
         kv.aux = ctypes.cast(aux, ctypes.POINTER(_lib.KvBuffer)) if naux else None

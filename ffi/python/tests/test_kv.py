@@ -185,8 +185,8 @@ def assert_frozen(side) -> None:
 
 
 def test_sender_abort_fails_both_sides(sides):
-    prefill = sides("prefill", 4, 128, 32 << 10)
-    decode = sides("decode", 4, 128, 32 << 10)
+    prefill = sides("prefill", 4, 128, 32 << 10, abort_timeout_ms=5_000)
+    decode = sides("decode", 4, 128, 32 << 10, abort_timeout_ms=5_000)
     prefill.fill()
     s, r = start_half_room(prefill, decode, 1, 128)
     s.abort()
