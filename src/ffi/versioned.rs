@@ -51,12 +51,11 @@ fn check_size<T: Versioned>(size: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Copies the fields of `*p` that its `struct_size` covers over a zeroed `T`.
+/// The `struct_size` the caller set in `*p`, checked against `T` (see `check_size`).
 ///
 /// # Safety
-/// `p` is NULL, or points to at least `struct_size` readable bytes laid out as `T` (the
-/// caller's struct, possibly from an older or newer header).
-pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, name: &str) -> Result<T> {
+/// `p` is NULL, or points to a readable `u32` (every versioned struct starts with one).
+unsafe fn struct_size<T: Versioned>(p: *const T, name: &str) -> Result<usize> {
     if p.is_null() {
         return Err(Error::InvalidArgument(format!("{name} is NULL")));
     }
@@ -66,6 +65,17 @@ pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, name: &str) -> Re
     // SAFETY: non-null and aligned (checked); every T starts with a u32 struct_size.
     let size = unsafe { p.cast::<u32>().read() } as usize;
     check_size::<T>(size, name)?;
+    Ok(size)
+}
+
+/// Copies the fields of `*p` that its `struct_size` covers over a zeroed `T`.
+///
+/// # Safety
+/// `p` is NULL, or points to at least `struct_size` readable bytes laid out as `T` (the
+/// caller's struct, possibly from an older or newer header).
+pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, name: &str) -> Result<T> {
+    // SAFETY: forwarded contract.
+    let size = unsafe { struct_size(p, name) }?;
     let base = p.cast::<u8>();
     let known = std::mem::size_of::<T>();
     if size > known {
@@ -98,15 +108,8 @@ pub(crate) unsafe fn read_versioned<T: Versioned>(p: *const T, name: &str) -> Re
 /// # Safety
 /// `p` is NULL, or points to at least `struct_size` writable bytes laid out as `T`.
 pub(crate) unsafe fn write_versioned<T: Versioned>(p: *mut T, value: &T, name: &str) -> Result<()> {
-    if p.is_null() {
-        return Err(Error::InvalidArgument(format!("{name} is NULL")));
-    }
-    if !p.is_aligned() {
-        return Err(Error::InvalidArgument(format!("{name} is not aligned")));
-    }
-    // SAFETY: non-null and aligned (checked); every T starts with a u32 struct_size.
-    let size = unsafe { p.cast::<u32>().read() } as usize;
-    check_size::<T>(size, name)?;
+    // SAFETY: forwarded contract.
+    let size = unsafe { struct_size(p, name) }?;
     let src = (value as *const T).cast::<u8>();
     let base = p.cast::<u8>();
     for (offset, len) in T::fields().into_iter().skip(1) {

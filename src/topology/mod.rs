@@ -632,17 +632,17 @@ fn sysfs_error(path: &Path, e: io::Error) -> Error {
     )
 }
 
+/// A sysfs fixture tree under `tests/fixtures/sysfs/` (for the topology tests).
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sysfs")
+        .join(name)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/sysfs")
-            .join(name)
-    }
 
     fn ports(name: &str) -> Vec<PortInfo> {
         discover(&fixture(name)).expect("fixture discovers")

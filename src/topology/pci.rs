@@ -285,15 +285,8 @@ fn is_pci_address(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/sysfs")
-            .join(name)
-    }
+    use crate::topology::fixture;
 
     fn dev(path: &str, numa: Option<u32>) -> PciDevice {
         let mut parts: Vec<String> = path.split('/').map(str::to_string).collect();

@@ -102,17 +102,9 @@ pub fn rails_for<S: AsRef<str>>(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::topology::pci::discover_pci;
-    use crate::topology::{discover, usable_rails};
-
-    fn fixture(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/sysfs")
-            .join(name)
-    }
+    use crate::topology::{discover, fixture, usable_rails};
 
     /// The topology and the usable rails' device names of a fixture tree.
     fn host(name: &str) -> (PciTopology, Vec<String>) {
