@@ -967,10 +967,7 @@ impl Engine {
         // The lanes whose rails carry every segment of the batch (all lanes unless a segment
         // was registered on some rails only), or on RDMA the staging lane alone when a
         // segment of either side is staged; the planner numbers them 0..lanes.
-        let allowed = match p.link.staging_lane() {
-            Some(lane) if Self::touches_staging(&p, &guards, requests) => vec![lane],
-            _ => self.allowed_lanes(&p, &guards, requests)?,
-        };
+        let allowed = self.allowed_lanes(&p, &guards, requests)?;
         let lanes = allowed.len();
         let total: u64 = requests.iter().map(|r| r.len).sum();
         let first_lane = if total <= self.config.min_stripe_bytes {
@@ -1034,26 +1031,10 @@ impl Engine {
         Ok(BatchId(id))
     }
 
-    /// Whether a batch touches GPU memory reached through staging: a local segment with
-    /// device copies, or a remote one that no rail of the peer can reach (no memory key).
-    fn touches_staging(p: &Peer, guards: &[SegmentGuard], requests: &[Request]) -> bool {
-        if guards.iter().any(|g| g.segment().staging().is_some()) {
-            return true;
-        }
-        let segments = p.segments.read();
-        let mut last = None;
-        requests.iter().any(|r| {
-            let seg = r.remote_segment.0;
-            if last == Some(seg) {
-                return false;
-            }
-            last = Some(seg);
-            segments.get(&seg).is_some_and(|d| d.keys.is_empty())
-        })
-    }
-
     /// Lanes of `p` whose local rail carries every local segment of the batch and whose
-    /// remote rail carries every remote one.
+    /// remote rail carries every remote one; on RDMA the staging lane alone when the batch
+    /// touches GPU memory reached through staging (a local segment with device copies, or a
+    /// remote one no rail of the peer can reach: no memory key).
     fn allowed_lanes(
         &self,
         p: &Peer,
@@ -1068,6 +1049,13 @@ impl Engine {
         remotes.sort_unstable();
         remotes.dedup();
         let segments = p.segments.read();
+        let staged = guards.iter().any(|g| g.segment().staging().is_some())
+            || remotes
+                .iter()
+                .any(|s| segments.get(s).is_some_and(|d| d.keys.is_empty()));
+        if let (true, Some(lane)) = (staged, p.link.staging_lane()) {
+            return Ok(vec![lane]);
+        }
         let ok: Vec<usize> = rails
             .iter()
             .enumerate()
