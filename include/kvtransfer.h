@@ -228,6 +228,16 @@
 #define KVT_TRANSPORT_RDMA 2
 
 /**
+ * `kvt_segment.kind`: host memory.
+ */
+#define KVT_MEMORY_HOST 0
+
+/**
+ * `kvt_segment.kind`: GPU memory.
+ */
+#define KVT_MEMORY_GPU 1
+
+/**
  * `kvt_request.op`: copy local memory into the peer's segment.
  */
 #define KVT_OP_WRITE 0
@@ -342,6 +352,28 @@ typedef struct kvt_engine_config {
      */
     const char *devices;
 } kvt_engine_config;
+
+/**
+ * A registered segment as a peer announced it.
+ */
+typedef struct kvt_segment {
+    /**
+     * Segment id at its owner.
+     */
+    uint32_t id;
+    /**
+     * `KVT_MEMORY_HOST` or `KVT_MEMORY_GPU`.
+     */
+    uint32_t kind;
+    /**
+     * Start address in its owner's address space.
+     */
+    uint64_t base;
+    /**
+     * Length in bytes.
+     */
+    uint64_t len;
+} kvt_segment;
 
 /**
  * One transfer of `len` bytes between local memory at `local_addr` (inside a segment
@@ -574,6 +606,15 @@ int32_t kvt_engine_unregister(struct kvt_engine *e, uint32_t segment);
 int32_t kvt_engine_connect(struct kvt_engine *e, const char *addr, uint64_t *out_peer);
 
 /**
+ * Closes the connections to `peer` and forgets the handle; its batches in flight fail.
+ * `KVT_ERR_UNKNOWN_PEER` for a handle that is not (or no longer) connected.
+ *
+ * # Safety
+ * `e` is a live engine handle.
+ */
+int32_t kvt_engine_disconnect(struct kvt_engine *e, uint64_t peer);
+
+/**
  * Maps `len` bytes at the peer's virtual address `addr` to the peer segment holding them
  * and the offset inside it (`*out_segment`, `*out_offset`), refreshing the peer's segment
  * list once if needed; `KVT_ERR_UNREGISTERED_ADDRESS` when no segment of the peer covers them.
@@ -587,6 +628,52 @@ int32_t kvt_engine_resolve_remote(struct kvt_engine *e,
                                   uint64_t len,
                                   uint32_t *out_segment,
                                   uint64_t *out_offset);
+
+/**
+ * The segments `peer` has registered, in id order, as last learned (handshake or refresh);
+ * with `refresh` non-zero, asks the peer first. Writes up to `cap` of them to `out` and the
+ * total number to `*out_count` (so a call with `cap` 0 and `out` NULL asks for the count).
+ *
+ * # Safety
+ * `e` is a live engine handle; `out` is writable for `cap` entries (NULL when `cap` is 0);
+ * `out_count` is writable.
+ */
+int32_t kvt_engine_remote_segments(struct kvt_engine *e,
+                                   uint64_t peer,
+                                   bool refresh,
+                                   struct kvt_segment *out,
+                                   size_t cap,
+                                   size_t *out_count);
+
+/**
+ * Checks that an engine answers at `addr` (`"ip:port"`) within `timeout_ms` (0: the connect
+ * timeout): one connection and a handshake that reveals no segments and opens no peer on
+ * either side. On success stores the engine's id and epoch (a restarted engine has a new
+ * epoch) where the out-pointers are not NULL. Fails with `KVT_ERR_IO` (nothing listening,
+ * unreachable, timed out) or `KVT_ERR_HANDSHAKE` / `KVT_ERR_PROTOCOL` (something else
+ * listening).
+ *
+ * # Safety
+ * `e` is a live engine handle; `addr` is NUL-terminated; each out-pointer is NULL or
+ * writable.
+ */
+int32_t kvt_engine_probe(struct kvt_engine *e,
+                         const char *addr,
+                         uint64_t timeout_ms,
+                         uint64_t *out_engine_id,
+                         uint64_t *out_epoch);
+
+/**
+ * This host's topology matrix as JSON, in the shape of Mooncake's `get_local_topology`:
+ * `{"cpu:<numa node>": [[preferred devices], [other devices]], "cuda:<gpu>": [...]}` over
+ * the RDMA devices an engine with the allow-list `devices` (`"mlx5_0,mlx5_3"`; NULL or
+ * empty: the KV rails) would use; `{}` where there is no usable RDMA port. Written to `buf`
+ * of `cap` bytes with a NUL; `KVT_ERR_INVALID_ARGUMENT` (nothing written) when it does not fit.
+ *
+ * # Safety
+ * `devices` is NULL or NUL-terminated; `buf` is writable for `cap` bytes.
+ */
+int32_t kvt_local_topology(const char *devices, char *buf, size_t cap);
 
 /**
  * Checks every request and submits them as one batch; nothing moves when one is wrong.
@@ -634,12 +721,44 @@ int32_t kvt_batch_wait(struct kvt_engine *e, uint64_t batch);
 int32_t kvt_batch_release(struct kvt_engine *e, uint64_t batch);
 
 /**
- * Writes `len[i]` bytes from local address `src[i]` to the peer's virtual address `dst[i]`
- * for every `i < n`, as one batch, and waits for it (Mooncake's `transferSyncWrite`). Each
- * destination must lie inside one segment the peer registered.
+ * Moves `len[i]` bytes between local address `src[i]` and the peer's virtual address
+ * `dst[i]` for every `i < n`, as one batch (`op` `KVT_OP_WRITE`: local to peer;
+ * `KVT_OP_READ`: peer to local), and waits for it. Each peer range must lie inside one
+ * segment the peer registered (`KVT_ERR_REMOTE_UNREGISTERED` otherwise; nothing moves then).
  *
  * # Safety
  * `e` is a live engine handle; `src`, `dst` and `len` point to `n` values each.
+ */
+int32_t kvt_transfer_sync(struct kvt_engine *e,
+                          uint64_t peer,
+                          uint32_t op,
+                          const uint64_t *src,
+                          const uint64_t *dst,
+                          const uint64_t *len,
+                          size_t n);
+
+/**
+ * Like `kvt_transfer_sync`, but returns at once with the batch id in `*out_batch` (poll or
+ * wait it like any batch); `timeout_ms` is the batch's deadline (0: the engine's default).
+ *
+ * # Safety
+ * As for `kvt_transfer_sync`; `out_batch` is writable.
+ */
+int32_t kvt_transfer_submit(struct kvt_engine *e,
+                            uint64_t peer,
+                            uint32_t op,
+                            const uint64_t *src,
+                            const uint64_t *dst,
+                            const uint64_t *len,
+                            size_t n,
+                            uint64_t timeout_ms,
+                            uint64_t *out_batch);
+
+/**
+ * `kvt_transfer_sync` with `KVT_OP_WRITE` (Mooncake's `transferSyncWrite`).
+ *
+ * # Safety
+ * As for `kvt_transfer_sync`.
  */
 int32_t kvt_transfer_sync_write(struct kvt_engine *e,
                                 uint64_t peer,
@@ -649,11 +768,10 @@ int32_t kvt_transfer_sync_write(struct kvt_engine *e,
                                 size_t n);
 
 /**
- * Like `kvt_transfer_sync_write`, but returns at once with the batch id in `*out_batch`
- * (poll or wait it like any batch).
+ * `kvt_transfer_submit` with `KVT_OP_WRITE` and the default deadline.
  *
  * # Safety
- * As for `kvt_transfer_sync_write`; `out_batch` is writable.
+ * As for `kvt_transfer_submit`.
  */
 int32_t kvt_transfer_submit_write(struct kvt_engine *e,
                                   uint64_t peer,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tests the Python package (ffi/python) against the cdylib: a venv under target/pyenv with
-# numpy, pytest and the package installed from ./ffi/python, then pytest. Safe to run again:
-# the venv is reused and the package reinstalled. Extra arguments go to pytest.
+# Tests the Python package (ffi/python) as installed: a venv under target/pyenv with numpy,
+# pytest and `pip install ./ffi/python` (which builds and carries libkvtransfer), then pytest
+# from outside the checkout. Safe to run again: the venv is reused and the package
+# reinstalled. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,15 +16,17 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/nul
   python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
-"${pip[@]}" install 'numpy' 'pytest' 'setuptools>=61' wheel
-# Reinstall the package each time (it is small) so the tests run the current sources; a
-# stale setuptools build/ could carry deleted modules along.
+"${pip[@]}" install 'numpy' 'pytest'
+# Install the package as a user would: pip builds the crate's cdylib with setuptools-rust (in
+# an isolated build environment) and puts it inside the package. Reinstalled each time (the
+# cargo build is incremental) so the tests run the current sources and library.
 rm -rf ffi/python/build
-"${pip[@]}" install --no-build-isolation --no-deps --force-reinstall ./ffi/python
+"${pip[@]}" install --force-reinstall --no-deps ./ffi/python
 
-cargo build --release --lib --quiet
-
-# KVTRANSFER_LIB unset: the package must find target/release/libkvtransfer.so by itself
-# (one test sets it explicitly in a child process).
+# KVTRANSFER_LIB unset and run from outside the checkout: the package must use the library
+# its wheel carries (test_lib checks that it does).
 unset KVTRANSFER_LIB
-"$venv/bin/pytest" ffi/python/tests -q -p no:cacheprovider "$@"
+tests=$(pwd)/ffi/python/tests
+cd "$(mktemp -d)"
+# The SGLang tests need SGLang's own venv: scripts/sglang-tests.sh runs them.
+"$OLDPWD/$venv/bin/pytest" "$tests" -q -p no:cacheprovider --rootdir "$tests" --ignore "$tests/sglang" "$@"

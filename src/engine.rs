@@ -49,6 +49,15 @@ pub struct PeerInfo {
     pub lanes: usize,
 }
 
+/// What a liveness probe ([`TransferEngine::probe`]) learns of an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeReply {
+    /// The engine's random id.
+    pub engine_id: u64,
+    /// Its epoch: a restarted engine at the same address has a new one.
+    pub epoch: u64,
+}
+
 struct Peer {
     info: PeerInfo,
     segments: RwLock<HashMap<u32, SegmentDesc>>,
@@ -106,6 +115,9 @@ struct Engine {
 /// ```
 pub struct TransferEngine {
     inner: Arc<Engine>,
+    /// The accept thread, which owns the listener: joined on drop, so the port is free again
+    /// when the engine is gone (a restarted server binds the same port).
+    accept: Option<thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for TransferEngine {
@@ -165,12 +177,15 @@ impl TransferEngine {
             config,
         });
         let e = inner.clone();
-        thread::Builder::new()
+        let accept = thread::Builder::new()
             .name("kvt-accept".into())
             .spawn(move || e.accept_loop(listener))
             .map_err(|e| Error::io("spawn", e))?;
         tracing::info!(addr = %local_addr, epoch = format_args!("{:#x}", inner.epoch), transport = transport.as_str(), "engine started");
-        Ok(TransferEngine { inner })
+        Ok(TransferEngine {
+            inner,
+            accept: Some(accept),
+        })
     }
 
     /// The bootstrap address peers connect to (with the real port when 0 was configured).
@@ -397,6 +412,31 @@ impl TransferEngine {
         Ok(())
     }
 
+    /// Checks that an engine answers at `addr` (`"ip:port"`), within `timeout` (None: the
+    /// configured connect timeout): one connection, one handshake that reveals no segments
+    /// and opens no peer on either side, then it closes. Returns the engine's id and epoch
+    /// (a restarted engine has a new epoch).
+    pub fn probe(&self, addr: impl ToSocketAddrs, timeout: Option<Duration>) -> Result<ProbeReply> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::InvalidArgument(format!("peer address: {e}")))?
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("peer address resolves to nothing".into()))?;
+        let timeout = timeout.unwrap_or(self.inner.config.connect_timeout);
+        let hello = self.inner.hello(ConnPurpose::Probe, 0, None);
+        let (theirs, _stream) = tcp::connect_one(addr, timeout, &hello)?;
+        if theirs.purpose != ConnPurpose::Probe {
+            return Err(Error::Handshake {
+                peer: addr.to_string(),
+                reason: format!("a probe was answered as {:?}", theirs.purpose),
+            });
+        }
+        Ok(ProbeReply {
+            engine_id: theirs.engine_id,
+            epoch: theirs.epoch,
+        })
+    }
+
     /// Submits a batch with the default deadline; returns at once.
     ///
     /// Every request is checked first (local range registered, remote segment known and range
@@ -477,6 +517,10 @@ impl Drop for TransferEngine {
         self.inner.shutdown.store(true, Ordering::Release);
         for p in self.inner.peers.write().drain().map(|(_, p)| p) {
             p.link.close();
+        }
+        // The accept loop sees the flag within its 100 ms poll and drops the listener.
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
         }
     }
 }
@@ -699,12 +743,19 @@ impl Engine {
                 data: e.encode(),
             });
         }
+        // A probe learns only that this engine is alive and which run it is.
+        let segments = if purpose == ConnPurpose::Probe {
+            endpoints.clear();
+            Vec::new()
+        } else {
+            Self::describe_segments(&self.segments, self.rdma.as_deref())
+        };
         Hello {
             engine_id: self.engine_id,
             epoch: self.epoch,
             purpose,
             conn_index,
-            segments: Self::describe_segments(&self.segments, self.rdma.as_deref()),
+            segments,
             endpoints,
         }
     }
@@ -766,6 +817,9 @@ impl Engine {
             Ok(theirs)
         })();
         match setup {
+            Ok(h) if h.purpose == ConnPurpose::Probe => {
+                tracing::debug!(%peer, "answered a liveness probe");
+            }
             Ok(h) if h.purpose == ConnPurpose::Kv => {
                 let acceptor = self.kv_acceptor.read().clone();
                 match acceptor {

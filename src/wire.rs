@@ -131,6 +131,9 @@ pub enum ConnPurpose {
     Control = 2,
     /// A KV control channel: room messages between two KV managers (`kv::proto`).
     Kv = 3,
+    /// A liveness probe: the target answers with its engine id and epoch (no segments, no
+    /// endpoints) and closes; nothing else happens on either side.
+    Probe = 4,
 }
 
 /// The handshake each side sends when a connection opens.
@@ -422,6 +425,7 @@ fn conn_purpose_from_u8(v: u8) -> Result<ConnPurpose, WireError> {
         1 => Ok(ConnPurpose::TcpData),
         2 => Ok(ConnPurpose::Control),
         3 => Ok(ConnPurpose::Kv),
+        4 => Ok(ConnPurpose::Probe),
         _ => Err(WireError::Malformed {
             what: "hello purpose",
             detail: format!("unknown connection purpose {v}"),

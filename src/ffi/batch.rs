@@ -151,49 +151,126 @@ pub unsafe extern "C" fn kvt_batch_release(e: *mut kvt_engine, batch: u64) -> i3
     })
 }
 
-/// Write requests from parallel arrays: `len[i]` bytes from local `src[i]` to the peer's
-/// virtual address `dst[i]`, each resolved to (segment, offset).
-fn address_writes(
+/// Requests from parallel arrays: `len[i]` bytes between local `src[i]` and the peer's
+/// virtual address `dst[i]` (written there for `KVT_OP_WRITE`, read from there for
+/// `KVT_OP_READ`), each peer address resolved to (segment, offset).
+fn address_requests(
     engine: &TransferEngine,
     peer: PeerId,
+    op: u32,
     src: &[u64],
     dst: &[u64],
     len: &[u64],
 ) -> Result<Vec<Request>> {
+    let make = match op {
+        KVT_OP_WRITE => Request::write,
+        KVT_OP_READ => Request::read,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "op is {other}, not KVT_OP_WRITE (0) or KVT_OP_READ (1)"
+            )));
+        }
+    };
     src.iter()
         .zip(dst)
         .zip(len)
         .map(|((&s, &d), &l)| {
             let (segment, offset) = engine.resolve_remote(peer, d, l)?;
-            Ok(Request::write(s, l, segment, offset))
+            Ok(make(s, l, segment, offset))
         })
         .collect()
 }
 
 /// # Safety
-/// `src`, `dst` and `len` point to `n` values each (NULL only when `n` is 0).
-unsafe fn address_arrays<'a>(
+/// `e` is a live engine handle; `src`, `dst` and `len` point to `n` values each (NULL only
+/// when `n` is 0).
+unsafe fn address_batch<'a>(
+    e: *mut kvt_engine,
+    peer: u64,
+    op: u32,
     src: *const u64,
     dst: *const u64,
     len: *const u64,
     n: usize,
-) -> Result<[&'a [u64]; 3]> {
+) -> Result<(&'a TransferEngine, Vec<Request>)> {
+    // SAFETY: a live handle by the contract.
+    let e = unsafe { arg_ref(e, "e") }?;
     // SAFETY: n values at each pointer by the contract.
-    unsafe {
-        Ok([
+    let (src, dst, len) = unsafe {
+        (
             c_slice(src, n, "src")?,
             c_slice(dst, n, "dst")?,
             c_slice(len, n, "len")?,
-        ])
-    }
+        )
+    };
+    let requests = address_requests(&e.engine, PeerId(peer), op, src, dst, len)?;
+    Ok((&e.engine, requests))
 }
 
-/// Writes `len[i]` bytes from local address `src[i]` to the peer's virtual address `dst[i]`
-/// for every `i < n`, as one batch, and waits for it (Mooncake's `transferSyncWrite`). Each
-/// destination must lie inside one segment the peer registered.
+/// Moves `len[i]` bytes between local address `src[i]` and the peer's virtual address
+/// `dst[i]` for every `i < n`, as one batch (`op` `KVT_OP_WRITE`: local to peer;
+/// `KVT_OP_READ`: peer to local), and waits for it. Each peer range must lie inside one
+/// segment the peer registered (`KVT_ERR_REMOTE_UNREGISTERED` otherwise; nothing moves then).
 ///
 /// # Safety
 /// `e` is a live engine handle; `src`, `dst` and `len` point to `n` values each.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_transfer_sync(
+    e: *mut kvt_engine,
+    peer: u64,
+    op: u32,
+    src: *const u64,
+    dst: *const u64,
+    len: *const u64,
+    n: usize,
+) -> i32 {
+    guard(|| {
+        // SAFETY: the contract above is address_batch's.
+        let (engine, requests) = unsafe { address_batch(e, peer, op, src, dst, len, n) }?;
+        engine.transfer_sync(PeerId(peer), &requests)
+    })
+}
+
+/// Like `kvt_transfer_sync`, but returns at once with the batch id in `*out_batch` (poll or
+/// wait it like any batch); `timeout_ms` is the batch's deadline (0: the engine's default).
+///
+/// # Safety
+/// As for `kvt_transfer_sync`; `out_batch` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_transfer_submit(
+    e: *mut kvt_engine,
+    peer: u64,
+    op: u32,
+    src: *const u64,
+    dst: *const u64,
+    len: *const u64,
+    n: usize,
+    timeout_ms: u64,
+    out_batch: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: writable by the contract.
+        let out = unsafe { out_param(out_batch, "out_batch") }?;
+        // SAFETY: the contract above is address_batch's.
+        let (engine, requests) = unsafe { address_batch(e, peer, op, src, dst, len, n) }?;
+        let batch = if timeout_ms == 0 {
+            engine.submit(PeerId(peer), &requests)?
+        } else {
+            engine.submit_with_timeout(
+                PeerId(peer),
+                &requests,
+                Duration::from_millis(timeout_ms),
+            )?
+        };
+        out.write(batch.0);
+        Ok(())
+    })
+}
+
+/// `kvt_transfer_sync` with `KVT_OP_WRITE` (Mooncake's `transferSyncWrite`).
+///
+/// # Safety
+/// As for `kvt_transfer_sync`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvt_transfer_sync_write(
     e: *mut kvt_engine,
@@ -203,21 +280,14 @@ pub unsafe extern "C" fn kvt_transfer_sync_write(
     len: *const u64,
     n: usize,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: a live handle by the contract.
-        let e = unsafe { arg_ref(e, "e") }?;
-        // SAFETY: n values at each pointer by the contract.
-        let [src, dst, len] = unsafe { address_arrays(src, dst, len, n) }?;
-        let requests = address_writes(&e.engine, PeerId(peer), src, dst, len)?;
-        e.engine.transfer_sync(PeerId(peer), &requests)
-    })
+    // SAFETY: the same contract.
+    unsafe { kvt_transfer_sync(e, peer, KVT_OP_WRITE, src, dst, len, n) }
 }
 
-/// Like `kvt_transfer_sync_write`, but returns at once with the batch id in `*out_batch`
-/// (poll or wait it like any batch).
+/// `kvt_transfer_submit` with `KVT_OP_WRITE` and the default deadline.
 ///
 /// # Safety
-/// As for `kvt_transfer_sync_write`; `out_batch` is writable.
+/// As for `kvt_transfer_submit`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvt_transfer_submit_write(
     e: *mut kvt_engine,
@@ -228,18 +298,8 @@ pub unsafe extern "C" fn kvt_transfer_submit_write(
     n: usize,
     out_batch: *mut u64,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: a live handle by the contract.
-        let e = unsafe { arg_ref(e, "e") }?;
-        // SAFETY: writable by the contract.
-        let out = unsafe { out_param(out_batch, "out_batch") }?;
-        // SAFETY: n values at each pointer by the contract.
-        let [src, dst, len] = unsafe { address_arrays(src, dst, len, n) }?;
-        let requests = address_writes(&e.engine, PeerId(peer), src, dst, len)?;
-        let batch = e.engine.submit(PeerId(peer), &requests)?;
-        out.write(batch.0);
-        Ok(())
-    })
+    // SAFETY: the same contract.
+    unsafe { kvt_transfer_submit(e, peer, KVT_OP_WRITE, src, dst, len, n, 0, out_batch) }
 }
 
 #[cfg(test)]

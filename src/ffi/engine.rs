@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use super::boundary::guard;
 use super::pointers::{
-    arg_ref, c_str, into_handle, opt_c_str, out_param, take_handle, write_c_str,
+    arg_ref, c_str, into_handle, opt_c_str, out_param, out_slice, take_handle, write_c_str,
 };
 use super::versioned::{Versioned, field_spans, read_versioned};
 use crate::config::{EngineConfig, TransportKind};
 use crate::engine::{PeerId, TransferEngine};
 use crate::error::{Error, Result};
-use crate::memory::SegmentId;
+use crate::memory::{MemoryKind, SegmentId};
 
 /// `kvt_engine_config.transport`: RDMA where usable on both ends, else TCP (the default).
 pub const KVT_TRANSPORT_AUTO: u32 = 0;
@@ -305,6 +305,20 @@ pub unsafe extern "C" fn kvt_engine_connect(
     })
 }
 
+/// Closes the connections to `peer` and forgets the handle; its batches in flight fail.
+/// `KVT_ERR_UNKNOWN_PEER` for a handle that is not (or no longer) connected.
+///
+/// # Safety
+/// `e` is a live engine handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_disconnect(e: *mut kvt_engine, peer: u64) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        e.engine.disconnect(PeerId(peer))
+    })
+}
+
 /// Maps `len` bytes at the peer's virtual address `addr` to the peer segment holding them
 /// and the offset inside it (`*out_segment`, `*out_offset`), refreshing the peer's segment
 /// list once if needed; `KVT_ERR_UNREGISTERED_ADDRESS` when no segment of the peer covers them.
@@ -331,6 +345,140 @@ pub unsafe extern "C" fn kvt_engine_resolve_remote(
         out_segment.write(segment.0);
         out_offset.write(offset);
         Ok(())
+    })
+}
+
+/// `kvt_segment.kind`: host memory.
+pub const KVT_MEMORY_HOST: u32 = 0;
+/// `kvt_segment.kind`: GPU memory.
+pub const KVT_MEMORY_GPU: u32 = 1;
+
+/// A registered segment as a peer announced it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct kvt_segment {
+    /// Segment id at its owner.
+    pub id: u32,
+    /// `KVT_MEMORY_HOST` or `KVT_MEMORY_GPU`.
+    pub kind: u32,
+    /// Start address in its owner's address space.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The segments `peer` has registered, in id order, as last learned (handshake or refresh);
+/// with `refresh` non-zero, asks the peer first. Writes up to `cap` of them to `out` and the
+/// total number to `*out_count` (so a call with `cap` 0 and `out` NULL asks for the count).
+///
+/// # Safety
+/// `e` is a live engine handle; `out` is writable for `cap` entries (NULL when `cap` is 0);
+/// `out_count` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_remote_segments(
+    e: *mut kvt_engine,
+    peer: u64,
+    refresh: bool,
+    out: *mut kvt_segment,
+    cap: usize,
+    out_count: *mut usize,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let count = unsafe { out_param(out_count, "out_count") }?;
+        let list = if refresh {
+            e.engine.refresh_segments(PeerId(peer))?
+        } else {
+            e.engine.remote_segments(PeerId(peer))?
+        };
+        if cap > 0 {
+            // SAFETY: writable for cap entries by the contract.
+            let dst = unsafe { out_slice(out, cap, "out") }?;
+            for (d, s) in dst.iter_mut().zip(&list) {
+                d.write(kvt_segment {
+                    id: s.id.0,
+                    kind: match s.kind {
+                        MemoryKind::Host => KVT_MEMORY_HOST,
+                        MemoryKind::Gpu => KVT_MEMORY_GPU,
+                    },
+                    base: s.base,
+                    len: s.len,
+                });
+            }
+        }
+        count.write(list.len());
+        Ok(())
+    })
+}
+
+/// Checks that an engine answers at `addr` (`"ip:port"`) within `timeout_ms` (0: the connect
+/// timeout): one connection and a handshake that reveals no segments and opens no peer on
+/// either side. On success stores the engine's id and epoch (a restarted engine has a new
+/// epoch) where the out-pointers are not NULL. Fails with `KVT_ERR_IO` (nothing listening,
+/// unreachable, timed out) or `KVT_ERR_HANDSHAKE` / `KVT_ERR_PROTOCOL` (something else
+/// listening).
+///
+/// # Safety
+/// `e` is a live engine handle; `addr` is NUL-terminated; each out-pointer is NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_engine_probe(
+    e: *mut kvt_engine,
+    addr: *const c_char,
+    timeout_ms: u64,
+    out_engine_id: *mut u64,
+    out_epoch: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: NUL-terminated by the contract.
+        let addr = unsafe { c_str(addr, "addr") }?;
+        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+        let reply = e.engine.probe(addr, timeout)?;
+        if !out_engine_id.is_null() {
+            // SAFETY: non-NULL, hence writable by the contract.
+            unsafe { out_param(out_engine_id, "out_engine_id") }?.write(reply.engine_id);
+        }
+        if !out_epoch.is_null() {
+            // SAFETY: non-NULL, hence writable by the contract.
+            unsafe { out_param(out_epoch, "out_epoch") }?.write(reply.epoch);
+        }
+        Ok(())
+    })
+}
+
+/// This host's topology matrix as JSON, in the shape of Mooncake's `get_local_topology`:
+/// `{"cpu:<numa node>": [[preferred devices], [other devices]], "cuda:<gpu>": [...]}` over
+/// the RDMA devices an engine with the allow-list `devices` (`"mlx5_0,mlx5_3"`; NULL or
+/// empty: the KV rails) would use; `{}` where there is no usable RDMA port. Written to `buf`
+/// of `cap` bytes with a NUL; `KVT_ERR_INVALID_ARGUMENT` (nothing written) when it does not fit.
+///
+/// # Safety
+/// `devices` is NULL or NUL-terminated; `buf` is writable for `cap` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_local_topology(
+    devices: *const c_char,
+    buf: *mut c_char,
+    cap: usize,
+) -> i32 {
+    guard(|| {
+        // SAFETY: NULL or NUL-terminated by the contract.
+        let devices = unsafe { opt_c_str(devices, "devices") }?;
+        let allow: Vec<String> = devices
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect();
+        let allow = (!allow.is_empty()).then_some(allow);
+        let json =
+            crate::topology::matrix::local_json(std::path::Path::new("/sys"), allow.as_deref())?;
+        // SAFETY: buf is writable for cap bytes by the contract.
+        unsafe { write_c_str(buf, cap, &json, "buf") }
     })
 }
 

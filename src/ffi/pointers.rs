@@ -69,6 +69,18 @@ pub(crate) unsafe fn opt_c_str<'a>(p: *const c_char, name: &str) -> Result<Optio
         .map_err(|e| Error::InvalidArgument(format!("{name} is not UTF-8: {e}")))
 }
 
+/// Refuses `n` elements of `T` whose size does not fit `isize` (what a slice may span).
+fn check_count<T>(n: usize, name: &str) -> Result<()> {
+    if n.checked_mul(std::mem::size_of::<T>())
+        .is_none_or(|bytes| bytes > isize::MAX as usize)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: {n} elements do not fit in memory"
+        )));
+    }
+    Ok(())
+}
+
 /// `n` elements at `p`; with `n == 0`, `p` may be NULL.
 ///
 /// # Safety
@@ -78,16 +90,30 @@ pub(crate) unsafe fn c_slice<'a, T>(p: *const T, n: usize, name: &str) -> Result
         return Ok(&[]);
     }
     check_ptr(p, name)?;
-    if n.checked_mul(std::mem::size_of::<T>())
-        .is_none_or(|bytes| bytes > isize::MAX as usize)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: {n} elements do not fit in memory"
-        )));
-    }
+    check_count::<T>(n, name)?;
     // SAFETY: non-null, aligned, and a size that fits isize (checked); n initialized
     // elements that stay unchanged for 'a by the caller's contract.
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// `n` writable, possibly uninitialised elements at `p`; with `n == 0`, `p` may be NULL.
+///
+/// # Safety
+/// When `n > 0`, `p` is NULL or valid for writing `n` `T`s, with no other reference to them
+/// for `'a`.
+pub(crate) unsafe fn out_slice<'a, T>(
+    p: *mut T,
+    n: usize,
+    name: &str,
+) -> Result<&'a mut [MaybeUninit<T>]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    check_ptr(p, name)?;
+    check_count::<T>(n, name)?;
+    // SAFETY: non-null, aligned, a size that fits isize (checked), writable and unaliased for
+    // 'a by the caller's contract; MaybeUninit needs no initialised contents.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<MaybeUninit<T>>(), n) })
 }
 
 /// Copies `s` and a terminating NUL into `buf` of `cap` bytes. Nothing is truncated: when

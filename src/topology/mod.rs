@@ -32,6 +32,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+pub mod matrix;
 pub mod numa;
 pub mod pci;
 pub mod rails;

@@ -4,7 +4,9 @@ Discovery order (the first file that exists and loads wins):
 
 1. ``KVTRANSFER_LIB``: a path to the library file. When set, it is the only candidate, so a
    wrong path is reported instead of silently loading some other build.
-2. Next to this package's own files (a wheel or install that bundles the library).
+2. Next to this package's own files: the library a wheel carries
+   (``libkvtransfer.cpython-<ver>-<platform>.so``, built by ``pip install ./ffi/python``),
+   or a plain ``libkvtransfer.so`` put there by hand.
 3. ``target/release`` then ``target/debug`` of a kvtransfer checkout (a directory whose
    ``Cargo.toml`` names the ``kvtransfer`` package), found by walking up from the current
    working directory, then from this file.
@@ -79,6 +81,10 @@ class Request(Structure):
     ]
 
 
+class Segment(Structure):
+    _fields_ = [("id", c_uint32), ("kind", c_uint32), ("base", c_uint64), ("len", c_uint64)]
+
+
 class KvBuffer(Structure):
     _fields_ = [("addr", c_uint64), ("len", c_uint64), ("item_len", c_uint64)]
 
@@ -110,6 +116,7 @@ class RoomMetricsC(Structure):
 
 TRANSPORT_AUTO, TRANSPORT_TCP, TRANSPORT_RDMA = 0, 1, 2
 OP_WRITE, OP_READ = 0, 1
+MEMORY_HOST, MEMORY_GPU = 0, 1
 BATCH_PENDING, BATCH_DONE, BATCH_FAILED = 0, 1, 2
 ROLE_PREFILL, ROLE_DECODE = 0, 1
 
@@ -135,12 +142,18 @@ SIGNATURES = {
     "kvt_engine_register_device": (_I32, [_H, c_uint64, c_uint64, _PU32]),
     "kvt_engine_unregister": (_I32, [_H, c_uint32]),
     "kvt_engine_connect": (_I32, [_H, c_char_p, _PU64]),
+    "kvt_engine_disconnect": (_I32, [_H, c_uint64]),
     "kvt_engine_resolve_remote": (_I32, [_H, c_uint64, c_uint64, c_uint64, _PU32, _PU64]),
+    "kvt_engine_remote_segments": (_I32, [_H, c_uint64, c_bool, POINTER(Segment), c_size_t, POINTER(c_size_t)]),
+    "kvt_engine_probe": (_I32, [_H, c_char_p, c_uint64, _PU64, _PU64]),
+    "kvt_local_topology": (_I32, [c_char_p, POINTER(c_char), c_size_t]),
     # batches
     "kvt_batch_submit": (_I32, [_H, c_uint64, POINTER(Request), c_size_t, c_uint64, _PU64]),
     "kvt_batch_poll": (_I32, [_H, c_uint64, _PI32]),
     "kvt_batch_wait": (_I32, [_H, c_uint64]),
     "kvt_batch_release": (_I32, [_H, c_uint64]),
+    "kvt_transfer_sync": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t]),
+    "kvt_transfer_submit": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t, c_uint64, _PU64]),
     "kvt_transfer_sync_write": (_I32, [_H, c_uint64, _PU64, _PU64, _PU64, c_size_t]),
     "kvt_transfer_submit_write": (_I32, [_H, c_uint64, _PU64, _PU64, _PU64, c_size_t, _PU64]),
     # KV manager
@@ -205,7 +218,11 @@ def candidates(
         return [Path(explicit)]
     cwd = Path.cwd() if cwd is None else Path(cwd)
     package_dir = Path(__file__).resolve().parent if package_dir is None else Path(package_dir)
+    # A wheel carries the library as an extension-named file (setuptools-rust names it
+    # libkvtransfer.cpython-<ver>-<platform>.so); a hand-made install may use the plain name.
     out: List[Path] = [package_dir / LIB_NAME]
+    stem, suffix = LIB_NAME.rsplit(".", 1)
+    out += sorted(p for p in package_dir.glob(f"{stem}.*.{suffix}") if p not in out)
     for start in (cwd, package_dir):
         for checkout in _checkouts_above(start):
             for profile in ("release", "debug"):

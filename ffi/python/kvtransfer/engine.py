@@ -7,8 +7,8 @@ code and never raise for a failed transfer (the reason is in ``engine.last_error
 
 from __future__ import annotations
 
-from ctypes import byref, c_int32, c_uint32, c_uint64, c_void_p
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from ctypes import byref, c_int32, c_size_t, c_uint32, c_uint64, c_void_p
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,6 +22,19 @@ BATCH_DONE = _lib.BATCH_DONE
 BATCH_FAILED = _lib.BATCH_FAILED
 
 Peer = Union[int, str]
+
+#: ``TransferEngine.submit`` operations.
+OP_WRITE = _lib.OP_WRITE
+OP_READ = _lib.OP_READ
+
+
+class SegmentInfo(NamedTuple):
+    """A registered segment as its owner announced it."""
+
+    id: int
+    kind: str  #: ``"host"`` or ``"gpu"``
+    base: int
+    len: int
 
 
 class TransferEngine(Handle):
@@ -158,6 +171,43 @@ class TransferEngine(Handle):
             return int(target)
         raise TypeError(f"a peer is a peer id (int) or an address 'ip:port', not {type(target).__name__}")
 
+    def disconnect(self, peer: Peer) -> None:
+        """Closes the connections to ``peer`` (a peer id or the address it was connected
+        by) and forgets it; its batches in flight fail. A later call by address reconnects."""
+        if isinstance(peer, str):
+            pid = self._peers.pop(peer, None)
+            if pid is None:
+                raise KVTransferError(ErrorCode.UnknownPeer, f"not connected to {peer}")
+        else:
+            pid = int(peer)
+            for a, p in list(self._peers.items()):
+                if p == pid:
+                    del self._peers[a]
+        check(self._lib.kvt_engine_disconnect(self._h(), pid))
+
+    def remote_segments(self, peer: Peer, refresh: bool = False) -> List[SegmentInfo]:
+        """The segments the peer registered, in id order (``refresh``: ask it first)."""
+        h, pid = self._h(), self._peer(peer)
+        count = c_size_t()
+        check(self._lib.kvt_engine_remote_segments(h, pid, refresh, None, 0, byref(count)))
+        while True:
+            buf = (_lib.Segment * max(count.value, 1))()
+            cap = count.value
+            check(self._lib.kvt_engine_remote_segments(h, pid, False, buf, cap, byref(count)))
+            if count.value <= cap:
+                return [
+                    SegmentInfo(s.id, "gpu" if s.kind == _lib.MEMORY_GPU else "host", s.base, s.len)
+                    for s in buf[: count.value]
+                ]
+
+    def probe(self, addr: str, timeout_ms: int = 0) -> Tuple[int, int]:
+        """Checks that an engine answers at ``addr`` (``"ip:port"``) without connecting a
+        peer: returns its ``(engine_id, epoch)``; raises :class:`KVTransferError` when
+        nothing (or something else) answers within ``timeout_ms`` (0: the connect timeout)."""
+        engine_id, epoch = c_uint64(), c_uint64()
+        check(self._lib.kvt_engine_probe(self._h(), addr.encode(), int(timeout_ms), byref(engine_id), byref(epoch)))
+        return engine_id.value, epoch.value
+
     def resolve_remote(self, peer: Peer, addr: int, length: int) -> Tuple[int, int]:
         """``(segment, offset)`` of the peer's memory ``[addr, addr + length)``."""
         seg, off = c_uint32(), c_uint64()
@@ -207,32 +257,33 @@ class TransferEngine(Handle):
         check(self._lib.kvt_transfer_submit_write(h, peer, u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s), byref(batch)))
         return batch.value
 
-    def _read_requests(self, peer: int, buffers, peer_buffer_addresses, lengths):
+    def submit(self, target: Peer, op: int, buffers, peer_buffer_addresses, lengths, timeout_ms: int = 0) -> int:
+        """Submits ``lengths[i]`` bytes between local ``buffers[i]`` and the peer's address
+        ``peer_buffer_addresses[i]`` for every ``i`` (``op``: ``OP_WRITE`` local to peer,
+        ``OP_READ`` peer to local) as one batch and returns its id at once; raises
+        :class:`KVTransferError` if the batch is refused (nothing moves then)."""
+        h, peer = self._h(), self._peer(target)
         s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
-        reqs = (_lib.Request * max(len(s), 1))()
-        for i, (local, remote, ln) in enumerate(zip(s.tolist(), d.tolist(), n.tolist())):
-            seg, off = self.resolve_remote(peer, remote, ln)
-            reqs[i] = _lib.Request(_lib.OP_READ, seg, local, ln, off)
-        return reqs, len(s)
+        batch = c_uint64()
+        check(self._lib.kvt_transfer_submit(h, peer, int(op), u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s), int(timeout_ms), byref(batch)))
+        return batch.value
 
     def batch_transfer_async_read(self, target: Peer, buffers, peer_buffer_addresses, lengths, timeout_ms: int = 0) -> int:
         """Reads ``lengths[i]`` bytes at the peer's ``peer_buffer_addresses[i]`` into local
         ``buffers[i]``, as one batch; returns its id (raises if refused)."""
-        h = self._h()
-        peer = self._peer(target)
-        reqs, count = self._read_requests(peer, buffers, peer_buffer_addresses, lengths)
-        batch = c_uint64()
-        check(self._lib.kvt_batch_submit(h, peer, reqs, count, timeout_ms, byref(batch)))
-        return batch.value
+        return self.submit(target, _lib.OP_READ, buffers, peer_buffer_addresses, lengths, timeout_ms)
 
     def batch_transfer_sync_read(self, target: Peer, buffers, peer_buffer_addresses, lengths) -> int:
-        """Like :meth:`batch_transfer_async_read`, then waits: 0 or a negative error code."""
+        """Reads as :meth:`batch_transfer_async_read` does, and waits: 0 or a negative error
+        code (the reason in ``last_error``)."""
+        h = self._h()
         try:
-            batch = self.batch_transfer_async_read(target, buffers, peer_buffer_addresses, lengths)
+            peer = self._peer(target)
         except KVTransferError as e:
             self.last_error = e.message
             return -e.code
-        return self._status(self._lib.kvt_batch_wait(self._h(), batch))
+        s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
+        return self._status(self._lib.kvt_transfer_sync(h, peer, _lib.OP_READ, u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s)))
 
     def transfer_sync_read(self, target: Peer, buffer: int, peer_buffer_address: int, length: int) -> int:
         """One read; see :meth:`batch_transfer_sync_read`."""
@@ -264,4 +315,13 @@ def init_logging(filter: Optional[str] = None) -> None:
     check(_lib.lib().kvt_init_logging(filter.encode() if filter else None))
 
 
-__all__ = ["TransferEngine", "init_logging", "BATCH_PENDING", "BATCH_DONE", "BATCH_FAILED"]
+__all__ = [
+    "TransferEngine",
+    "SegmentInfo",
+    "init_logging",
+    "BATCH_PENDING",
+    "BATCH_DONE",
+    "BATCH_FAILED",
+    "OP_WRITE",
+    "OP_READ",
+]

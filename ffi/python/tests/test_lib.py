@@ -39,11 +39,22 @@ def run_child(code: str, env_extra: dict, cwd=None) -> subprocess.CompletedProce
 
 def test_loaded_library_and_abi_version():
     path = Path(kvtransfer.library_path())
-    assert path.is_file() and path.name == _lib.LIB_NAME
+    assert path.is_file() and path.name.startswith("libkvtransfer") and path.suffix == ".so"
     assert kvtransfer.abi_version() == kvtransfer.ABI_VERSION == 1
     if not os.environ.get(_lib.ENV_VAR):
-        # The test script leaves KVTRANSFER_LIB unset: discovery found a cargo build.
-        assert path.parent.name in ("release", "debug") and path.parent.parent.name == "target", path
+        # The test script installs the wheel (pip install ./ffi/python) and leaves
+        # KVTRANSFER_LIB unset: the library found is the one the wheel carries.
+        assert path.parent == Path(kvtransfer.__file__).parent, path
+        assert "site-packages" in path.parts, path
+
+
+def test_a_wheel_named_library_is_a_candidate(tmp_path):
+    pkg = tmp_path / "site" / "kvtransfer"
+    pkg.mkdir(parents=True)
+    wheel_lib = pkg / "libkvtransfer.cpython-311-x86_64-linux-gnu.so"
+    wheel_lib.write_bytes(b"")
+    got = _lib.candidates(env={}, cwd=tmp_path, package_dir=pkg)
+    assert got == [pkg / _lib.LIB_NAME, wheel_lib]
 
 
 def make_checkout(root: Path, name: str = "kvtransfer") -> Path:
@@ -123,7 +134,9 @@ def test_env_var_is_used_and_a_bad_one_is_reported(tmp_path):
 def test_package_next_to_library_is_found_first(tmp_path):
     """A copy of the package with the library beside it, imported from a foreign cwd."""
     pkg = tmp_path / "site" / "kvtransfer"
-    shutil.copytree(Path(kvtransfer.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(kvtransfer.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "libkvtransfer*")
+    )
     shutil.copy(kvtransfer.library_path(), pkg / _lib.LIB_NAME)
     out = run_child(
         "import kvtransfer; print(kvtransfer.__file__); print(kvtransfer.library_path())",
