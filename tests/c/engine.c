@@ -160,6 +160,41 @@ int main(void) {
         CHECK(memcmp(dst + (2 - i) * MIB + 4096, src + i * MIB, l[i]) == 0);
     printf("address writes: verified %llu bytes twice\n", (unsigned long long)(l[0] + l[1] + l[2]));
 
+    /* Address-based reads, sync and submitted, back into the initiator's own segment. */
+    uint64_t rs[1] = {(uint64_t)(uintptr_t)back}, rdst[1] = {d[1]}, rl[1] = {l[1]};
+    memset(back, 0, l[1]);
+    OK(kvt_transfer_sync(initiator, peer, KVT_OP_READ, rs, rdst, rl, 1));
+    CHECK(memcmp(back, src + MIB, l[1]) == 0);
+    memset(back, 0, l[1]);
+    OK(kvt_transfer_submit(initiator, peer, KVT_OP_READ, rs, rdst, rl, 1, 10000, &batch));
+    OK(kvt_batch_wait(initiator, batch));
+    CHECK(memcmp(back, src + MIB, l[1]) == 0);
+    FAILS(kvt_transfer_sync(initiator, peer, 7, rs, rdst, rl, 1), KVT_ERR_INVALID_ARGUMENT,
+          "op is 7");
+
+    /* The peer's segments: count first, then the list. */
+    size_t nseg = 0;
+    OK(kvt_engine_remote_segments(initiator, peer, false, NULL, 0, &nseg));
+    CHECK(nseg == 1);
+    kvt_segment segs[2];
+    memset(segs, 0, sizeof segs);
+    OK(kvt_engine_remote_segments(initiator, peer, true, segs, 2, &nseg));
+    CHECK(nseg == 1 && segs[0].id == dst_seg && segs[0].kind == KVT_MEMORY_HOST);
+    CHECK(segs[0].base == (uint64_t)(uintptr_t)dst && segs[0].len == len);
+
+    /* A liveness probe: the target answers with its id and epoch; nothing answers elsewhere. */
+    uint64_t engine_id = 0, epoch = 0;
+    OK(kvt_engine_probe(initiator, addr, 2000, &engine_id, &epoch));
+    CHECK(engine_id != 0 && epoch != 0);
+    OK(kvt_engine_probe(initiator, addr, 0, NULL, NULL));
+    CHECK(kvt_engine_probe(initiator, "127.0.0.1:1", 500, &engine_id, &epoch) == KVT_ERR_IO);
+
+    /* The topology matrix is JSON ("{}" where there is no RDMA). */
+    char topo[4096];
+    OK(kvt_local_topology(NULL, topo, sizeof topo));
+    CHECK(topo[0] == '{' && topo[strlen(topo) - 1] == '}');
+    printf("reads, segments, probe, topology %s: ok\n", topo);
+
     /* Error paths: each gives its code and a message; out-parameters stay untouched. */
     uint32_t untouched = 777;
     FAILS(kvt_engine_register(NULL, (uint64_t)(uintptr_t)src, len, &untouched),
@@ -254,6 +289,10 @@ int main(void) {
     }
     CHECK(rc < 0 && kvt_last_error_message()[0] != '\0');
     printf("write to a destroyed peer fails: %d: %s\n", rc, kvt_last_error_message());
+
+    /* Disconnect forgets the handle. */
+    OK(kvt_engine_disconnect(initiator, peer));
+    FAILS(kvt_engine_disconnect(initiator, peer), KVT_ERR_UNKNOWN_PEER, "unknown peer");
 
     OK(kvt_engine_destroy(initiator));
     free(dst);
