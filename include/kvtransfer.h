@@ -403,6 +403,25 @@ typedef struct kvt_request {
 } kvt_request;
 
 /**
+ * One buffer of `kvt_transfer_pages`: page `p` is the `item_len` bytes at
+ * `local_addr + p * item_len` here and at `remote_addr + p * item_len` at the peer.
+ */
+typedef struct kvt_page_buffer {
+    /**
+     * Local address of page 0 (registered memory).
+     */
+    uint64_t local_addr;
+    /**
+     * The peer's address of page 0 (inside a segment it registered).
+     */
+    uint64_t remote_addr;
+    /**
+     * Bytes of one page of this buffer, the same on both sides.
+     */
+    uint64_t item_len;
+} kvt_page_buffer;
+
+/**
  * One buffer of the KV cache: `len` bytes at `addr`, made of items of `item_len` bytes (the
  * pages of one layer, or aux slots).
  */
@@ -753,6 +772,32 @@ int32_t kvt_transfer_submit(struct kvt_engine *e,
                             size_t n,
                             uint64_t timeout_ms,
                             uint64_t *out_batch);
+
+/**
+ * Submits one batch moving pages of `nbuf` buffers (a paged KV cache: one buffer per layer,
+ * or a K and a V buffer per layer) in direction `op`: page `local_pages[i]` of every buffer
+ * here and page `remote_pages[i]` of the same buffer at the peer, for every `i < npages`.
+ * The library groups the pages into runs contiguous on both sides and makes one request per
+ * run and buffer, so an engine passes page indices, not addresses. The batch id goes to
+ * `*out_batch` (poll or wait it); `timeout_ms` is its deadline (0: the default).
+ * Refused with nothing sent: a negative page, lists of different lengths, no buffer, a zero
+ * `item_len`, or a page outside registered memory on either side.
+ *
+ * # Safety
+ * `e` is a live engine handle; `buffers` points to `nbuf` entries; `local_pages` and
+ * `remote_pages` to `npages` values each (NULL only when the count is 0); `out_batch` is
+ * writable.
+ */
+int32_t kvt_transfer_pages(struct kvt_engine *e,
+                           uint64_t peer,
+                           uint32_t op,
+                           const struct kvt_page_buffer *buffers,
+                           size_t nbuf,
+                           const int32_t *local_pages,
+                           const int32_t *remote_pages,
+                           size_t npages,
+                           uint64_t timeout_ms,
+                           uint64_t *out_batch);
 
 /**
  * `kvt_transfer_sync` with `KVT_OP_WRITE` (Mooncake's `transferSyncWrite`).

@@ -19,7 +19,7 @@ use crate::memory::{
     MemoryKind, Placed, RegMode, SegmentDetails, SegmentGuard, SegmentId, SegmentInfo, SegmentTable,
 };
 use crate::plan::{PlanParams, plan};
-use crate::request::{BatchId, BatchStatus, Request};
+use crate::request::{BatchId, BatchStatus, Op, Request};
 use crate::transport::fence::RoomFences;
 use crate::transport::rdma::{
     self, Notification, Notifier, RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport,
@@ -47,6 +47,18 @@ pub struct PeerInfo {
     pub transport: &'static str,
     /// Data connections (lanes) open to it.
     pub lanes: usize,
+}
+
+/// One buffer of [`TransferEngine::submit_pages`]: page `p` is the `item_len` bytes at
+/// `local + p * item_len` here and at `remote + p * item_len` in the peer's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageBuffer {
+    /// Local address of page 0 (registered memory).
+    pub local: u64,
+    /// The peer's address of page 0 (inside a segment it registered).
+    pub remote: u64,
+    /// Bytes of one page of this buffer, the same on both sides.
+    pub item_len: u64,
 }
 
 /// What a liveness probe ([`TransferEngine::probe`]) learns of an engine.
@@ -435,6 +447,66 @@ impl TransferEngine {
             engine_id: theirs.engine_id,
             epoch: theirs.epoch,
         })
+    }
+
+    /// Submits one batch that moves pages of several buffers between this engine and `peer`
+    /// (a paged KV cache moved outside the room protocol, as an engine's own backend does):
+    /// page `local_pages[i]` of every buffer here and page `remote_pages[i]` of the same
+    /// buffer at the peer, for every `i`, in direction `op`. Pages are grouped into runs
+    /// contiguous on both sides, one request per run per buffer, and the batch is planned,
+    /// coalesced and spread over the lanes like any other. Each buffer's peer address is
+    /// resolved once. `timeout`: the batch deadline (None: the default).
+    ///
+    /// Errors: `InvalidArgument` for lists of different lengths, a negative page, no
+    /// buffer, a zero `item_len` or an offset that overflows; then whatever `submit` refuses
+    /// (a page outside the registered memory on either side), with nothing sent.
+    pub fn submit_pages(
+        &self,
+        peer: PeerId,
+        op: Op,
+        buffers: &[PageBuffer],
+        local_pages: &[i32],
+        remote_pages: &[i32],
+        timeout: Option<Duration>,
+    ) -> Result<BatchId> {
+        if local_pages.len() != remote_pages.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} local pages but {} remote pages",
+                local_pages.len(),
+                remote_pages.len()
+            )));
+        }
+        if buffers.is_empty() || buffers.iter().any(|b| b.item_len == 0) {
+            return Err(Error::InvalidArgument(
+                "a paged transfer needs buffers with a non-zero item_len".into(),
+            ));
+        }
+        for (pages, what) in [(local_pages, "local"), (remote_pages, "remote")] {
+            crate::kv::pages::check_pages(pages, i32::MAX as u64, what)
+                .map_err(Error::InvalidArgument)?;
+        }
+        let paged = buffers
+            .iter()
+            .map(|b| {
+                let (segment, offset) = self.resolve_remote(peer, b.remote, b.item_len)?;
+                Ok(crate::kv::pages::PagedBuffer {
+                    local: b.local,
+                    remote: crate::kv::pages::RemoteBuffer {
+                        segment,
+                        offset,
+                        item_len: b.item_len,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut runs = Vec::new();
+        crate::kv::pages::runs(local_pages, remote_pages, &mut runs);
+        let mut requests = Vec::new();
+        crate::kv::pages::expand_paged(&runs, &paged, op, &mut requests).ok_or_else(|| {
+            Error::InvalidArgument("a page's byte offset overflows 64 bits".into())
+        })?;
+        let timeout = timeout.unwrap_or(self.inner.config.batch_timeout);
+        self.inner.submit(peer, &requests, timeout, None)
     }
 
     /// Submits a batch with the default deadline; returns at once.

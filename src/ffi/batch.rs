@@ -6,10 +6,10 @@ use std::time::Duration;
 use super::boundary::{guard, guard_noting};
 use super::engine::kvt_engine;
 use super::pointers::{arg_ref, c_slice, out_param};
-use crate::engine::{PeerId, TransferEngine};
+use crate::engine::{PageBuffer, PeerId, TransferEngine};
 use crate::error::{Error, Result};
 use crate::memory::SegmentId;
-use crate::request::{BatchId, BatchStatus, Request};
+use crate::request::{BatchId, BatchStatus, Op, Request};
 
 /// `kvt_request.op`: copy local memory into the peer's segment.
 pub const KVT_OP_WRITE: u32 = 0;
@@ -151,6 +151,17 @@ pub unsafe extern "C" fn kvt_batch_release(e: *mut kvt_engine, batch: u64) -> i3
     })
 }
 
+/// The direction a `KVT_OP_*` value names.
+fn op_from(op: u32) -> Result<Op> {
+    match op {
+        KVT_OP_WRITE => Ok(Op::Write),
+        KVT_OP_READ => Ok(Op::Read),
+        other => Err(Error::InvalidArgument(format!(
+            "op is {other}, not KVT_OP_WRITE (0) or KVT_OP_READ (1)"
+        ))),
+    }
+}
+
 /// Requests from parallel arrays: `len[i]` bytes between local `src[i]` and the peer's
 /// virtual address `dst[i]` (written there for `KVT_OP_WRITE`, read from there for
 /// `KVT_OP_READ`), each peer address resolved to (segment, offset).
@@ -162,14 +173,9 @@ fn address_requests(
     dst: &[u64],
     len: &[u64],
 ) -> Result<Vec<Request>> {
-    let make = match op {
-        KVT_OP_WRITE => Request::write,
-        KVT_OP_READ => Request::read,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "op is {other}, not KVT_OP_WRITE (0) or KVT_OP_READ (1)"
-            )));
-        }
+    let make = match op_from(op)? {
+        Op::Write => Request::write,
+        Op::Read => Request::read,
     };
     src.iter()
         .zip(dst)
@@ -262,6 +268,76 @@ pub unsafe extern "C" fn kvt_transfer_submit(
                 Duration::from_millis(timeout_ms),
             )?
         };
+        out.write(batch.0);
+        Ok(())
+    })
+}
+
+/// One buffer of `kvt_transfer_pages`: page `p` is the `item_len` bytes at
+/// `local_addr + p * item_len` here and at `remote_addr + p * item_len` at the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kvt_page_buffer {
+    /// Local address of page 0 (registered memory).
+    pub local_addr: u64,
+    /// The peer's address of page 0 (inside a segment it registered).
+    pub remote_addr: u64,
+    /// Bytes of one page of this buffer, the same on both sides.
+    pub item_len: u64,
+}
+
+/// Submits one batch moving pages of `nbuf` buffers (a paged KV cache: one buffer per layer,
+/// or a K and a V buffer per layer) in direction `op`: page `local_pages[i]` of every buffer
+/// here and page `remote_pages[i]` of the same buffer at the peer, for every `i < npages`.
+/// The library groups the pages into runs contiguous on both sides and makes one request per
+/// run and buffer, so an engine passes page indices, not addresses. The batch id goes to
+/// `*out_batch` (poll or wait it); `timeout_ms` is its deadline (0: the default).
+/// Refused with nothing sent: a negative page, lists of different lengths, no buffer, a zero
+/// `item_len`, or a page outside registered memory on either side.
+///
+/// # Safety
+/// `e` is a live engine handle; `buffers` points to `nbuf` entries; `local_pages` and
+/// `remote_pages` to `npages` values each (NULL only when the count is 0); `out_batch` is
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_transfer_pages(
+    e: *mut kvt_engine,
+    peer: u64,
+    op: u32,
+    buffers: *const kvt_page_buffer,
+    nbuf: usize,
+    local_pages: *const i32,
+    remote_pages: *const i32,
+    npages: usize,
+    timeout_ms: u64,
+    out_batch: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: writable by the contract.
+        let out = unsafe { out_param(out_batch, "out_batch") }?;
+        // SAFETY: nbuf and npages values at the pointers by the contract.
+        let (buffers, local, remote) = unsafe {
+            (
+                c_slice(buffers, nbuf, "buffers")?,
+                c_slice(local_pages, npages, "local_pages")?,
+                c_slice(remote_pages, npages, "remote_pages")?,
+            )
+        };
+        let op = op_from(op)?;
+        let buffers: Vec<PageBuffer> = buffers
+            .iter()
+            .map(|b| PageBuffer {
+                local: b.local_addr,
+                remote: b.remote_addr,
+                item_len: b.item_len,
+            })
+            .collect();
+        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+        let batch = e
+            .engine
+            .submit_pages(PeerId(peer), op, &buffers, local, remote, timeout)?;
         out.write(batch.0);
         Ok(())
     })

@@ -111,10 +111,107 @@ pub fn expand_aux(
     }
 }
 
+/// One buffer of a paged transfer outside a room: page `p` is the `item_len` bytes at
+/// `local + p * item_len` here and at the peer's segment `remote.segment`, offset
+/// `remote.offset + p * item_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedBuffer {
+    /// Local address of page 0.
+    pub local: u64,
+    /// Where page 0 is at the peer (its `item_len` is this buffer's).
+    pub remote: RemoteBuffer,
+}
+
+/// Appends one request per run per buffer (buffer-major, runs in order) moving the runs'
+/// pages in direction `op`. `None` when a page's byte offset overflows `u64` (nothing is
+/// appended then); ranges are checked against segments when the batch is submitted.
+pub fn expand_paged(
+    runs: &[Run],
+    buffers: &[PagedBuffer],
+    op: crate::request::Op,
+    out: &mut Vec<Request>,
+) -> Option<()> {
+    let start = out.len();
+    out.reserve(runs.len() * buffers.len());
+    for b in buffers {
+        let item = b.remote.item_len;
+        for r in runs {
+            let made = (|| {
+                let local = b.local.checked_add((r.src as u64).checked_mul(item)?)?;
+                let remote = b
+                    .remote
+                    .offset
+                    .checked_add((r.dst as u64).checked_mul(item)?)?;
+                let len = (r.len as u64).checked_mul(item)?;
+                Some(match op {
+                    crate::request::Op::Write => {
+                        Request::write(local, len, b.remote.segment, remote)
+                    }
+                    crate::request::Op::Read => Request::read(local, len, b.remote.segment, remote),
+                })
+            })();
+            match made {
+                Some(req) => out.push(req),
+                None => {
+                    out.truncate(start);
+                    return None;
+                }
+            }
+        }
+    }
+    Some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn paged_requests_follow_runs_per_buffer_in_both_directions() {
+        let mut rs = Vec::new();
+        runs(&[0, 1, 5], &[7, 8, 2], &mut rs);
+        let bufs = [
+            PagedBuffer {
+                local: 0x1000,
+                remote: RemoteBuffer {
+                    segment: SegmentId(3),
+                    offset: 64,
+                    item_len: 16,
+                },
+            },
+            PagedBuffer {
+                local: 0x9000,
+                remote: RemoteBuffer {
+                    segment: SegmentId(4),
+                    offset: 0,
+                    item_len: 8,
+                },
+            },
+        ];
+        let mut out = Vec::new();
+        expand_paged(&rs, &bufs, crate::request::Op::Write, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Request::write(0x1000, 32, SegmentId(3), 64 + 7 * 16),
+                Request::write(0x1000 + 5 * 16, 16, SegmentId(3), 64 + 2 * 16),
+                Request::write(0x9000, 16, SegmentId(4), 7 * 8),
+                Request::write(0x9000 + 5 * 8, 8, SegmentId(4), 2 * 8),
+            ]
+        );
+        let mut back = Vec::new();
+        expand_paged(&rs, &bufs[..1], crate::request::Op::Read, &mut back).unwrap();
+        assert_eq!(back[0], Request::read(0x1000, 32, SegmentId(3), 64 + 7 * 16));
+        // An offset that overflows appends nothing.
+        let huge = [PagedBuffer {
+            local: u64::MAX - 8,
+            ..bufs[0]
+        }];
+        let mut none = vec![back[0]];
+        assert!(expand_paged(&rs, &huge, crate::request::Op::Write, &mut none).is_none());
+        assert_eq!(none.len(), 1);
+    }
 
     #[test]
     fn bad_indices_are_named() {

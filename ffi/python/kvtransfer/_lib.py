@@ -81,6 +81,10 @@ class Request(Structure):
     ]
 
 
+class PageBuffer(Structure):
+    _fields_ = [("local_addr", c_uint64), ("remote_addr", c_uint64), ("item_len", c_uint64)]
+
+
 class Segment(Structure):
     _fields_ = [("id", c_uint32), ("kind", c_uint32), ("base", c_uint64), ("len", c_uint64)]
 
@@ -154,6 +158,7 @@ SIGNATURES = {
     "kvt_batch_release": (_I32, [_H, c_uint64]),
     "kvt_transfer_sync": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t]),
     "kvt_transfer_submit": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t, c_uint64, _PU64]),
+    "kvt_transfer_pages": (_I32, [_H, c_uint64, c_uint32, c_void_p, c_size_t, _PI32, _PI32, c_size_t, c_uint64, _PU64]),
     "kvt_transfer_sync_write": (_I32, [_H, c_uint64, _PU64, _PU64, _PU64, c_size_t]),
     "kvt_transfer_submit_write": (_I32, [_H, c_uint64, _PU64, _PU64, _PU64, c_size_t, _PU64]),
     # KV manager

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _lib
-from ._util import Handle, address_of, closed_error, engine_config, read_string, u64_array, u64_ptr
+from ._util import Handle, address_of, as_pages, closed_error, engine_config, read_string, u64_array, u64_ptr
 from .errors import ErrorCode, KVTransferError, check, last_error_message
 
 #: ``get_batch_transfer_status`` values.
@@ -266,6 +266,31 @@ class TransferEngine(Handle):
         s, d, n = self._triples(buffers, peer_buffer_addresses, lengths)
         batch = c_uint64()
         check(self._lib.kvt_transfer_submit(h, peer, int(op), u64_ptr(s), u64_ptr(d), u64_ptr(n), len(s), int(timeout_ms), byref(batch)))
+        return batch.value
+
+    @staticmethod
+    def page_buffers(local_bases, remote_bases, item_lens) -> np.ndarray:
+        """The buffer table of :meth:`submit_pages`: one ``(local base, peer base, item_len)``
+        row per buffer (a layer, or a layer's K or V), as ``uint64``. Build it once per peer
+        and pass it to every call."""
+        s, d, n = TransferEngine._triples(local_bases, remote_bases, item_lens)
+        return np.ascontiguousarray(np.stack([s, d, n], axis=1), dtype=np.uint64)
+
+    def submit_pages(self, target: Peer, op: int, buffers: np.ndarray, local_pages, remote_pages, timeout_ms: int = 0) -> int:
+        """Submits one batch moving page ``local_pages[i]`` of every buffer here and page
+        ``remote_pages[i]`` of the same buffer at the peer, for every ``i``, in direction
+        ``op``; the library groups pages into runs, so no address list is built in Python.
+        ``buffers`` comes from :meth:`page_buffers`. Returns the batch id at once; raises
+        :class:`KVTransferError` when refused (nothing moves then)."""
+        h, peer = self._h(), self._peer(target)
+        if not (isinstance(buffers, np.ndarray) and buffers.dtype == np.uint64 and buffers.ndim == 2 and buffers.shape[1] == 3 and buffers.flags.c_contiguous):
+            buffers = self.page_buffers(*np.asarray(buffers, dtype=np.uint64).T)
+        lp, ln, lkeep = as_pages(local_pages)
+        rp, rn, rkeep = as_pages(remote_pages)
+        if ln != rn:
+            raise ValueError(f"{ln} local pages but {rn} remote pages")
+        batch = c_uint64()
+        check(self._lib.kvt_transfer_pages(h, peer, int(op), buffers.ctypes.data, buffers.shape[0], lp, rp, ln, int(timeout_ms), byref(batch)))
         return batch.value
 
     def batch_transfer_async_read(self, target: Peer, buffers, peer_buffer_addresses, lengths, timeout_ms: int = 0) -> int:

@@ -293,3 +293,47 @@ def test_device_registration_without_cuda_is_a_clear_error():
             engine.register_device(buf.ctypes.data, buf.nbytes)
         assert e.value.code == ErrorCode.CudaUnavailable
         assert "CUDA unavailable" in e.value.message
+
+
+def test_paged_transfers_expand_pages_in_the_library(pair):
+    """One call per chunk: page indices and a buffer table, no address lists."""
+    initiator, target = pair
+    layers, pages, item = 3, 16, 4096
+    src = [pattern(pages * item, salt=l + 1) for l in range(layers)]
+    dst = [np.zeros(pages * item, dtype=np.uint8) for _ in range(layers)]
+    for a in src:
+        initiator.register(a)
+    for a in dst:
+        target.register(a)
+    addr = target.local_addr
+    table = TransferEngine.page_buffers([a.ctypes.data for a in src], [a.ctypes.data for a in dst], [item] * layers)
+    local = np.array([0, 1, 2, 7, 3], dtype=np.int32)
+    remote = np.array([9, 10, 11, 0, 15], dtype=np.int32)  # runs of 3, 1 and 1 pages
+    initiator.wait(initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, local, remote))
+    for l in range(layers):
+        for s, d in zip(local, remote):
+            assert np.array_equal(dst[l][d * item : (d + 1) * item], src[l][s * item : (s + 1) * item])
+        written = set(int(d) for d in remote)
+        for p in set(range(pages)) - written:
+            assert not dst[l][p * item : (p + 1) * item].any(), f"layer {l} page {p} touched"
+    # Read pages back into other local pages.
+    for a in src:
+        a[12 * item :] = 0
+    initiator.wait(initiator.submit_pages(addr, kvtransfer.OP_READ, table, [12, 13], [0, 15]))
+    for l in range(layers):
+        assert np.array_equal(src[l][12 * item : 13 * item], dst[l][0:item])
+        assert np.array_equal(src[l][13 * item : 14 * item], dst[l][15 * item : 16 * item])
+    # Bad input is refused with its code and nothing moves.
+    before = [d.copy() for d in dst]
+    bad = {
+        ErrorCode.InvalidArgument: ([0, -1], [1, 2]),
+        ErrorCode.RemoteOutOfRange: ([0], [16]),
+        ErrorCode.UnregisteredAddress: ([16], [0]),
+    }
+    for code, (lp, rp) in bad.items():
+        with pytest.raises(KVTransferError) as e:
+            initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, lp, rp)
+        assert e.value.code == code, e.value
+    with pytest.raises(ValueError):
+        initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, [0, 1], [0])
+    assert all(np.array_equal(a, b) for a, b in zip(dst, before))

@@ -22,6 +22,7 @@ This module imports SGLang at the top: import it only after
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -161,6 +162,22 @@ def pattern(seed: int, rank: int, shape: Sequence[int]) -> np.ndarray:
     return np.random.default_rng([seed, rank]).integers(0, 256, size=tuple(shape), dtype=np.uint8)
 
 
+def pool_contents(layout: Layout, mode: str, seed: int, rank: int) -> np.ndarray:
+    """A rank's KV pool at start, (buffers, pages, item_len) bytes. Prefill pools hold
+    the rank's own data (distinct per rank, so a decode rank's bytes also prove which
+    prefill rank it was paired with); decode pools a canary that must survive
+    wherever nothing is supposed to be written."""
+    pages = layout.prefill_pages if mode == "prefill" else layout.decode_pages
+    salt = 1 if mode == "prefill" else 2
+    return pattern(seed * 10 + salt, rank, (layout.buffers, pages, layout.item_len))
+
+
+def prefill_aux_contents(seed: int, rank: int, shapes: Sequence[Sequence[int]]) -> List[np.ndarray]:
+    """A prefill rank's aux (MetadataBuffers) bytes at start, one (slots, item_len) array
+    per buffer."""
+    return [pattern(seed * 10 + 3 + i, rank, shape) for i, shape in enumerate(shapes)]
+
+
 def scattered_pages(n: int, pool: int, seed: int) -> np.ndarray:
     """``n`` distinct pages of ``pool``: runs of 1..4 consecutive pages in shuffled places,
     so SGLang's contiguous-run grouping sees both runs and single pages."""
@@ -251,10 +268,7 @@ class Rank:
         if server.mode == DisaggregationMode.PREFILL:
             self.ctx.parallel.override_permanently(pp_group=_SingleRankGroup())
         pages = lay.prefill_pages if server.mode == DisaggregationMode.PREFILL else lay.decode_pages
-        # Prefill pools hold this rank's own data; decode pools a canary that must
-        # survive wherever nothing is supposed to be written.
-        salt = 1 if server.mode == DisaggregationMode.PREFILL else 2
-        self.kv = pattern(seed * 10 + salt, rank, (lay.buffers, pages, lay.item_len))
+        self.kv = pool_contents(lay, server.mode.value, seed, rank)
         self.kv_before = self.kv.copy()
         with self.active():
             self.meta = MetadataBuffers(
@@ -266,8 +280,8 @@ class Rank:
         ptrs, lens, items = self.meta.get_buf_infos()
         self.aux = [_bytes_at(p, n).reshape(n // i, i) for p, n, i in zip(ptrs, lens, items)]
         if server.mode == DisaggregationMode.PREFILL:
-            for i, a in enumerate(self.aux):
-                a[:] = pattern(seed * 10 + 3 + i, rank, a.shape)
+            for a, contents in zip(self.aux, prefill_aux_contents(seed, rank, [a.shape for a in self.aux])):
+                a[:] = contents
         self.aux_before = [a.copy() for a in self.aux]
 
         kv_args = KVArgs()
@@ -376,10 +390,18 @@ class Server:
             return False
 
     def close(self) -> None:
-        for r in self.ranks:
-            r.close()
+        # Each teardown waits up to one 500 ms receive poll of its threads: in parallel.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(self.ranks))) as pool:
+            for f in [pool.submit(r.close) for r in self.ranks]:
+                f.result()
         self.ranks = []
         if self.bootstrap is not None:
+            # SGLang's close() stops the loop with its cleanup task still pending;
+            # cancel it first so the loop's shutdown does not warn about it.
+            loop = getattr(self.bootstrap, "_loop", None)
+            if loop is not None and loop.is_running():
+                for task in list(self.bootstrap._background_tasks):
+                    loop.call_soon_threadsafe(task.cancel)
             self.bootstrap.close()
             self.bootstrap = None
 
@@ -584,6 +606,8 @@ __all__ = [
     "free_port",
     "install_mooncake_engine",
     "pattern",
+    "pool_contents",
+    "prefill_aux_contents",
     "poll_name",
     "reset_process_context",
     "reset_receiver_sockets",
