@@ -25,6 +25,9 @@ step "examples and the main job run (small demo, every byte verified)"
 cargo run --release --quiet --example write_read
 ./target/release/kvtransfer demo --pages 32 --rounds 1
 
+step "GPU check (says so and stops where there is no GPU)"
+bash scripts/gpu-check.sh
+
 step "RDMA verbs suite (Soft-RoCE guest)"
 bash scripts/rdma-tests.sh
 

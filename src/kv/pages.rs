@@ -202,7 +202,10 @@ mod tests {
         );
         let mut back = Vec::new();
         expand_paged(&rs, &bufs[..1], crate::request::Op::Read, &mut back).unwrap();
-        assert_eq!(back[0], Request::read(0x1000, 32, SegmentId(3), 64 + 7 * 16));
+        assert_eq!(
+            back[0],
+            Request::read(0x1000, 32, SegmentId(3), 64 + 7 * 16)
+        );
         // An offset that overflows appends nothing.
         let huge = [PagedBuffer {
             local: u64::MAX - 8,

@@ -144,12 +144,15 @@ class TransferEngine:
         proto = (protocol or "rdma").strip().lower()
         if _truthy(os.environ.get("MC_FORCE_TCP")):
             proto = "tcp"
-        if proto not in ("tcp", "rdma"):
-            return self._fail(f"kvtransfer.mooncake: protocol {protocol!r} is not supported (use 'tcp' or 'rdma')")
+        if proto not in ("tcp", "rdma", "auto"):
+            return self._fail(
+                f"kvtransfer.mooncake: protocol {protocol!r} is not supported (use 'tcp', 'rdma', "
+                "or kvtransfer's 'auto': RDMA where both ends have it)"
+            )
         try:
             host, port = _split_host(local_hostname or "127.0.0.1")
             ip = socket.gethostbyname(host) if host else "0.0.0.0"
-            devices = [d.strip() for d in (device_name or "").split(",") if d.strip()] if proto == "rdma" else None
+            devices = [d.strip() for d in (device_name or "").split(",") if d.strip()] if proto != "tcp" else None
             self._engine = _Engine(
                 listen=f"{ip}:{port}",
                 transport=proto,
@@ -372,6 +375,30 @@ class TransferEngine:
         """A batch in direction ``opcode``. 0 or -1."""
         op = OP_WRITE if int(opcode) == TransferOpcode.Write else OP_READ
         return self._sync(target_hostname, op, buffers, peer_buffer_addresses, lengths, notify)
+
+    def transfer_sync_pages(self, target_hostname: str, buffers, local_pages, remote_pages, opcode: TransferOpcode = TransferOpcode.Write) -> int:
+        """kvtransfer's addition: moves page ``local_pages[i]`` of every buffer here and page
+        ``remote_pages[i]`` of the same buffer at the peer, for every ``i``, as one batch, and
+        waits; ``buffers`` is a ``(local base, peer base, item_len)`` table
+        (:meth:`kvtransfer.TransferEngine.page_buffers`). The library groups pages into runs,
+        so no address list is built in Python. 0 or -1."""
+        op = OP_WRITE if int(opcode) == TransferOpcode.Write else OP_READ
+        if len(local_pages) == 0 and len(remote_pages) == 0:
+            return 0
+        try:
+            peer = self._session(target_hostname)
+            try:
+                batch = self._e().submit_pages(peer, op, buffers, local_pages, remote_pages)
+            except KVTransferError as e:
+                if e.code in _CALLER_ERRORS:
+                    raise
+                self._forget(target_hostname, peer)
+                if e.code != ErrorCode.PeerLost:
+                    raise
+                batch = self._e().submit_pages(self._session(target_hostname), op, buffers, local_pages, remote_pages)
+        except (KVTransferError, ValueError, TypeError) as e:
+            return self._fail(f"kvtransfer.mooncake: paged transfer to {target_hostname} refused: {e}")
+        return self._wait(target_hostname, batch)
 
     def _async(self, target: str, op: int, buffers, peer_addresses, lengths) -> int:
         try:

@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import requests
@@ -101,6 +101,20 @@ def install_mooncake_engine(which: Optional[str] = None) -> str:
     from mooncake.engine import TransferEngine  # noqa: F401  (fails loudly if install() did not work)
 
     return which
+
+
+def uninstall_mooncake_engine(which: str) -> None:
+    """Undoes ``install_mooncake_engine(which)`` for modules imported later (SGLang's
+    engines already built keep the class they were built with)."""
+    if which == "kvtransfer":
+        import kvtransfer.mooncake
+
+        kvtransfer.mooncake.uninstall()
+    elif which != "mooncake":
+        for name in [m for m in sys.modules if m == "mooncake" or m.startswith("mooncake.")]:
+            del sys.modules[name]
+        if which in sys.path:
+            sys.path.remove(which)
 
 
 def free_port() -> int:
@@ -605,6 +619,7 @@ __all__ = [
     "expected_pages",
     "free_port",
     "install_mooncake_engine",
+    "uninstall_mooncake_engine",
     "pattern",
     "pool_contents",
     "prefill_aux_contents",

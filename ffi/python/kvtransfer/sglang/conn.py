@@ -1,0 +1,226 @@
+"""The classes behind ``--disaggregation-transfer-backend kvtransfer``.
+
+They are SGLang's Mooncake backend classes (themselves built on SGLang's ``Common*`` classes)
+with kvtransfer as the engine and a paged data path, so SGLang's bootstrap server, ZMQ
+registration, rank mapping, heartbeats, failed-session probing, aborts with deferred release
+and timeouts all keep working as SGLang ships them. What changes:
+
+- **The engine** is a kvtransfer engine per process (:class:`KvtEngine`), created from the
+  manager's own context (local IP, ``ib_device``), over ``KVT_TRANSPORT`` (``auto``: RDMA where
+  both ends have it, else TCP).
+- **One paged call per chunk.** Mooncake's backend expands each chunk into a Python list of
+  (source, destination, length) triples, one per run of pages per layer buffer: 10^4-10^5
+  tuples for a long prompt. Here each chunk is one library call with the page indices and a
+  per-peer buffer table (local base, peer base, item_len per layer or K/V buffer) built once
+  per peer; the library groups pages into runs, expands them over the buffers, coalesces and
+  stripes them over the lanes.
+- Layouts the paged call does not cover (device-side destination pages, custom memory pools,
+  unified memory, bounded index batches) fall back to the Mooncake code path over the same
+  engine, which speaks Mooncake's API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from sglang.srt.disaggregation.base.conn import KVArgs
+from sglang.srt.disaggregation.mooncake import conn as mc
+from sglang.srt.disaggregation.utils import build_transfer_entry_pairs, is_elided_entry
+
+from .. import mooncake as kvt_mooncake
+from ..engine import TransferEngine as _Engine
+
+log = logging.getLogger("kvtransfer.sglang")
+
+
+class KvtEngine:
+    """The per-process engine, with the interface SGLang's Mooncake backend calls on its
+    engine wrapper (``batch_register``, ``batch_transfer_sync``, ``get_session_id``,
+    ``send_probe``, ...) plus :meth:`transfer_pages`."""
+
+    def __init__(self, hostname: str, ib_device: Optional[str] = None):
+        self.te = kvt_mooncake.TransferEngine()
+        protocol = os.environ.get("KVT_TRANSPORT", "auto") or "auto"
+        if self.te.initialize(hostname, "P2PHANDSHAKE", protocol, ib_device or "") != 0:
+            raise RuntimeError(f"kvtransfer engine initialization failed: {self.te.last_error}")
+        self.hostname = hostname
+        self.ib_device = ib_device
+        self.session_id = f"{hostname}:{self.te.get_rpc_port()}"
+
+    def get_session_id(self) -> str:
+        return self.session_id
+
+    def get_ib_device(self) -> Optional[str]:
+        return self.ib_device
+
+    def register(self, ptr: int, length: int) -> None:
+        if self.te.register_memory(ptr, length) != 0:
+            raise RuntimeError(f"kvtransfer memory registration failed: {self.te.last_error}")
+
+    def deregister(self, ptr: int) -> None:
+        if self.te.unregister_memory(ptr) != 0:
+            raise RuntimeError(f"kvtransfer memory deregistration failed: {self.te.last_error}")
+
+    def batch_register(self, ptrs: List[int], lengths: List[int]) -> int:
+        ret = self.te.batch_register_memory(ptrs, lengths)
+        if ret != 0:
+            raise RuntimeError(f"kvtransfer memory registration failed: {self.te.last_error}")
+        return ret
+
+    def batch_deregister(self, ptrs: List[int]) -> int:
+        return self.te.batch_unregister_memory(ptrs)
+
+    def transfer_sync(self, session_id: str, buffer: int, peer_buffer_address: int, length: int) -> int:
+        return self.te.transfer_sync_write(session_id, buffer, peer_buffer_address, length)
+
+    def batch_transfer_sync(self, session_id: str, buffers, peer_buffer_addresses, lengths) -> int:
+        return self.te.batch_transfer_sync_write(session_id, buffers, peer_buffer_addresses, lengths)
+
+    def transfer_pages(self, session_id: str, table: np.ndarray, local_pages, remote_pages) -> int:
+        """One paged write (see :meth:`kvtransfer.mooncake.TransferEngine.transfer_sync_pages`)."""
+        return self.te.transfer_sync_pages(session_id, table, local_pages, remote_pages)
+
+    def send_probe(self, peer_session_id: str) -> int:
+        return self.te.send_probe(peer_session_id)
+
+    def get_engine(self):
+        raise NotImplementedError("kvtransfer has no Mooncake C++ engine object to share")
+
+
+_engine_lock = threading.Lock()
+_engine: Optional[KvtEngine] = None
+
+
+def process_engine(hostname: str, ib_device: Optional[str] = None) -> KvtEngine:
+    """The engine of this process, made on first use (as SGLang shares one Mooncake engine
+    per process between its managers)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = KvtEngine(hostname, ib_device)
+        return _engine
+
+
+class KvtKVManager(mc.MooncakeKVManager):
+    """SGLang's Mooncake manager over a kvtransfer engine, with paged chunk transfers."""
+
+    sender_trace_module = "kvtransfer"
+    #: SGLang's sender then reports the transfer time (first send to Success).
+    reports_transfer_latency = True
+
+    def init_engine(self) -> None:
+        self.engine = process_engine(self.local_ip, getattr(self.kv_args, "ib_device", None) or None)
+        self._page_tables: Dict[Tuple, np.ndarray] = {}
+        #: Chunks moved by one paged call, and by the Mooncake fallback path.
+        self.paged_chunks = 0
+        self.fallback_chunks = 0
+
+    def _layer_params(self, dst_kv_ptrs: List[int], dst_layer_ids) -> Optional[List[Tuple[int, int, int]]]:
+        """(source base, destination base, item_len) per buffer, paired as SGLang's Mooncake
+        backend pairs them; None for layouts left to it."""
+        src_ptrs = self.kv_args.kv_data_ptrs
+        item_lens = self.kv_args.kv_item_lens
+        src_layer_ids = self.kv_args.kv_layer_ids
+        has_layer_ids = bool(src_layer_ids or dst_layer_ids)
+        flat = mc._uses_flat_entry_layout(
+            mla_backend=self.is_mla_backend or self.is_hybrid_mla_backend,
+            force_flat=False,
+            has_layer_ids=has_layer_ids,
+            state_type=None,
+            num_src_entries=len(src_ptrs),
+            num_dst_entries=len(dst_kv_ptrs),
+        )
+        if flat and has_layer_ids:
+            pairs = build_transfer_entry_pairs(
+                src_layer_ids,
+                dst_layer_ids,
+                len(src_ptrs),
+                len(dst_kv_ptrs),
+                allow_positional_fallback=self.pp_size == 1,
+            )
+            return [
+                (src_ptrs[i], dst_kv_ptrs[j], item_lens[i])
+                for i, j in pairs
+                if not is_elided_entry(item_lens[i], None, j, allow_dst_elision=False)
+            ]
+        if flat:
+            src, dst, layers = self.get_mla_kv_ptrs_with_pp(src_ptrs, dst_kv_ptrs)
+            return [
+                (src[l], dst[l], item_lens[l])
+                for l in range(layers)
+                if not is_elided_entry(item_lens[l], None, l, allow_dst_elision=False)
+            ]
+        src_k, src_v, dst_k, dst_v, layers = self.get_mha_kv_ptrs_with_pp(src_ptrs, dst_kv_ptrs)
+        if layers > len(dst_k):
+            return None
+        return [(src_k[l], dst_k[l], item_lens[l]) for l in range(layers)] + [
+            (src_v[l], dst_v[l], item_lens[layers + l]) for l in range(layers)
+        ]
+
+    def _page_table(self, session: str, dst_kv_ptrs: List[int], dst_layer_ids) -> Optional[np.ndarray]:
+        key = (session, tuple(dst_kv_ptrs), tuple(dst_layer_ids or ()))
+        table = self._page_tables.get(key)
+        if table is None:
+            params = self._layer_params(dst_kv_ptrs, dst_layer_ids)
+            if params is None:
+                return None
+            table = _Engine.page_buffers(*zip(*params)) if params else np.zeros((0, 3), dtype=np.uint64)
+            self._page_tables[key] = table
+        return table
+
+    def send_kvcache(
+        self,
+        mooncake_session_id: str,
+        prefill_kv_indices,
+        dst_kv_ptrs: List[int],
+        dst_kv_indices,
+        executor,
+        dst_layer_ids=None,
+        dst_device_kv_indices=None,
+        dst_kv_item_len: Optional[int] = None,
+        dst_attn_tp_size: Optional[int] = None,
+    ):
+        paged = (
+            dst_device_kv_indices is None
+            and not mc.get_memory().enable_unified_memory
+            and not (self.enable_custom_mem_pool and self.custom_mem_pool_type != "INTRA_NODE_NVLINK")
+            and (self.max_transfer_batch_indices <= 0 or len(prefill_kv_indices) <= self.max_transfer_batch_indices)
+        )
+        table = self._page_table(mooncake_session_id, dst_kv_ptrs, dst_layer_ids) if paged else None
+        if table is None:
+            self.fallback_chunks += 1
+            return super().send_kvcache(
+                mooncake_session_id,
+                prefill_kv_indices,
+                dst_kv_ptrs,
+                dst_kv_indices,
+                executor,
+                dst_layer_ids=dst_layer_ids,
+                dst_device_kv_indices=dst_device_kv_indices,
+                dst_kv_item_len=dst_kv_item_len,
+                dst_attn_tp_size=dst_attn_tp_size,
+            )
+        self.paged_chunks += 1
+        if len(table) == 0:
+            return 0
+        return self.engine.transfer_pages(mooncake_session_id, table, prefill_kv_indices, dst_kv_indices)
+
+
+class KvtKVSender(mc.MooncakeKVSender):
+    """SGLang's Mooncake sender, over :class:`KvtKVManager`."""
+
+
+class KvtKVReceiver(mc.MooncakeKVReceiver):
+    """SGLang's Mooncake receiver, over :class:`KvtKVManager`."""
+
+
+class KvtKVBootstrapServer(mc.MooncakeKVBootstrapServer):
+    """SGLang's bootstrap server (``CommonKVBootstrapServer``), unchanged."""
+
+
+__all__ = ["KVArgs", "KvtEngine", "KvtKVBootstrapServer", "KvtKVManager", "KvtKVReceiver", "KvtKVSender", "process_engine"]
