@@ -22,6 +22,7 @@ from .kv import (
     KVPoll,
     KVReceiver,
     KVSender,
+    KVTransferMetric,
     RoomMetrics,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "KVReceiver",
     "KVSender",
     "KVTransferError",
+    "KVTransferMetric",
     "LibraryNotFoundError",
     "OP_READ",
     "OP_WRITE",

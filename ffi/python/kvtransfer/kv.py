@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, List, Optional, Sequence, Union
 
+import numpy as np
+
 from . import _lib
 from ._util import Handle, as_pages, closed_error, engine_config, read_string
 from .errors import ErrorCode, KVTransferError, check
@@ -59,6 +61,15 @@ class KVArgs:
     ib_device: Optional[str] = None
     engine_rank: int = 0
     gpu_id: int = 0
+
+
+@dataclass
+class KVTransferMetric:
+    """SGLang's ``KVTransferMetric``: what :meth:`KVSender.get_transfer_metric` reports."""
+
+    transfer_latency_s: Optional[float] = None
+    alloc_latency_s: Optional[float] = None
+    transfer_total_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,7 @@ class KVManager(Handle):
     def __init__(
         self,
         args: KVArgs,
-        role: Role,
+        disaggregation_mode: Role,
         server_args: Any = None,
         is_mla_backend: bool = False,
         *,
@@ -144,6 +155,7 @@ class KVManager(Handle):
         self._handle: Optional[c_void_p] = None
         self._lib = _lib.lib()
         self.args = args
+        role = disaggregation_mode
         self.role = "prefill" if role_code(role) == _lib.ROLE_PREFILL else "decode"
         self._keepalive = keepalive
         if room_timeout_ms < 0 or abort_timeout_ms < 0:
@@ -256,6 +268,16 @@ class _Room(Handle):
         any more. May block up to the abort timeout."""
         self._check(self._fn("abort")(self._h()))
 
+    def get_transfer_metric(self) -> KVTransferMetric:
+        """SGLang's metric, from the library's own counts: bytes moved and first write to
+        last completion (None until known)."""
+        m = self.metrics()
+        span = m.transfer_span_ns
+        return KVTransferMetric(
+            transfer_latency_s=None if span is None else span / 1e9,
+            transfer_total_bytes=m.bytes or None,
+        )
+
     def metrics(self) -> RoomMetrics:
         m = _lib.RoomMetricsC()
         m.struct_size = ctypes.sizeof(_lib.RoomMetricsC)
@@ -295,7 +317,13 @@ class KVSender(_Room):
     _prefix = "kvt_kv_sender_"
     _kind = "KVSender"
 
-    def __init__(self, mgr: KVManager, bootstrap_addr: Optional[str], bootstrap_room: int):
+    def __init__(
+        self,
+        mgr: KVManager,
+        bootstrap_addr: Optional[str],
+        bootstrap_room: int,
+        req_has_disagg_prefill_dp_rank: bool = False,
+    ):
         super().__init__(mgr, bootstrap_room)
         self.bootstrap_addr = bootstrap_addr
         self.num_kv_indices: Optional[int] = None
@@ -315,18 +343,43 @@ class KVSender(_Room):
         self._check(self._lib.kvt_kv_sender_init(self._h(), int(num_kv_indices), aux))
         self.num_kv_indices = int(num_kv_indices)
 
-    def send(self, kv_indices: Any, is_last: Optional[bool] = None) -> None:
-        """Sends the next chunk: local page indices that land in the receiver's pages at the
-        same positions of the room. ``is_last`` None means "this chunk completes the page
-        count given to :meth:`init`". A C-contiguous numpy int32 array is passed without a
-        copy. Returns once queued; poll for completion. Refused chunks (``InvalidPages``,
-        ``RoomState``) leave the room as it was."""
+    def send(
+        self,
+        kv_indices: Any,
+        state_indices: Optional[Sequence] = None,
+        num_kv_tokens: Optional[int] = None,
+        *,
+        is_last: Optional[bool] = None,
+    ) -> None:
+        """Sends the next chunk (SGLang's signature): local page indices that land in the
+        receiver's pages at the same positions of the room. ``is_last`` None means "this
+        chunk completes the page count given to :meth:`init`", as SGLang decides it. A
+        C-contiguous numpy int32 array is passed without a copy. Returns once queued; poll for
+        completion. Refused chunks (``InvalidPages``, ``RoomState``) leave the room as it was.
+        ``num_kv_tokens`` is accepted and unused; state buffers (``state_indices``, hybrid
+        models) are not moved by rooms, so non-empty ones are refused."""
+        if state_indices:
+            raise NotImplementedError("kvtransfer rooms move KV pages and aux slots, not state buffers")
         ptr, n, keep = self._pages(kv_indices)
         if is_last is None:
             is_last = self.num_kv_indices is not None and self.sent + n >= self.num_kv_indices
         self._check(self._lib.kvt_kv_sender_send(self._h(), ptr, n, bool(is_last)))
         del keep  # referenced until the call returned; the library copied what it needs
         self.sent += n
+
+
+    def pop_decode_prefix_len(self) -> int:
+        """SGLang's hook: no decode-side prefix is reused (0)."""
+        return 0
+
+    def get_max_transfer_tokens(self) -> Optional[int]:
+        """SGLang's hook: no limit per chunk (None)."""
+        return None
+
+    def should_send_kv_chunk(self, num_pages: int, last_chunk: bool) -> bool:
+        """SGLang's hook: a chunk with pages, or the last one (an empty last chunk finishes
+        the room and carries the aux slot)."""
+        return num_pages > 0 or last_chunk
 
 
 class KVReceiver(_Room):
@@ -337,19 +390,43 @@ class KVReceiver(_Room):
     _prefix = "kvt_kv_receiver_"
     _kind = "KVReceiver"
 
-    def __init__(self, mgr: KVManager, bootstrap_addr: str, bootstrap_room: int):
+    def __init__(self, mgr: KVManager, bootstrap_addr: str, bootstrap_room: Optional[int] = None):
+        if bootstrap_room is None:
+            raise ValueError("a kvtransfer receiver needs its bootstrap_room")
         super().__init__(mgr, bootstrap_room)
         self.bootstrap_addr = bootstrap_addr
+        self.prefill_dp_rank = 0
         out = c_void_p()
         self._check(
             self._lib.kvt_kv_receiver_create(mgr._h(), bootstrap_addr.encode(), self.bootstrap_room, byref(out))
         )
         self._handle = out
 
-    def init(self, kv_indices: Any, aux_index: Optional[int] = None) -> None:
-        """Names the destination pages (in room order) and aux slot (None: no aux). A
-        C-contiguous numpy int32 array is passed without a copy. Nothing is sent when the
-        pages are wrong (``InvalidPages``)."""
+    def init(self, prefill_dp_rank: Any = 0, aux_index: Optional[int] = None) -> None:
+        """SGLang's ``init(prefill_dp_rank)``: the prefill is already chosen by
+        ``bootstrap_addr``, so an int rank is recorded and nothing else happens. Given page
+        indices instead (kvtransfer's earlier form), it is :meth:`send_metadata`."""
+        if isinstance(prefill_dp_rank, (int, np.integer)) and not isinstance(prefill_dp_rank, bool):
+            if aux_index is not None:
+                raise TypeError("init(prefill_dp_rank) takes no aux_index; name pages with send_metadata")
+            self.prefill_dp_rank = int(prefill_dp_rank)
+            return
+        self.send_metadata(prefill_dp_rank, aux_index)
+
+    def send_metadata(
+        self,
+        kv_indices: Any,
+        aux_index: Optional[int] = None,
+        state_indices: Optional[Sequence] = None,
+        decode_prefix_len: Optional[int] = None,
+        destination: Any = None,
+    ) -> None:
+        """Names the destination pages (in room order) and aux slot (None: no aux), SGLang's
+        signature. A C-contiguous numpy int32 array is passed without a copy. Nothing is sent
+        when the pages are wrong (``InvalidPages``). State buffers, a decode prefix and host
+        destinations are not supported by rooms and are refused."""
+        if state_indices or decode_prefix_len or (destination is not None and getattr(destination, "value", destination) != "device"):
+            raise NotImplementedError("kvtransfer rooms take device/host KV pages and an aux slot only")
         ptr, n, keep = self._pages(kv_indices)
         aux = -1 if aux_index is None else int(aux_index)
         if aux_index is not None and aux < 0:
@@ -361,6 +438,7 @@ class KVReceiver(_Room):
 __all__ = [
     "DisaggregationMode",
     "KVArgs",
+    "KVTransferMetric",
     "KVManager",
     "KVPoll",
     "KVReceiver",

@@ -410,3 +410,31 @@ def test_arguments():
             assert "room 18446744073709551615" in repr(s)
     assert mgr.closed and "closed" in repr(mgr)
 
+
+
+def test_sglang_0_5_23_signatures(sides):
+    """The names kvtransfer.kv shares with SGLang 0.5.23 take SGLang's arguments."""
+    prefill = sides("prefill", layers=2, pages=8, item=4096)
+    decode = sides("decode", layers=2, pages=8, item=4096)
+    prefill.fill()
+    r = KVReceiver(decode.mgr, prefill.mgr.bootstrap_addr, 31)
+    r.init(0)  # init(prefill_dp_rank): nothing is named yet
+    assert r.prefill_dp_rank == 0 and r.poll() == KVPoll.Bootstrapping
+    r.send_metadata(np.array([3, 1], dtype=np.int32), aux_index=None, state_indices=None, decode_prefix_len=None)
+    s = KVSender(prefill.mgr, prefill.mgr.bootstrap_addr, 31, req_has_disagg_prefill_dp_rank=False)
+    assert s.pop_decode_prefix_len() == 0 and s.get_max_transfer_tokens() is None
+    assert s.should_send_kv_chunk(0, True) and not s.should_send_kv_chunk(0, False)
+    s.init(2)
+    wait_state(s, KVPoll.WaitingForInput)
+    with pytest.raises(NotImplementedError):
+        s.send(np.array([0], dtype=np.int32), [1])
+    s.send(np.array([0, 1], dtype=np.int32), None, 64)  # (kv_indices, state_indices, num_kv_tokens)
+    assert wait_final(r) == KVPoll.Success and wait_final(s) == KVPoll.Success
+    m = s.get_transfer_metric()
+    from kvtransfer import KVTransferMetric
+
+    assert isinstance(m, KVTransferMetric)
+    assert m.transfer_total_bytes == 2 * 2 * 4096, m
+    assert m.transfer_latency_s is not None and m.transfer_latency_s > 0
+    for room in (r, s):
+        room.clear()
