@@ -336,8 +336,10 @@ def test_prefill_process_killed_mid_room(servers, mooncake_engine, tmp_path):
             )
         assert d.polls() == [KVPoll.WaitingForInput] * TP, d.describe()
 
+        killed_at = time.monotonic()
         peer.kill()
-        took = d.wait(KVPoll.Failed, 15)
+        d.wait(KVPoll.Failed, 15)
+        took = time.monotonic() - killed_at
     finally:
         peer.close()
 
@@ -387,9 +389,11 @@ def test_decode_process_killed_mid_room(servers, sglang_env, mooncake_engine, tm
         assert p.polls() == [KVPoll.WaitingForInput] * TP, p.describe()
         sessions = [next(iter(r.mgr.transfer_infos[room].values())).mooncake_session_id for r in prefill.ranks]
 
+        killed_at = time.monotonic()
         peer.kill()
         p.send(src2)
-        took = p.wait(KVPoll.Failed, 15)
+        p.wait(KVPoll.Failed, 15)
+        took = time.monotonic() - killed_at
     finally:
         peer.close()
 
