@@ -21,6 +21,9 @@ cargo test --release --doc
 step "Python package (pytest against the cdylib)"
 bash scripts/python-tests.sh
 
+step "SGLang 0.5.23, real code on CPU: its Mooncake backend on kvtransfer.mooncake, the native backend"
+bash scripts/sglang-tests.sh
+
 step "examples and the main job run (small demo, every byte verified)"
 cargo run --release --quiet --example write_read
 ./target/release/kvtransfer demo --pages 32 --rounds 1

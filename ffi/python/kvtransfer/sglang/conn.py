@@ -5,9 +5,9 @@ with kvtransfer as the engine and a paged data path, so SGLang's bootstrap serve
 registration, rank mapping, heartbeats, failed-session probing, aborts with deferred release
 and timeouts all keep working as SGLang ships them. What changes:
 
-- **The engine** is a kvtransfer engine per process (:class:`KvtEngine`), created from the
+- **The engine** is a kvtransfer engine per manager (:class:`KvtEngine`), created from the
   manager's own context (local IP, ``ib_device``), over ``KVT_TRANSPORT`` (``auto``: RDMA where
-  both ends have it, else TCP).
+  both ends have it, else TCP), and stopped by ``teardown()``.
 - **One paged call per chunk.** Mooncake's backend expands each chunk into a Python list of
   (source, destination, length) triples, one per run of pages per layer buffer: 10^4-10^5
   tuples for a long prompt. Here each chunk is one library call with the page indices and a
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -91,19 +90,9 @@ class KvtEngine:
     def get_engine(self):
         raise NotImplementedError("kvtransfer has no Mooncake C++ engine object to share")
 
-
-_engine_lock = threading.Lock()
-_engine: Optional[KvtEngine] = None
-
-
-def process_engine(hostname: str, ib_device: Optional[str] = None) -> KvtEngine:
-    """The engine of this process, made on first use (as SGLang shares one Mooncake engine
-    per process between its managers)."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = KvtEngine(hostname, ib_device)
-        return _engine
+    def close(self) -> None:
+        """Stops the engine: its listener, peers and registrations."""
+        self.te.close()
 
 
 class KvtKVManager(mc.MooncakeKVManager):
@@ -114,11 +103,17 @@ class KvtKVManager(mc.MooncakeKVManager):
     reports_transfer_latency = True
 
     def init_engine(self) -> None:
-        self.engine = process_engine(self.local_ip, getattr(self.kv_args, "ib_device", None) or None)
+        # One engine per manager (a scheduler process has one manager per role); it stops
+        # with teardown().
+        self.engine = KvtEngine(self.local_ip, getattr(self.kv_args, "ib_device", None) or None)
         self._page_tables: Dict[Tuple, np.ndarray] = {}
         #: Chunks moved by one paged call, and by the Mooncake fallback path.
         self.paged_chunks = 0
         self.fallback_chunks = 0
+
+    def teardown(self) -> None:
+        super().teardown()
+        self.engine.close()
 
     def _layer_params(self, dst_kv_ptrs: List[int], dst_layer_ids) -> Optional[List[Tuple[int, int, int]]]:
         """(source base, destination base, item_len) per buffer, paired as SGLang's Mooncake
@@ -223,4 +218,4 @@ class KvtKVBootstrapServer(mc.MooncakeKVBootstrapServer):
     """SGLang's bootstrap server (``CommonKVBootstrapServer``), unchanged."""
 
 
-__all__ = ["KVArgs", "KvtEngine", "KvtKVBootstrapServer", "KvtKVManager", "KvtKVReceiver", "KvtKVSender", "process_engine"]
+__all__ = ["KVArgs", "KvtEngine", "KvtKVBootstrapServer", "KvtKVManager", "KvtKVReceiver", "KvtKVSender"]

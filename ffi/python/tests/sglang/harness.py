@@ -215,7 +215,17 @@ def _bytes_at(ptr: int, nbytes: int) -> np.ndarray:
 # Process-wide SGLang state
 
 
-def make_server_args(mode: str, tp: int, bootstrap_port: int, layout: Layout, **extra) -> ServerArgs:
+def backend_of(name: str) -> TransferBackend:
+    """SGLang's ``TransferBackend`` for ``--disaggregation-transfer-backend name``;
+    ``kvtransfer`` is registered first (as its ``sglang.srt.plugins`` entry point does)."""
+    if name == "kvtransfer":
+        import kvtransfer.sglang
+
+        kvtransfer.sglang.register()
+    return TransferBackend(name)
+
+
+def make_server_args(mode: str, tp: int, bootstrap_port: int, layout: Layout, backend: str = "mooncake", **extra) -> ServerArgs:
     """The ServerArgs a ``--disaggregation-mode {mode} --tp {tp}`` server would get.
 
     ``enable_pd_role_switch``: SGLang then receives on its ZMQ control sockets with a
@@ -231,7 +241,7 @@ def make_server_args(mode: str, tp: int, bootstrap_port: int, layout: Layout, **
         tp_size=tp,
         page_size=layout.page_size,
         disaggregation_mode=mode,
-        disaggregation_transfer_backend="mooncake",
+        disaggregation_transfer_backend=backend,
         disaggregation_bootstrap_port=bootstrap_port,
         enable_pd_role_switch=True,
     )
@@ -335,7 +345,13 @@ class Rank:
         kv_args.mla_compression_ratios = None
         self.kv_args = kv_args
 
+        manager_cls = get_kv_class(server.backend, KVClassType.MANAGER)
         with self.active():
+            if server.backend != TransferBackend.MOONCAKE:
+                # kvtransfer's native backend: the manager makes its own engine.
+                self.engine = None
+                self.mgr = manager_cls(kv_args, server.mode, server.server_args, lay.mla)
+                return
             # One engine per rank, as one scheduler process per rank would have:
             # SGLang keeps a process-wide engine (init_mooncake_transfer_engine) that
             # MooncakeKVManager.init_engine() picks up, so point it at this rank's.
@@ -343,7 +359,6 @@ class Rank:
             previous = mte._mooncake_transfer_engine
             mte._mooncake_transfer_engine = self.engine
             try:
-                manager_cls = get_kv_class(TransferBackend.MOONCAKE, KVClassType.MANAGER)
                 self.mgr = manager_cls(kv_args, server.mode, server.server_args, lay.mla)
             finally:
                 mte._mooncake_transfer_engine = previous
@@ -371,11 +386,21 @@ class Rank:
 class Server:
     """A prefill or decode server with ``tp`` ranks (attention TP = tp)."""
 
-    def __init__(self, mode: str, tp: int, layout: Layout, *, seed: int, bootstrap_port: Optional[int] = None):
+    def __init__(
+        self,
+        mode: str,
+        tp: int,
+        layout: Layout,
+        *,
+        seed: int,
+        bootstrap_port: Optional[int] = None,
+        backend: str = "mooncake",
+    ):
         self.mode = DisaggregationMode(mode)
         self.tp, self.layout = tp, layout
+        self.backend = backend_of(backend)
         self.bootstrap_port = bootstrap_port or free_port()
-        self.server_args = make_server_args(mode, tp, self.bootstrap_port, layout)
+        self.server_args = make_server_args(mode, tp, self.bootstrap_port, layout, backend)
         self.server_args.resolve_once()
         ensure_process_context(self.server_args)
         self.bootstrap = None
@@ -384,7 +409,7 @@ class Server:
             if self.mode == DisaggregationMode.PREFILL:
                 # SGLang starts it in the prefill's main process (start_disagg_service)
                 # before the schedulers register to it.
-                server_cls = get_kv_class(TransferBackend.MOONCAKE, KVClassType.BOOTSTRAP_SERVER)
+                server_cls = get_kv_class(self.backend, KVClassType.BOOTSTRAP_SERVER)
                 self.bootstrap = server_cls(host=HOST, port=self.bootstrap_port)
                 wait_until("the bootstrap server's /health", self._bootstrap_healthy, 10)
             for r in range(tp):
@@ -493,7 +518,7 @@ class PrefillRoom(_Room):
 
     def __init__(self, server: Server, room: int):
         super().__init__(server, room)
-        sender_cls = get_kv_class(TransferBackend.MOONCAKE, KVClassType.SENDER)
+        sender_cls = get_kv_class(server.backend, KVClassType.SENDER)
         for rank in server.ranks:
             with rank.active():
                 self.parts.append(
@@ -527,7 +552,7 @@ class DecodeRoom(_Room):
 
     def __init__(self, server: Server, prefill_addr: str, room: int, timeout: float = 20):
         super().__init__(server, room)
-        receiver_cls = get_kv_class(TransferBackend.MOONCAKE, KVClassType.RECEIVER)
+        receiver_cls = get_kv_class(server.backend, KVClassType.RECEIVER)
         for rank in server.ranks:
             with rank.active():
                 self.parts.append(receiver_cls(mgr=rank.mgr, bootstrap_addr=prefill_addr, bootstrap_room=room))
@@ -618,6 +643,7 @@ __all__ = [
     "aux_matches",
     "expected_pages",
     "free_port",
+    "backend_of",
     "install_mooncake_engine",
     "uninstall_mooncake_engine",
     "pattern",

@@ -26,7 +26,9 @@ def main() -> None:
     dst = np.asarray(cfg["dst_pages"], dtype=np.int64)
     first = cfg["first_chunk"]
     if cfg["role"] == "prefill":
-        server = h.Server("prefill", cfg["tp"], layout, seed=cfg["seed"], bootstrap_port=cfg["bootstrap_port"])
+        server = h.Server(
+            "prefill", cfg["tp"], layout, seed=cfg["seed"], bootstrap_port=cfg["bootstrap_port"], backend=cfg["backend"]
+        )
         print("READY", flush=True)
         room = h.PrefillRoom(server, cfg["room"])
         room.wait(h.KVPoll.WaitingForInput, cfg["timeout"])
@@ -35,7 +37,7 @@ def main() -> None:
         room.send(src[:first])
         print("SENT", flush=True)
     else:
-        server = h.Server("decode", cfg["tp"], layout, seed=cfg["seed"])
+        server = h.Server("decode", cfg["tp"], layout, seed=cfg["seed"], backend=cfg["backend"])
         print("READY", flush=True)
         room = h.DecodeRoom(server, cfg["prefill_addr"], cfg["room"], timeout=cfg["timeout"])
         room.send_metadata(dst, cfg["aux_index"])

@@ -1,12 +1,15 @@
-"""SGLang 0.5.23's real Mooncake PD backend on a Mooncake-API engine, CPU only, over TCP.
+"""SGLang 0.5.23's real PD code, CPU only, over TCP, with each test run on two backends:
 
-SGLang's own MooncakeKVManager / MooncakeKVSender / MooncakeKVReceiver /
-MooncakeKVBootstrapServer (sglang/srt/disaggregation/mooncake/conn.py on
-common/conn.py) move host-memory KV between a prefill and a decode "server" with
-2 ranks each; ``mooncake.engine.TransferEngine`` is kvtransfer's drop-in
-(``kvtransfer.mooncake.install()``; ``KVT_SGLANG_MOONCAKE`` picks another, see
-harness.install_mooncake_engine). Every byte that should arrive is compared, and
-every byte that should not is checked unchanged.
+- ``mooncake``: SGLang's own MooncakeKVManager / MooncakeKVSender / MooncakeKVReceiver /
+  MooncakeKVBootstrapServer (sglang/srt/disaggregation/mooncake/conn.py on common/conn.py)
+  with ``mooncake.engine.TransferEngine`` being kvtransfer's drop-in
+  (``kvtransfer.mooncake.install()``; ``KVT_SGLANG_MOONCAKE`` picks another, see
+  harness.install_mooncake_engine);
+- ``kvtransfer``: the native backend (``--disaggregation-transfer-backend kvtransfer``,
+  registered as its plugin does), one paged library call per chunk.
+
+They move host-memory KV between a prefill and a decode "server" with 2 ranks each. Every
+byte that should arrive is compared, and every byte that should not is checked unchanged.
 """
 
 import json
@@ -53,13 +56,20 @@ def sglang_env(monkeypatch):
     return lambda name, value: monkeypatch.setenv(name, str(value))
 
 
+@pytest.fixture(params=["mooncake", "kvtransfer"])
+def backend(request):
+    """``--disaggregation-transfer-backend``: SGLang's Mooncake backend (on the Mooncake
+    engine above), or kvtransfer's native backend (its plugin's classes, paged calls)."""
+    return request.param
+
+
 @pytest.fixture
-def servers(mooncake_engine, sglang_env):
+def servers(mooncake_engine, sglang_env, backend):
     """``make(mode, layout, **kw)`` -> harness.Server; all closed at the end."""
     made = []
 
     def make(mode, layout, **kw):
-        server = h.Server(mode, TP, layout, seed=kw.pop("seed", 7), **kw)
+        server = h.Server(mode, TP, layout, seed=kw.pop("seed", 7), backend=backend, **kw)
         made.append(server)
         return server
 
@@ -144,7 +154,12 @@ def test_two_ranks_chunked_scattered_pages_and_aux(servers, layout):
 
     bytes_per_page = layout.buffers * layout.item_len
     for rank, sender in zip(prefill.ranks, p.parts):
-        assert sender.get_transfer_metric().transfer_total_bytes == PAGES * bytes_per_page
+        metric = sender.get_transfer_metric()
+        assert metric.transfer_total_bytes == PAGES * bytes_per_page
+        if prefill.backend.value == "kvtransfer":
+            # Each chunk went as one paged library call, none through address lists.
+            assert (rank.mgr.paged_chunks, rank.mgr.fallback_chunks) == (len(CHUNKS), 0)
+            assert metric.transfer_latency_s is not None and metric.transfer_latency_s > 0
 
     # The schedulers clear both sides after Success; nothing of the room is left.
     p.clear()
@@ -291,10 +306,11 @@ class Peer:
         self.proc.stdin.close()
 
 
-def peer_config(role, engine, layout, seed, room, src, dst, **kw):
+def peer_config(role, engine, backend, layout, seed, room, src, dst, **kw):
     return dict(
         role=role,
         engine=engine,
+        backend=backend,
         layout={f: getattr(layout, f) for f in layout.__dataclass_fields__},
         tp=TP,
         seed=seed,
@@ -307,7 +323,7 @@ def peer_config(role, engine, layout, seed, room, src, dst, **kw):
     )
 
 
-def test_prefill_process_killed_mid_room(servers, mooncake_engine, tmp_path):
+def test_prefill_process_killed_mid_room(servers, mooncake_engine, backend, tmp_path):
     """The prefill server's process is SIGKILLed after decode sent its metadata and the
     first chunk arrived. Decode's heartbeat to the prefill bootstrap server
     (SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL 2 s, the minimum SGLang allows,
@@ -319,7 +335,7 @@ def test_prefill_process_killed_mid_room(servers, mooncake_engine, tmp_path):
     bootstrap_port = h.free_port()
     first_src, first_dst = src[: CHUNKS[0]], dst[: CHUNKS[0]]
     peer = Peer(
-        peer_config("prefill", mooncake_engine, layout, seed, room, src, dst,
+        peer_config("prefill", mooncake_engine, backend, layout, seed, room, src, dst,
                     bootstrap_port=bootstrap_port, aux_index=SRC_AUX),
         tmp_path,
     )
@@ -356,7 +372,7 @@ def test_prefill_process_killed_mid_room(servers, mooncake_engine, tmp_path):
         h.assert_untouched_except(dr, first_dst, None)
 
 
-def test_decode_process_killed_mid_room(servers, sglang_env, mooncake_engine, tmp_path):
+def test_decode_process_killed_mid_room(servers, sglang_env, mooncake_engine, backend, tmp_path):
     """The decode server's process is SIGKILLed after the first chunk landed in it.
 
     The prefill's next chunk fails in the engine (batch_transfer_sync_write to a dead
@@ -373,7 +389,7 @@ def test_decode_process_killed_mid_room(servers, sglang_env, mooncake_engine, tm
     prefill = servers("prefill", layout, seed=seed)
     p = h.PrefillRoom(prefill, room)
     peer = Peer(
-        peer_config("decode", mooncake_engine, layout, seed, room, src, dst,
+        peer_config("decode", mooncake_engine, backend, layout, seed, room, src, dst,
                     prefill_addr=prefill.bootstrap_addr, aux_index=DST_AUX),
         tmp_path,
     )
