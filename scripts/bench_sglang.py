@@ -28,7 +28,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HARNESS = os.path.join(HERE, "..", "ffi", "python", "tests", "sglang")
+HARNESS = os.path.join(HERE, "..", "ffi", "python", "tests", "with_sglang")
 PAGES, DECODE_POOL, CHUNKS = 256, 320, 4
 
 CONFIGS = {

@@ -28,5 +28,5 @@ rm -rf ffi/python/build
 unset KVTRANSFER_LIB
 tests=$(pwd)/ffi/python/tests
 cd "$(mktemp -d)"
-# The SGLang tests need SGLang's own venv: scripts/sglang-tests.sh runs them.
-"$OLDPWD/$venv/bin/pytest" "$tests" -q -p no:cacheprovider --rootdir "$tests" --ignore "$tests/sglang" "$@"
+# The SGLang tests (with_sglang/) need SGLang's own venv: scripts/sglang-tests.sh runs them.
+"$OLDPWD/$venv/bin/pytest" "$tests" -q -p no:cacheprovider --rootdir "$tests" --ignore "$tests/with_sglang" "$@"

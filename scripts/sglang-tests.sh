@@ -9,5 +9,5 @@ venv=$(bash scripts/sglang-env.sh)
 tests=$(pwd)/ffi/python/tests
 cd "$(mktemp -d)"
 # Run from outside the checkout with KVTRANSFER_LIB unset: the installed wheel is under test.
-env -u KVTRANSFER_LIB "$venv/bin/pytest" "$tests/sglang" "$tests/test_sglang_plugin.py" \
+env -u KVTRANSFER_LIB "$venv/bin/pytest" "$tests/with_sglang" \
   -q -p no:cacheprovider --rootdir "$tests" -W ignore::UserWarning "$@"
