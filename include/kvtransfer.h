@@ -551,7 +551,11 @@ int32_t kvt_engine_create(const struct kvt_engine_config *cfg, struct kvt_engine
 
 /**
  * Stops an engine and frees its handle; NULL is a no-op. Its peers are disconnected and
- * batches still in flight fail. Free memory registered with it only after this call.
+ * batches still in flight fail, its port is closed, and every connection it accepted is shut
+ * down with its thread joined: over TCP, once this returns no library thread reads or writes
+ * memory registered with the engine, so the caller may free or reuse it at once (tested by
+ * unmapping it and mapping fresh memory at the same address mid-stream). RDMA queue pairs are
+ * not yet drained here: free RDMA-registered memory only after the peers are gone.
  *
  * # Safety
  * `e` is NULL or a handle from `kvt_engine_create` not destroyed yet, used by no other
@@ -842,9 +846,10 @@ int32_t kvt_kv_manager_create(const struct kvt_engine_config *engine,
                               struct kvt_kv_manager **out);
 
 /**
- * Stops a manager and frees its handle; NULL is a no-op. Destroy its senders and receivers
- * first: a room handle keeps the manager's shared state (and engine) alive, so destroying
- * the manager first is safe, but the engine then stops only when the last room handle goes.
+ * Stops a manager and frees its handle; NULL is a no-op. Its KV channels close and its
+ * engine stops as `kvt_engine_destroy` says, even while room handles still exist: over TCP,
+ * once this returns no write of any room lands in the layout's memory, so it may be freed at
+ * once. Room handles left over fail their calls (destroy them too, preferably first).
  *
  * # Safety
  * `m` is NULL or a handle from `kvt_kv_manager_create` not destroyed yet, used by no other

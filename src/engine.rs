@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
@@ -70,6 +70,50 @@ pub struct ProbeReply {
     pub epoch: u64,
 }
 
+/// The connections this engine accepted: a second handle on each socket (to wake its thread
+/// on shutdown) and the threads serving them.
+#[derive(Default)]
+struct Served {
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    next: AtomicU64,
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
+}
+
+impl Served {
+    fn add_socket(&self, s: TcpStream) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.sockets.lock().insert(id, s);
+        id
+    }
+
+    /// Called by a serving thread as it ends (its own socket closes with it).
+    fn remove_socket(&self, id: u64) {
+        self.sockets.lock().remove(&id);
+    }
+
+    fn add_thread(&self, t: thread::JoinHandle<()>) {
+        let mut threads = self.threads.lock();
+        threads.retain(|t| !t.is_finished());
+        threads.push(t);
+    }
+
+    /// Shuts every served socket down (a blocked read or write returns at once) and joins
+    /// the serving threads, except the calling one.
+    fn stop_and_join(&self) {
+        for s in self.sockets.lock().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let me = thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        self.sockets.lock().clear();
+    }
+}
+
 struct Peer {
     info: PeerInfo,
     segments: RwLock<HashMap<u32, SegmentDesc>>,
@@ -100,6 +144,8 @@ struct Engine {
     notifier: Arc<Notifier>,
     fences: Arc<RoomFences>,
     kv_acceptor: RwLock<Option<KvAcceptor>>,
+    /// The threads serving accepted connections, and their sockets.
+    served: Served,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
     batches: Mutex<HashMap<u64, Arc<Batch>>>,
@@ -129,7 +175,9 @@ pub struct TransferEngine {
     inner: Arc<Engine>,
     /// The accept thread, which owns the listener: joined on drop, so the port is free again
     /// when the engine is gone (a restarted server binds the same port).
-    accept: Option<thread::JoinHandle<()>>,
+    accept: Mutex<Option<thread::JoinHandle<()>>>,
+    /// A second handle on the listener: shutting it down wakes the accept loop at once.
+    listener: Mutex<Option<TcpListener>>,
 }
 
 impl std::fmt::Debug for TransferEngine {
@@ -180,6 +228,7 @@ impl TransferEngine {
             notifier,
             fences: Arc::new(RoomFences::default()),
             kv_acceptor: RwLock::new(None),
+            served: Served::default(),
             peers: RwLock::new(HashMap::new()),
             next_peer: AtomicU64::new(1),
             batches: Mutex::new(HashMap::new()),
@@ -188,6 +237,7 @@ impl TransferEngine {
             shutdown,
             config,
         });
+        let wake = listener.try_clone().map_err(|e| Error::io("dup", e))?;
         let e = inner.clone();
         let accept = thread::Builder::new()
             .name("kvt-accept".into())
@@ -196,7 +246,8 @@ impl TransferEngine {
         tracing::info!(addr = %local_addr, epoch = format_args!("{:#x}", inner.epoch), transport = transport.as_str(), "engine started");
         Ok(TransferEngine {
             inner,
-            accept: Some(accept),
+            accept: Mutex::new(Some(accept)),
+            listener: Mutex::new(Some(wake)),
         })
     }
 
@@ -586,13 +637,38 @@ impl TransferEngine {
 
 impl Drop for TransferEngine {
     fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl TransferEngine {
+    /// Stops the engine now (dropping it does the same): peers are disconnected and their
+    /// batches fail, the listener closes and its port is free, and every connection this
+    /// engine accepted is shut down with its thread joined. When this returns, no thread of
+    /// the engine reads or writes registered memory over TCP any more, so the caller may
+    /// free or reuse it. (RDMA QPs are not yet drained here.) Later calls on the engine fail
+    /// with `Shutdown` or `UnknownPeer`; calling this again does nothing.
+    pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
-        for p in self.inner.peers.write().drain().map(|(_, p)| p) {
+        let peers: Vec<Arc<Peer>> = self.inner.peers.write().drain().map(|(_, p)| p).collect();
+        for p in &peers {
             p.link.close();
         }
-        // The accept loop sees the flag within its 100 ms poll and drops the listener.
-        if let Some(t) = self.accept.take() {
+        // Shutting the listener down wakes the accept loop, which sees the flag and drops its
+        // handle; once it is joined no connection is accepted any more, and with ours gone
+        // the port is free.
+        if let Some(l) = self.listener.lock().take() {
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        let accept = self.accept.lock().take();
+        if let Some(t) = accept {
             let _ = t.join();
+        }
+        // Wake every connection served here and wait for its thread: a write being received
+        // into registered memory ends with the socket, so none lands once drop returns.
+        self.inner.served.stop_and_join();
+        for p in &peers {
+            p.link.join();
         }
     }
 }
@@ -836,12 +912,28 @@ impl Engine {
         while !self.shutdown.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((s, from)) => {
+                    let wake = match s.try_clone() {
+                        Ok(w) => w,
+                        Err(err) => {
+                            tracing::error!("cannot serve {from}: dup: {err}");
+                            continue;
+                        }
+                    };
+                    let id = self.served.add_socket(wake);
                     let e = self.clone();
-                    let spawned = thread::Builder::new()
-                        .name("kvt-serve".into())
-                        .spawn(move || e.serve_conn(s, from));
-                    if let Err(err) = spawned {
-                        tracing::error!("cannot start a thread for {from}: {err}");
+                    let spawned =
+                        thread::Builder::new()
+                            .name("kvt-serve".into())
+                            .spawn(move || {
+                                e.clone().serve_conn(s, from);
+                                e.served.remove_socket(id);
+                            });
+                    match spawned {
+                        Ok(t) => self.served.add_thread(t),
+                        Err(err) => {
+                            self.served.remove_socket(id);
+                            tracing::error!("cannot start a thread for {from}: {err}");
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -851,6 +943,7 @@ impl Engine {
                     )];
                     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
                 }
+                Err(_) if self.shutdown.load(Ordering::Acquire) => break,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     thread::sleep(Duration::from_millis(10));

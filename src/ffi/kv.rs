@@ -158,9 +158,10 @@ pub unsafe extern "C" fn kvt_kv_manager_create(
     })
 }
 
-/// Stops a manager and frees its handle; NULL is a no-op. Destroy its senders and receivers
-/// first: a room handle keeps the manager's shared state (and engine) alive, so destroying
-/// the manager first is safe, but the engine then stops only when the last room handle goes.
+/// Stops a manager and frees its handle; NULL is a no-op. Its KV channels close and its
+/// engine stops as `kvt_engine_destroy` says, even while room handles still exist: over TCP,
+/// once this returns no write of any room lands in the layout's memory, so it may be freed at
+/// once. Room handles left over fail their calls (destroy them too, preferably first).
 ///
 /// # Safety
 /// `m` is NULL or a handle from `kvt_kv_manager_create` not destroyed yet, used by no other

@@ -318,6 +318,23 @@ unsafe fn register_layout(engine: &TransferEngine, layout: &KvLayout) -> Result<
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        self.close_channels();
+    }
+}
+
+impl Drop for KvManager {
+    /// Stops the manager even while rooms or its own threads still hold it: the KV channels
+    /// close, then the engine shuts down (see [`TransferEngine::shutdown`]), so once this
+    /// returns no write of any room lands in the layout's memory over TCP any more.
+    fn drop(&mut self) {
+        self.shared.close_channels();
+        self.shared.engine.shutdown();
+    }
+}
+
+impl Shared {
+    /// Stops taking KV channels and notifications and closes the open ones (idempotent).
+    fn close_channels(&self) {
         self.engine.set_kv_acceptor(None);
         self.engine.set_notify_hook(None);
         for c in self.outbound.lock().values() {
@@ -327,9 +344,7 @@ impl Drop for Shared {
             i.channel.close();
         }
     }
-}
 
-impl Shared {
     fn hello(&self) -> KvMessage {
         KvMessage::Hello {
             engine_id: self.engine.engine_id(),

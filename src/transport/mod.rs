@@ -207,4 +207,13 @@ impl Link {
             Link::Rdma(l) => l.close(),
         }
     }
+
+    /// After [`close`](Self::close): waits for the link's TCP threads (data connections, or
+    /// RDMA's control connection) to exit. The QPs of an RDMA link are not waited for here.
+    pub(crate) fn join(&self) {
+        match self {
+            Link::Tcp(l) => l.conns.iter().for_each(|c| c.join()),
+            Link::Rdma(l) => l.control.join(),
+        }
+    }
 }

@@ -65,6 +65,8 @@ pub(crate) struct TcpConn {
     stall: Duration,
     receiver: OnceLock<thread::Thread>,
     on_death: OnceLock<DeathHook>,
+    /// The sender and receiver threads, joined by [`join`](Self::join).
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
 }
 
 impl TcpConn {
@@ -108,18 +110,27 @@ impl TcpConn {
             stall,
             receiver: OnceLock::new(),
             on_death: OnceLock::new(),
+            threads: Mutex::new(Vec::new()),
         });
         let c = conn.clone();
-        thread::Builder::new()
+        let tx_thread = thread::Builder::new()
             .name(format!("kvt-tx{index}"))
             .spawn(move || c.sender_loop(rx))
             .map_err(|e| Error::io("spawn", e))?;
+        conn.threads.lock().push(tx_thread);
         let c = conn.clone();
-        let rx_thread = thread::Builder::new()
+        let rx_thread = match thread::Builder::new()
             .name(format!("kvt-rx{index}"))
             .spawn(move || c.receiver_loop())
-            .map_err(|e| Error::io("spawn", e))?;
+        {
+            Ok(t) => t,
+            Err(e) => {
+                conn.close();
+                return Err(Error::io("spawn", e));
+            }
+        };
         let _ = conn.receiver.set(rx_thread.thread().clone());
+        conn.threads.lock().push(rx_thread);
         Ok(conn)
     }
 
@@ -516,6 +527,20 @@ impl TcpConn {
     /// Closes the connection on purpose.
     pub(crate) fn close(&self) {
         self.die("connection closed locally".into());
+    }
+
+    /// Waits until the sender and receiver threads have exited, which they do within about
+    /// 100 ms of [`close`](Self::close) (or the connection's death): after this, no thread of
+    /// the connection reads or writes local memory. Called from one of those threads, it
+    /// skips that thread instead of waiting for itself.
+    pub(crate) fn join(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let me = thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
     }
 }
 
