@@ -554,8 +554,10 @@ int32_t kvt_engine_create(const struct kvt_engine_config *cfg, struct kvt_engine
  * batches still in flight fail, its port is closed, and every connection it accepted is shut
  * down with its thread joined: over TCP, once this returns no library thread reads or writes
  * memory registered with the engine, so the caller may free or reuse it at once (tested by
- * unmapping it and mapping fresh memory at the same address mid-stream). RDMA queue pairs are
- * not yet drained here: free RDMA-registered memory only after the peers are gone.
+ * unmapping it and mapping fresh memory at the same address mid-stream). Over RDMA the queue
+ * pairs peers write through are destroyed before this returns; the engine's own queue pairs
+ * (which its READs land through) are not yet drained, so free memory that READs target only
+ * once those READs have completed or failed.
  *
  * # Safety
  * `e` is NULL or a handle from `kvt_engine_create` not destroyed yet, used by no other

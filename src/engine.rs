@@ -646,7 +646,8 @@ impl TransferEngine {
     /// batches fail, the listener closes and its port is free, and every connection this
     /// engine accepted is shut down with its thread joined. When this returns, no thread of
     /// the engine reads or writes registered memory over TCP any more, so the caller may
-    /// free or reuse it. (RDMA QPs are not yet drained here.) Later calls on the engine fail
+    /// free or reuse it; over RDMA the QPs peers write through are destroyed first (the
+    /// engine's own QPs, which READs land through, are not yet drained). Later calls on the engine fail
     /// with `Shutdown` or `UnknownPeer`; calling this again does nothing.
     pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);

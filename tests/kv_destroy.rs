@@ -3,6 +3,8 @@
 //! dropped. The memory is then unmapped and fresh memory mapped at the same address; it must
 //! never change.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use kvtransfer::kv::{
@@ -37,36 +39,6 @@ fn manager(role: KvRole, base: u64) -> KvManager {
     unsafe { KvManager::new(engine, cfg, layout(base)).unwrap() }
 }
 
-/// Anonymous memory of `LEN` bytes, or exactly at `at` (replacing the test's own mapping).
-fn map(at: Option<*mut u8>) -> *mut u8 {
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | at.map_or(0, |_| libc::MAP_FIXED);
-    // SAFETY: an anonymous private mapping; with MAP_FIXED it replaces the test's own mapping
-    // at `at`, which no Rust reference points into.
-    let p = unsafe {
-        libc::mmap(
-            at.map_or(std::ptr::null_mut(), |p| p.cast()),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap: {}",
-        std::io::Error::last_os_error()
-    );
-    p.cast()
-}
-
-fn first_written(p: *const u8) -> Option<usize> {
-    // SAFETY: `p` is a live mapping of LEN bytes owned by the test (volatile: another thread
-    // could be writing it if the guarantee were broken).
-    (0..LEN).find(|&i| unsafe { std::ptr::read_volatile(p.add(i)) } != 0)
-}
-
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -81,7 +53,7 @@ fn no_room_write_lands_after_the_decode_manager_is_dropped() {
     let prefill = manager(KvRole::Prefill, src.as_mut_ptr() as u64);
     let pages: Vec<i32> = (0..PAGES as i32).collect();
     for round in 0..30u64 {
-        let mem = map(None);
+        let mem = common::map_anon(LEN, None);
         let decode = manager(KvRole::Decode, mem as u64);
         let room = 1000 + round;
         let rx = KvReceiver::new(&decode, prefill.bootstrap_addr(), room).unwrap();
@@ -101,7 +73,7 @@ fn no_room_write_lands_after_the_decode_manager_is_dropped() {
             rx.poll() != KvPoll::WaitingForInput
         });
         drop(decode);
-        let fresh = map(Some(mem));
+        let fresh = common::map_anon(LEN, Some(mem));
         assert_eq!(fresh, mem);
         // The sender sees the end of the room (or it had finished just before the drop).
         wait_for("the sender to finish", Duration::from_secs(30), || {
@@ -109,7 +81,7 @@ fn no_room_write_lands_after_the_decode_manager_is_dropped() {
         });
         drop(tx);
         drop(rx);
-        if let Some(at) = first_written(fresh) {
+        if let Some(at) = common::first_nonzero(fresh, LEN) {
             panic!("round {round}: byte {at} written after the decode manager was dropped");
         }
         // SAFETY: the test's mapping, registered nowhere any more.

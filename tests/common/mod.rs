@@ -92,3 +92,115 @@ pub fn cli_stdout(out: &Output) -> String {
     assert!(!stderr.contains("panicked"), "{stderr}");
     String::from_utf8(out.stdout.clone()).expect("utf-8 output")
 }
+
+/// Anonymous private memory of `len` bytes; with `at`, exactly there, replacing the test's own
+/// mapping (as an allocator reuses an address).
+pub fn map_anon(len: usize, at: Option<*mut u8>) -> *mut u8 {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | at.map_or(0, |_| libc::MAP_FIXED);
+    // SAFETY: an anonymous private mapping; with MAP_FIXED it replaces the test's own mapping
+    // at `at`, which no Rust reference points into.
+    let p = unsafe {
+        libc::mmap(
+            at.map_or(std::ptr::null_mut(), |p| p.cast()),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    p.cast()
+}
+
+/// The first non-zero byte of the `len` bytes at `p`, read with volatile loads (another
+/// thread could be writing them if a guarantee were broken).
+pub fn first_nonzero(p: *const u8, len: usize) -> Option<usize> {
+    // SAFETY: the callers pass a live mapping of `len` bytes that they own.
+    (0..len).find(|&i| unsafe { std::ptr::read_volatile(p.add(i)) } != 0)
+}
+
+/// How the caller reuses memory right after the engine that registered it is dropped.
+#[derive(Clone, Copy, Debug)]
+pub enum Reuse {
+    /// Unmap it and map fresh memory at the same address (an allocator returning pages to
+    /// the kernel and getting others). Over RDMA a late write would land in the old pinned
+    /// pages, not the fresh ones, so this catches TCP's late writes only.
+    Remap,
+    /// Keep the pages and zero them (an allocator handing the same pages out again): catches
+    /// late writes on every transport.
+    Zero,
+}
+
+/// One round of the destroy guarantee: `target` registers fresh memory of `len` bytes,
+/// `initiator` streams writes of `block` bytes into it from another thread, and once the
+/// first batch landed `target` is dropped; at once the memory is reused as `reuse` says, and
+/// it must stay all zero after the stream has ended. Returns the batches that completed
+/// before the drop.
+pub fn destroy_while_streaming(
+    initiator: &kvtransfer::TransferEngine,
+    src: &kvtransfer::HostBuffer,
+    target: kvtransfer::TransferEngine,
+    len: usize,
+    block: u64,
+    reuse: Reuse,
+) -> Result<u32, String> {
+    use kvtransfer::Request;
+    let mem = map_anon(len, None);
+    // SAFETY: `mem` stays mapped until `target`, which registered it, is dropped below.
+    let seg = unsafe { target.register_memory(mem, len) }.map_err(|e| e.to_string())?;
+    let peer = initiator
+        .connect(target.local_addr())
+        .map_err(|e| e.to_string())?;
+    let reqs: Vec<Request> = (0..len as u64 / block)
+        .map(|i| Request::write(src.addr() + i * block, block, seg.id, i * block))
+        .collect();
+    let (first_done, landed) = std::sync::mpsc::channel();
+    let (fresh, batches) = std::thread::scope(|s| {
+        let streamer = s.spawn(|| {
+            let mut ok = 0u32;
+            loop {
+                let Ok(batch) = initiator.submit(peer, &reqs) else {
+                    return ok;
+                };
+                if initiator.wait(batch).is_err() {
+                    return ok;
+                }
+                ok += 1;
+                if ok == 1 {
+                    let _ = first_done.send(());
+                }
+            }
+        });
+        let first = landed.recv_timeout(std::time::Duration::from_secs(30));
+        drop(target);
+        let fresh = match reuse {
+            Reuse::Remap => map_anon(len, Some(mem)),
+            Reuse::Zero => {
+                // SAFETY: the test's own mapping of `len` bytes; volatile, as a late write
+                // would race it.
+                (0..len).for_each(|i| unsafe { std::ptr::write_volatile(mem.add(i), 0) });
+                mem
+            }
+        };
+        let batches = streamer.join().unwrap();
+        (first.map(|_| fresh), batches)
+    });
+    let fresh = fresh.map_err(|_| "no batch landed before the drop".to_string())?;
+    assert_eq!(fresh, mem);
+    let written = first_nonzero(fresh, len);
+    let _ = initiator.disconnect(peer);
+    // SAFETY: the test's mapping, registered nowhere any more.
+    unsafe { libc::munmap(fresh.cast(), len) };
+    match written {
+        Some(at) => Err(format!(
+            "byte {at} of the reused memory was written after the drop ({reuse:?})"
+        )),
+        None => Ok(batches),
+    }
+}
