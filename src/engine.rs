@@ -143,6 +143,8 @@ struct Engine {
     rdma: Option<Arc<RdmaTransport>>,
     notifier: Arc<Notifier>,
     fences: Arc<RoomFences>,
+    /// Stops the RDMA rail pollers (set at the end of shutdown, after the flushes).
+    rdma_stop: Arc<AtomicBool>,
     kv_acceptor: RwLock<Option<KvAcceptor>>,
     /// The threads serving accepted connections, and their sockets.
     served: Served,
@@ -194,17 +196,19 @@ impl TransferEngine {
     pub fn new(config: EngineConfig) -> Result<Self> {
         config.validate()?;
         let shutdown = Arc::new(AtomicBool::new(false));
+        // The rail pollers stop only after shutdown has collected the QPs' flushes.
+        let rdma_stop = Arc::new(AtomicBool::new(false));
         let notifier = Arc::new(Notifier::default());
         let rdma = match config.transport {
             TransportKind::Tcp => None,
-            TransportKind::Auto => match open_rdma(&config, &notifier, &shutdown) {
+            TransportKind::Auto => match open_rdma(&config, &notifier, &rdma_stop) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::info!("transport auto: using tcp ({e})");
                     None
                 }
             },
-            TransportKind::Rdma => Some(open_rdma(&config, &notifier, &shutdown)?),
+            TransportKind::Rdma => Some(open_rdma(&config, &notifier, &rdma_stop)?),
         };
         let transport = if rdma.is_some() {
             TransportKind::Rdma
@@ -235,6 +239,7 @@ impl TransferEngine {
             next_batch: AtomicU64::new(1),
             lane_rotation: AtomicUsize::new(0),
             shutdown,
+            rdma_stop,
             config,
         });
         let wake = listener.try_clone().map_err(|e| Error::io("dup", e))?;
@@ -646,8 +651,9 @@ impl TransferEngine {
     /// batches fail, the listener closes and its port is free, and every connection this
     /// engine accepted is shut down with its thread joined. When this returns, no thread of
     /// the engine reads or writes registered memory over TCP any more, so the caller may
-    /// free or reuse it; over RDMA the QPs peers write through are destroyed first (the
-    /// engine's own QPs, which READs land through, are not yet drained). Later calls on the engine fail
+    /// free or reuse it; over RDMA the QPs peers write through are destroyed first, and the
+    /// engine's own QPs are moved to ERROR and their work awaited (flushed) for at most 5 s,
+    /// so no READ lands afterwards. Later calls on the engine fail
     /// with `Shutdown` or `UnknownPeer`; calling this again does nothing.
     pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
@@ -669,8 +675,10 @@ impl TransferEngine {
         // into registered memory ends with the socket, so none lands once drop returns.
         self.inner.served.stop_and_join();
         for p in &peers {
-            p.link.join();
+            p.link
+                .join(self.inner.config.batch_timeout.min(Duration::from_secs(5)));
         }
+        self.inner.rdma_stop.store(true, Ordering::Release);
     }
 }
 

@@ -441,3 +441,28 @@ fn no_write_lands_after_an_rdma_engine_is_destroyed() {
         assert!(batches >= 1);
     }
 }
+
+#[test]
+fn no_read_lands_after_an_rdma_engine_shut_down() {
+    if !in_vm() {
+        return;
+    }
+    let len = 1 << 20;
+    let source = engine(&["rxeB0"]);
+    let src = source.alloc(len).unwrap();
+    src.write(0, &vec![0x3C; len]);
+    for round in 0..20 {
+        // Its QPs go to ERROR and their flushes are awaited before shutdown returns.
+        let reader = engine(&["rxeA0"]);
+        let batches = common::shutdown_while_reading(
+            &reader,
+            &source,
+            &src,
+            len,
+            64 << 10,
+            common::Reuse::Zero,
+        )
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(batches >= 1);
+    }
+}

@@ -40,3 +40,22 @@ fn no_write_lands_after_destroy_returns() {
         assert!(batches >= 1);
     }
 }
+
+#[test]
+fn no_read_lands_after_shutdown_returns() {
+    let source = engine();
+    let src = source.alloc(LEN).unwrap();
+    src.write(0, &vec![0x3C; LEN]);
+    for round in 0..60 {
+        let reuse = if round % 2 == 0 {
+            Reuse::Remap
+        } else {
+            Reuse::Zero
+        };
+        // The reading engine shuts down while a caller thread may be driving its connection.
+        let reader = engine();
+        let batches = common::shutdown_while_reading(&reader, &source, &src, LEN, 256 << 10, reuse)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(batches >= 1);
+    }
+}

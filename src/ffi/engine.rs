@@ -143,9 +143,9 @@ pub unsafe extern "C" fn kvt_engine_create(
 /// down with its thread joined: over TCP, once this returns no library thread reads or writes
 /// memory registered with the engine, so the caller may free or reuse it at once (tested by
 /// unmapping it and mapping fresh memory at the same address mid-stream). Over RDMA the queue
-/// pairs peers write through are destroyed before this returns; the engine's own queue pairs
-/// (which its READs land through) are not yet drained, so free memory that READs target only
-/// once those READs have completed or failed.
+/// pairs peers write through are destroyed before this returns, and the engine's own queue
+/// pairs (which its READs land through) are moved to ERROR and their flushes awaited, for at
+/// most 5 s (a warning is logged if that runs out).
 ///
 /// # Safety
 /// `e` is NULL or a handle from `kvt_engine_create` not destroyed yet, used by no other

@@ -208,12 +208,14 @@ impl Link {
         }
     }
 
-    /// After [`close`](Self::close): waits for the link's TCP threads (data connections, or
-    /// RDMA's control connection) to exit. The QPs of an RDMA link are not waited for here.
-    pub(crate) fn join(&self) {
+    /// After [`close`](Self::close): waits until no thread of the link reads into local
+    /// memory any more: the TCP threads (data connections, or RDMA's control connection)
+    /// have exited, and an RDMA link's work requests have completed or been flushed (for at
+    /// most `limit`).
+    pub(crate) fn join(&self, limit: std::time::Duration) {
         match self {
             Link::Tcp(l) => l.conns.iter().for_each(|c| c.join()),
-            Link::Rdma(l) => l.control.join(),
+            Link::Rdma(l) => l.join(limit),
         }
     }
 }

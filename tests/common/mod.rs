@@ -204,3 +204,69 @@ pub fn destroy_while_streaming(
         None => Ok(batches),
     }
 }
+
+/// The reading side of the destroy guarantee: `reader` registers fresh memory of `len` bytes
+/// and streams READs of `block` bytes from `source` (all of whose bytes are non-zero) into it
+/// from another thread; once the first batch landed, `reader.shutdown()` is called from this
+/// one, while the streaming thread may be inside `wait` driving the connection itself. At
+/// once the memory is reused as `reuse` says; it must stay all zero after the stream ended.
+pub fn shutdown_while_reading(
+    reader: &kvtransfer::TransferEngine,
+    source: &kvtransfer::TransferEngine,
+    src: &kvtransfer::HostBuffer,
+    len: usize,
+    block: u64,
+    reuse: Reuse,
+) -> Result<u32, String> {
+    use kvtransfer::Request;
+    let mem = map_anon(len, None);
+    // SAFETY: `mem` stays mapped until after `reader` shut down (and is then only reused).
+    unsafe { reader.register_memory(mem, len) }.map_err(|e| e.to_string())?;
+    let peer = reader
+        .connect(source.local_addr())
+        .map_err(|e| e.to_string())?;
+    let reqs: Vec<Request> = (0..len as u64 / block)
+        .map(|i| Request::read(mem as u64 + i * block, block, src.segment(), i * block))
+        .collect();
+    let (first_done, landed) = std::sync::mpsc::channel();
+    let (first, batches) = std::thread::scope(|s| {
+        let streamer = s.spawn(|| {
+            let mut ok = 0u32;
+            loop {
+                let Ok(batch) = reader.submit(peer, &reqs) else {
+                    return ok;
+                };
+                if reader.wait(batch).is_err() {
+                    return ok;
+                }
+                ok += 1;
+                if ok == 1 {
+                    let _ = first_done.send(());
+                }
+            }
+        });
+        let first = landed.recv_timeout(std::time::Duration::from_secs(30));
+        reader.shutdown();
+        match reuse {
+            Reuse::Remap => {
+                map_anon(len, Some(mem));
+            }
+            Reuse::Zero => {
+                // SAFETY: the test's own mapping of `len` bytes; volatile, as a late write
+                // would race it.
+                (0..len).for_each(|i| unsafe { std::ptr::write_volatile(mem.add(i), 0) })
+            }
+        }
+        (first, streamer.join().unwrap())
+    });
+    first.map_err(|_| "no batch landed before the shutdown".to_string())?;
+    let written = first_nonzero(mem, len);
+    // SAFETY: the test's mapping; the engine that registered it has shut down.
+    unsafe { libc::munmap(mem.cast(), len) };
+    match written {
+        Some(at) => Err(format!(
+            "byte {at} of the reused memory was written after shutdown ({reuse:?})"
+        )),
+        None => Ok(batches),
+    }
+}

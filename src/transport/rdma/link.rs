@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -335,5 +336,27 @@ impl RdmaLink {
     pub(crate) fn close(&self) {
         Self::fail_all(&self.lanes, "connection closed locally");
         self.control.close();
+    }
+
+    /// After [`close`](Self::close): waits for the control connection's threads and until
+    /// every work request posted on the lanes has completed or been flushed (the QPs are in
+    /// ERROR, so the rail pollers collect the flushes quickly), so no READ lands in local
+    /// memory afterwards. Gives up after `limit` with a warning naming the lanes still busy.
+    pub(crate) fn join(&self, limit: Duration) {
+        self.control.join();
+        let deadline = std::time::Instant::now() + limit;
+        while self.lanes.iter().any(|l| l.credits.in_use() > 0) {
+            if std::time::Instant::now() >= deadline {
+                let busy: Vec<u32> = self
+                    .lanes
+                    .iter()
+                    .filter(|l| l.credits.in_use() > 0)
+                    .map(|l| l.qp.qpn)
+                    .collect();
+                tracing::warn!(?busy, "rdma lanes still have work outstanding after close");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -386,6 +386,10 @@ impl TcpConn {
     }
 
     fn drain(&self, inb: &mut Inbound) -> usize {
+        // A dead connection reads nothing more into local memory (see `join`).
+        if self.dead.load(Ordering::Acquire) {
+            return 0;
+        }
         let Inbound {
             stream,
             reader,
@@ -540,6 +544,11 @@ impl TcpConn {
             if t.thread().id() != me {
                 let _ = t.join();
             }
+        }
+        // A caller driving the connection reads into local memory under the inbound lock;
+        // once we hold it, no such read is in progress, and a dead connection starts none.
+        if self.dead.load(Ordering::Acquire) {
+            drop(self.inbound.lock());
         }
     }
 }
