@@ -1,8 +1,10 @@
 //! Destroying an engine stops it: once `drop(TransferEngine)` returns, no library thread
 //! writes the memory it had registered, even while a peer was streaming writes into it. The
 //! memory is reused at once, alternately unmapped with fresh memory mapped at the same address
-//! and zeroed in place (as allocators reuse it); it must never change afterwards. (The RDMA
-//! twin is in rdma_verbs.rs.)
+//! and zeroed in place (as allocators reuse it); it must never change afterwards. One 16 MiB
+//! write per batch keeps a payload in the middle of being received most of the time: without
+//! the served connections' threads joined, the write test fails within a few rounds. (The
+//! RDMA twins are in rdma_verbs.rs.)
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::Reuse;
 
 use kvtransfer::{EngineConfig, TransferEngine, TransportKind};
 
-const LEN: usize = 4 << 20;
+const LEN: usize = 16 << 20;
 
 fn engine() -> TransferEngine {
     let cfg = EngineConfig::builder()
@@ -35,7 +37,7 @@ fn no_write_lands_after_destroy_returns() {
             Reuse::Zero
         };
         let batches =
-            common::destroy_while_streaming(&initiator, &src, engine(), LEN, 256 << 10, reuse)
+            common::destroy_while_streaming(&initiator, &src, engine(), LEN, LEN as u64, reuse)
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert!(batches >= 1);
     }
@@ -54,8 +56,9 @@ fn no_read_lands_after_shutdown_returns() {
         };
         // The reading engine shuts down while a caller thread may be driving its connection.
         let reader = engine();
-        let batches = common::shutdown_while_reading(&reader, &source, &src, LEN, 256 << 10, reuse)
-            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let batches =
+            common::shutdown_while_reading(&reader, &source, &src, LEN, LEN as u64, reuse)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert!(batches >= 1);
     }
 }

@@ -137,11 +137,76 @@ pub enum Reuse {
     Zero,
 }
 
-/// One round of the destroy guarantee: `target` registers fresh memory of `len` bytes,
-/// `initiator` streams writes of `block` bytes into it from another thread, and once the
-/// first batch landed `target` is dropped; at once the memory is reused as `reuse` says, and
-/// it must stay all zero after the stream has ended. Returns the batches that completed
-/// before the drop.
+/// Streams `reqs` to `peer` batch after batch on `engine` until a submit or wait fails;
+/// signals `first_done` after the first batch completed. Returns the batches completed.
+fn stream_batches(
+    engine: &kvtransfer::TransferEngine,
+    peer: kvtransfer::PeerId,
+    reqs: &[kvtransfer::Request],
+    first_done: std::sync::mpsc::Sender<()>,
+) -> u32 {
+    let mut ok = 0u32;
+    loop {
+        let Ok(batch) = engine.submit(peer, reqs) else {
+            return ok;
+        };
+        if engine.wait(batch).is_err() {
+            return ok;
+        }
+        ok += 1;
+        if ok == 1 {
+            let _ = first_done.send(());
+        }
+    }
+}
+
+/// One round of the destroy guarantee. `streamer` connects to `other` and streams `reqs`
+/// (built from the registered `mem` and the peer's segment by `requests`) from another
+/// thread; once the first batch completed, `stop` ends the engine that registered `mem`
+/// (dropping or shutting it down) while the stream may be in flight, and at once `mem` is
+/// reused as `reuse` says. It must stay all zero after the stream has ended. Returns the
+/// batches that completed.
+fn stop_while_streaming(
+    streamer: &kvtransfer::TransferEngine,
+    other: std::net::SocketAddr,
+    mem: *mut u8,
+    len: usize,
+    requests: impl FnOnce() -> Vec<kvtransfer::Request>,
+    stop: impl FnOnce(),
+    reuse: Reuse,
+) -> Result<u32, String> {
+    let peer = streamer.connect(other).map_err(|e| e.to_string())?;
+    let reqs = requests();
+    let (first_done, landed) = std::sync::mpsc::channel();
+    let (first, batches) = std::thread::scope(|s| {
+        let stream = s.spawn(|| stream_batches(streamer, peer, &reqs, first_done));
+        let first = landed.recv_timeout(std::time::Duration::from_secs(30));
+        stop();
+        match reuse {
+            Reuse::Remap => assert_eq!(map_anon(len, Some(mem)), mem),
+            Reuse::Zero => {
+                // SAFETY: the test's own mapping of `len` bytes; volatile, as a late write
+                // would race it.
+                (0..len).for_each(|i| unsafe { std::ptr::write_volatile(mem.add(i), 0) })
+            }
+        }
+        (first, stream.join().unwrap())
+    });
+    let written = first_nonzero(mem, len);
+    let _ = streamer.disconnect(peer);
+    // SAFETY: the test's mapping; the engine that registered it has stopped.
+    unsafe { libc::munmap(mem.cast(), len) };
+    first.map_err(|_| "no batch completed before the stop".to_string())?;
+    match written {
+        Some(at) => Err(format!(
+            "byte {at} of the reused memory was written after the stop ({reuse:?})"
+        )),
+        None => Ok(batches),
+    }
+}
+
+/// The writing side: `target` registers fresh memory of `len` bytes, `initiator` streams
+/// writes of `block` bytes from `src` into it, and `target` is dropped mid-stream.
 pub fn destroy_while_streaming(
     initiator: &kvtransfer::TransferEngine,
     src: &kvtransfer::HostBuffer,
@@ -152,64 +217,21 @@ pub fn destroy_while_streaming(
 ) -> Result<u32, String> {
     use kvtransfer::Request;
     let mem = map_anon(len, None);
-    // SAFETY: `mem` stays mapped until `target`, which registered it, is dropped below.
+    // SAFETY: `mem` stays mapped until `target`, which registered it, is dropped.
     let seg = unsafe { target.register_memory(mem, len) }.map_err(|e| e.to_string())?;
-    let peer = initiator
-        .connect(target.local_addr())
-        .map_err(|e| e.to_string())?;
-    let reqs: Vec<Request> = (0..len as u64 / block)
-        .map(|i| Request::write(src.addr() + i * block, block, seg.id, i * block))
-        .collect();
-    let (first_done, landed) = std::sync::mpsc::channel();
-    let (fresh, batches) = std::thread::scope(|s| {
-        let streamer = s.spawn(|| {
-            let mut ok = 0u32;
-            loop {
-                let Ok(batch) = initiator.submit(peer, &reqs) else {
-                    return ok;
-                };
-                if initiator.wait(batch).is_err() {
-                    return ok;
-                }
-                ok += 1;
-                if ok == 1 {
-                    let _ = first_done.send(());
-                }
-            }
-        });
-        let first = landed.recv_timeout(std::time::Duration::from_secs(30));
-        drop(target);
-        let fresh = match reuse {
-            Reuse::Remap => map_anon(len, Some(mem)),
-            Reuse::Zero => {
-                // SAFETY: the test's own mapping of `len` bytes; volatile, as a late write
-                // would race it.
-                (0..len).for_each(|i| unsafe { std::ptr::write_volatile(mem.add(i), 0) });
-                mem
-            }
-        };
-        let batches = streamer.join().unwrap();
-        (first.map(|_| fresh), batches)
-    });
-    let fresh = fresh.map_err(|_| "no batch landed before the drop".to_string())?;
-    assert_eq!(fresh, mem);
-    let written = first_nonzero(fresh, len);
-    let _ = initiator.disconnect(peer);
-    // SAFETY: the test's mapping, registered nowhere any more.
-    unsafe { libc::munmap(fresh.cast(), len) };
-    match written {
-        Some(at) => Err(format!(
-            "byte {at} of the reused memory was written after the drop ({reuse:?})"
-        )),
-        None => Ok(batches),
-    }
+    let addr = target.local_addr();
+    let requests = || {
+        (0..len as u64 / block)
+            .map(|i| Request::write(src.addr() + i * block, block, seg.id, i * block))
+            .collect()
+    };
+    stop_while_streaming(initiator, addr, mem, len, requests, || drop(target), reuse)
 }
 
-/// The reading side of the destroy guarantee: `reader` registers fresh memory of `len` bytes
-/// and streams READs of `block` bytes from `source` (all of whose bytes are non-zero) into it
-/// from another thread; once the first batch landed, `reader.shutdown()` is called from this
-/// one, while the streaming thread may be inside `wait` driving the connection itself. At
-/// once the memory is reused as `reuse` says; it must stay all zero after the stream ended.
+/// The reading side: `reader` registers fresh memory of `len` bytes and streams READs of
+/// `block` bytes from `source`'s `src` (all of whose bytes are non-zero) into it;
+/// `reader.shutdown()` is called mid-stream, while the streaming thread may be inside `wait`
+/// driving the connection itself.
 pub fn shutdown_while_reading(
     reader: &kvtransfer::TransferEngine,
     source: &kvtransfer::TransferEngine,
@@ -222,51 +244,18 @@ pub fn shutdown_while_reading(
     let mem = map_anon(len, None);
     // SAFETY: `mem` stays mapped until after `reader` shut down (and is then only reused).
     unsafe { reader.register_memory(mem, len) }.map_err(|e| e.to_string())?;
-    let peer = reader
-        .connect(source.local_addr())
-        .map_err(|e| e.to_string())?;
-    let reqs: Vec<Request> = (0..len as u64 / block)
-        .map(|i| Request::read(mem as u64 + i * block, block, src.segment(), i * block))
-        .collect();
-    let (first_done, landed) = std::sync::mpsc::channel();
-    let (first, batches) = std::thread::scope(|s| {
-        let streamer = s.spawn(|| {
-            let mut ok = 0u32;
-            loop {
-                let Ok(batch) = reader.submit(peer, &reqs) else {
-                    return ok;
-                };
-                if reader.wait(batch).is_err() {
-                    return ok;
-                }
-                ok += 1;
-                if ok == 1 {
-                    let _ = first_done.send(());
-                }
-            }
-        });
-        let first = landed.recv_timeout(std::time::Duration::from_secs(30));
-        reader.shutdown();
-        match reuse {
-            Reuse::Remap => {
-                map_anon(len, Some(mem));
-            }
-            Reuse::Zero => {
-                // SAFETY: the test's own mapping of `len` bytes; volatile, as a late write
-                // would race it.
-                (0..len).for_each(|i| unsafe { std::ptr::write_volatile(mem.add(i), 0) })
-            }
-        }
-        (first, streamer.join().unwrap())
-    });
-    first.map_err(|_| "no batch landed before the shutdown".to_string())?;
-    let written = first_nonzero(mem, len);
-    // SAFETY: the test's mapping; the engine that registered it has shut down.
-    unsafe { libc::munmap(mem.cast(), len) };
-    match written {
-        Some(at) => Err(format!(
-            "byte {at} of the reused memory was written after shutdown ({reuse:?})"
-        )),
-        None => Ok(batches),
-    }
+    let requests = || {
+        (0..len as u64 / block)
+            .map(|i| Request::read(mem as u64 + i * block, block, src.segment(), i * block))
+            .collect()
+    };
+    stop_while_streaming(
+        reader,
+        source.local_addr(),
+        mem,
+        len,
+        requests,
+        || reader.shutdown(),
+        reuse,
+    )
 }
