@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of kvtransfer: formatting, lints, unit, property, integration (in- and
-# cross-process TCP), doc tests. Installs what it needs first.
+# cross-process TCP), doc tests, the Python package as installed, SGLang's own code on both
+# backends, the GPU check (which stops where there is no GPU) and the RDMA suite in a
+# Soft-RoCE guest. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,7 +20,7 @@ step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc
 
-step "Python package (pytest against the cdylib)"
+step "Python package (pytest against the installed wheel)"
 bash scripts/python-tests.sh
 
 step "SGLang 0.5.23, real code on CPU: its Mooncake backend on kvtransfer.mooncake, the native backend"
