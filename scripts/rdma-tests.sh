@@ -121,6 +121,11 @@ if [ "${KVT_RDMA_TESTS_SMOKE:-0}" != 1 ] && has_test_target rdma_verbs; then
   # Unit tests named *over_rdma* skip themselves outside the guest.
   lib=$(build_lib_test_binary)
   plan_add "unit tests over_rdma ($(basename "$lib"))" "$lib" --test-threads=1 over_rdma
+  # Two rails at 64 KiB x 64 WRITEs, thirty runs against one target: none may fail (three of
+  # eleven such runs once ended in IBV_WC_WR_FLUSH_ERR).
+  cargo build --release --quiet --bin kvtransfer
+  plan_add "2-rail WRITE bench, 64 KiB x 64, 30 runs" kvt_check_bench_repeat 30 \
+    "$repo/target/release/kvtransfer" --block-size 64K --batch-size 64 --duration 1
 else
   say "smoke checks only (no test target rdma_verbs, or KVT_RDMA_TESTS_SMOKE=1)"
   plan_add "ibv_devinfo: every device PORT_ACTIVE" kvt_check_devinfo

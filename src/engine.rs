@@ -678,7 +678,12 @@ impl TransferEngine {
             p.link
                 .join(self.inner.config.batch_timeout.min(Duration::from_secs(5)));
         }
+        // Then the rail workers: their lanes are drained (or given up on), so stopping them
+        // fails what is left, and once joined no work request is posted or polled.
         self.inner.rdma_stop.store(true, Ordering::Release);
+        if let Some(r) = &self.inner.rdma {
+            r.stop();
+        }
     }
 }
 

@@ -466,3 +466,34 @@ fn no_read_lands_after_an_rdma_engine_shut_down() {
         assert!(batches >= 1);
     }
 }
+
+/// A work request that fails unsignaled (the first of a chain, signalled only at its end)
+/// fails its batch with its own status, not with the flush of the requests after it: the
+/// target took its segment away, so the first WRITE meets a remote access error.
+#[test]
+fn an_unsignaled_failure_reports_its_own_status() {
+    if !in_vm() {
+        return;
+    }
+    let a = engine(&["rxeA0"]);
+    let b = engine(&["rxeB0"]);
+    let len = 1 << 20;
+    let region = common::map_anon(len, None);
+    // SAFETY: a fresh anonymous mapping this test owns and never unmaps.
+    let seg = unsafe { b.register_memory(region, len) }.unwrap();
+    let src = a.alloc(len).unwrap();
+    let peer = a.connect(b.local_addr()).unwrap();
+    // A knows B's keys from the handshake; B unregisters without telling it.
+    b.unregister_memory(seg.id).unwrap();
+    // Scattered 4 KiB pages: no two coalesce, so each lane posts a chain of several WRs.
+    let reqs: Vec<Request> = (0..32u64)
+        .map(|i| Request::write(src.addr() + i * 4096, 4096, seg.id, (31 - i) * 8192))
+        .collect();
+    let err = a.transfer_sync(peer, &reqs).unwrap_err().to_string();
+    assert!(err.contains("IBV_WC_REM_ACCESS_ERR"), "{err}");
+    assert!(
+        !err.contains("FLUSH"),
+        "the first error, not the flush after it: {err}"
+    );
+    assert_eq!(common::first_nonzero(region, len), None, "nothing landed");
+}

@@ -106,3 +106,39 @@ kvt_check_write_bw() {
   rm -rf "$dir"
   return 1
 }
+
+# kvt_check_bench_repeat RUNS KVTRANSFER [BENCH ARGS...]: one `kvtransfer bench` target on
+# rxeB0,rxeB1 and RUNS initiator runs from rxeA0,rxeA1 against it, one after another; every
+# run must finish without error. A failing run's log lines with its reason are printed.
+kvt_check_bench_repeat() {
+  local runs=$1 kv=$2 dir tgt addr i failed=0 rates=()
+  shift 2
+  dir=$(mktemp -d)
+  KVT_DEVICES=rxeB0,rxeB1 KVT_QPS_PER_RAIL=1 "$kv" bench --role target --transport rdma \
+    --buffer-size 64M > "$dir/target.out" 2> "$dir/target.err" &
+  tgt=$!
+  for _ in $(seq 300); do
+    addr=$(head -n 1 "$dir/target.out" 2>/dev/null | jq -r '.listening // empty' 2>/dev/null)
+    [ -n "$addr" ] && break
+    kill -0 "$tgt" 2>/dev/null || break
+    kvt_sleep 0.1
+  done
+  if [ -z "$addr" ]; then
+    echo "bench target did not start:" >&2; cat "$dir/target.err" >&2
+    kill "$tgt" 2>/dev/null; rm -rf "$dir"; return 1
+  fi
+  for i in $(seq "$runs"); do
+    if KVT_DEVICES=rxeA0,rxeA1 KVT_QPS_PER_RAIL=1 timeout 120 "$kv" bench --role initiator \
+         --target "$addr" --transport rdma --json "$@" > "$dir/run.json" 2> "$dir/run.err"; then
+      rates+=("$(jq -r '(.gbps * 1000 | round | tostring) + " MB/s"' "$dir/run.json")")
+    else
+      failed=$((failed + 1))
+      echo "run $i of $runs failed:" >&2
+      grep -iE "error|fail|IBV_" "$dir/run.err" | tail -n 5 >&2
+    fi
+  done
+  kill "$tgt" 2>/dev/null; wait "$tgt" 2>/dev/null
+  echo "$runs runs of bench $*: $failed failed; ${rates[*]}"
+  rm -rf "$dir"
+  [ "$failed" -eq 0 ]
+}

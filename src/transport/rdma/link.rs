@@ -2,14 +2,14 @@
 //! send-queue credits with selective signalling, completion back to batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::credits::{Credits, signal_points};
-use super::verbs::{Completion, Qp, Rail, Wr, WrOp, wc_status_name};
-use super::{RdmaTransport, Token};
+use super::RdmaTransport;
+use super::verbs::{Qp, Wr, WrOp};
+use super::worker::{Cmd, SQ_DEPTH};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::memory::SegmentGuard;
@@ -18,19 +18,24 @@ use crate::transport::Work;
 use crate::transport::tcp::TcpConn;
 use crate::wire::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 
-/// Send-queue depth of each initiator QP.
-const SQ_DEPTH: u32 = 1024;
-/// Signal one work request in this many (and the last of every chain).
-const SIGNAL_EVERY: usize = 64;
-/// Longest chain posted with one doorbell.
-const MAX_CHAIN: usize = 256;
-
 /// Completes a work's unit once the last token that carries it is gone, with the first error
 /// any of them saw, after releasing the work's memory pins.
 pub(crate) struct Finish {
     batch: Arc<Batch>,
     guards: Option<Arc<[SegmentGuard]>>,
     error: Mutex<Option<String>>,
+}
+
+impl Finish {
+    /// Records `reason` as this unit's failure unless an earlier one was recorded.
+    pub(crate) fn set_error(&self, reason: String) {
+        self.error.lock().get_or_insert(reason);
+    }
+
+    /// Records `reason` and lets go of this handle.
+    pub(crate) fn fail(self: Arc<Self>, reason: String) {
+        self.set_error(reason);
+    }
 }
 
 impl Drop for Finish {
@@ -44,18 +49,23 @@ impl Drop for Finish {
     }
 }
 
-/// One lane: an RC QP from a local rail to a remote rail.
+/// One lane: an RC QP from a local rail to a remote rail, served by that rail's worker.
 pub(crate) struct Lane {
-    qp: Qp,
+    pub(crate) qp: Qp,
     rail: usize,
     remote_rail: u16,
-    credits: Credits,
+    /// The lane's slot in its rail worker (set by the worker when it attaches the lane).
+    pub(crate) slot: AtomicU32,
+    /// Work requests handed to the worker and not yet completed, flushed or abandoned.
+    pub(crate) in_use: AtomicUsize,
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
 }
 
 impl Lane {
-    fn fail(&self, reason: String) {
+    /// Stops the lane (QP to ERROR) with `reason`, unless it already stopped: the first
+    /// reason is kept, and every later failure of its work reports it.
+    pub(crate) fn fail(&self, reason: String) {
         if !self.dead.swap(true, Ordering::AcqRel) {
             if reason.ends_with("locally") {
                 tracing::debug!(qpn = self.qp.qpn, %reason, "rdma lane closed");
@@ -67,7 +77,8 @@ impl Lane {
         }
     }
 
-    fn check(&self) -> std::result::Result<(), String> {
+    /// `Err(first reason)` once the lane stopped.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self
                 .reason
@@ -76,33 +87,6 @@ impl Lane {
                 .unwrap_or_else(|| "lane closed".into()));
         }
         Ok(())
-    }
-}
-
-/// Handles one polled send completion.
-pub(crate) fn complete(token: Token, c: &Completion, rail: &Rail) {
-    token.lane.credits.give(token.covers);
-    let mut error = None;
-    if c.status != 0 {
-        let first = token.lane.reason.lock().clone();
-        let reason = first.unwrap_or_else(|| {
-            format!(
-                "{} on rail {} ({}:{}) QP {}",
-                wc_status_name(c.status),
-                rail.info.index,
-                rail.device,
-                rail.info.port,
-                token.lane.qp.qpn
-            )
-        });
-        token.lane.fail(reason.clone());
-        error = Some(reason);
-    }
-    if let Some(f) = token.finish {
-        if let Some(e) = error {
-            f.error.lock().get_or_insert(e);
-        }
-        drop(f);
     }
 }
 
@@ -174,10 +158,14 @@ impl RdmaLink {
                 rail: qp.rail.info.index as usize,
                 remote_rail: theirs.rail,
                 qp,
-                credits: Credits::new(SQ_DEPTH),
+                slot: AtomicU32::new(u32::MAX),
+                in_use: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
                 reason: Mutex::new(None),
             }));
+        }
+        for l in &lanes {
+            t.workers[l.rail].control(Cmd::Attach(l.clone()));
         }
         let link = RdmaLink {
             control,
@@ -216,7 +204,7 @@ impl RdmaLink {
 
     /// Work requests not yet completed on `lane` (a load measure).
     pub(crate) fn outstanding(&self, lane: usize) -> usize {
-        self.lanes[lane].credits.in_use()
+        self.lanes[lane].in_use.load(Ordering::Acquire)
     }
 
     /// Posts `work` on `lane`. `remote(segment, rail)` gives the peer's base address and rkey.
@@ -279,56 +267,20 @@ impl RdmaLink {
             guards: Some(work.guards.clone()),
             error: Mutex::new(None),
         });
+        let deadline = work.batch.deadline;
         drop(work);
-        self.post_chains(l, &mut wrs, &finish);
-    }
-
-    fn post_chains(&self, l: &Arc<Lane>, wrs: &mut [Wr], finish: &Arc<Finish>) {
-        let rail = l.rail;
-        let mut start = 0;
-        while start < wrs.len() {
-            // Take send-queue credits; the rail's poller returns them as completions arrive.
-            let want = (wrs.len() - start).min(MAX_CHAIN);
-            let got = loop {
-                if let Err(reason) = l.check() {
-                    finish.error.lock().get_or_insert(reason);
-                    return;
-                }
-                match l.credits.take(want) {
-                    0 => std::thread::yield_now(),
-                    n => break n,
-                }
-            };
-            let chain = &mut wrs[start..start + got];
-            let mut tokens = Vec::new();
-            for (i, covers) in signal_points(chain.len(), SIGNAL_EVERY) {
-                let id = self.transport.next_token.fetch_add(1, Ordering::Relaxed);
-                chain[i].signaled = true;
-                chain[i].wr_id = id;
-                tokens.push((
-                    id,
-                    Token {
-                        covers,
-                        lane: l.clone(),
-                        finish: Some(finish.clone()),
-                    },
-                ));
+        let n = wrs.len();
+        l.in_use.fetch_add(n, Ordering::AcqRel);
+        let cmd = Cmd::Post {
+            lane: l.clone(),
+            wrs,
+            finish,
+        };
+        if let Err((cmd, reason)) = self.transport.workers[l.rail].post(cmd, deadline) {
+            l.in_use.fetch_sub(n, Ordering::AcqRel);
+            if let Cmd::Post { finish, .. } = cmd {
+                finish.fail(reason);
             }
-            let ids: Vec<u64> = tokens.iter().map(|(id, _)| *id).collect();
-            self.transport.tokens[rail].lock().extend(tokens);
-            if let Err(e) = l.qp.post_chain(chain) {
-                // Nothing of this chain was queued: take its tokens back, stop the lane.
-                let mut map = self.transport.tokens[rail].lock();
-                for id in ids {
-                    map.remove(&id);
-                }
-                drop(map);
-                l.credits.give(got as u32);
-                finish.error.lock().get_or_insert(e.to_string());
-                l.fail(e.to_string());
-                return;
-            }
-            start += got;
         }
     }
 
@@ -345,18 +297,31 @@ impl RdmaLink {
     pub(crate) fn join(&self, limit: Duration) {
         self.control.join();
         let deadline = std::time::Instant::now() + limit;
-        while self.lanes.iter().any(|l| l.credits.in_use() > 0) {
+        while self
+            .lanes
+            .iter()
+            .any(|l| l.in_use.load(Ordering::Acquire) > 0)
+        {
             if std::time::Instant::now() >= deadline {
                 let busy: Vec<u32> = self
                     .lanes
                     .iter()
-                    .filter(|l| l.credits.in_use() > 0)
+                    .filter(|l| l.in_use.load(Ordering::Acquire) > 0)
                     .map(|l| l.qp.qpn)
                     .collect();
                 tracing::warn!(?busy, "rdma lanes still have work outstanding after close");
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for RdmaLink {
+    fn drop(&mut self) {
+        // The workers stop the lanes and free their slots once their requests are flushed.
+        for l in &self.lanes {
+            self.transport.workers[l.rail].control(Cmd::Detach(l.clone()));
         }
     }
 }

@@ -1,6 +1,6 @@
 //! RDMA verbs transport: rails (HCA ports), memory regions per segment and rail, RC queue
-//! pairs per (peer, rail), work-request chains with selective signalling, one completion
-//! poller per rail, and write-with-immediate notifications.
+//! pairs per (peer, rail), work-request chains with selective signalling, one worker per
+//! rail that posts and polls (`worker`), and write-with-immediate notifications.
 //!
 //! Bootstrap rides on the engine's TCP listener: the initiator opens one *control* connection
 //! whose handshake carries its rails and one fresh QP per lane; the target pairs initiator
@@ -8,15 +8,15 @@
 //! control connection stays open (segment refreshes, liveness); when it closes, the target
 //! moves that peer's QPs to ERROR so nothing more of it can land.
 
-mod credits;
 mod link;
+mod outstanding;
 pub(crate) mod verbs;
+mod worker;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use sideway::ibverbs::memory_region::MemoryRegion;
@@ -114,13 +114,6 @@ pub(crate) fn imm_decode(imm: u32) -> (u32, u32) {
     (imm >> 8, (imm & 0xff).max(1))
 }
 
-/// A completion token: the work requests one signalled WR covers, and what finishes with it.
-pub(crate) struct Token {
-    pub(crate) covers: u32,
-    pub(crate) lane: Arc<link::Lane>,
-    pub(crate) finish: Option<Arc<link::Finish>>,
-}
-
 struct TargetQp {
     qp: Arc<Qp>,
     engine_id: u64,
@@ -137,17 +130,16 @@ pub(crate) struct RdmaTransport {
     near: RwLock<HashMap<u32, Vec<usize>>>,
     /// The PCI topology of this host, read once on first use (`None`: unreadable).
     pci: std::sync::OnceLock<Option<crate::topology::PciTopology>>,
-    pub(crate) tokens: Vec<Mutex<HashMap<u64, Token>>>,
-    pub(crate) next_token: AtomicU64,
+    /// One worker per rail, in rail order.
+    pub(crate) workers: Vec<worker::RailWorker>,
     target_qps: Mutex<HashMap<u64, TargetQp>>,
     next_qp_key: AtomicU64,
     pub(crate) notifier: Arc<Notifier>,
     shutdown: Arc<AtomicBool>,
-    busy_poll: Duration,
 }
 
 impl RdmaTransport {
-    /// Opens the chosen rails and starts one completion poller per rail.
+    /// Opens the chosen rails and starts one worker per rail.
     pub(crate) fn open(
         choice: &[RailChoice],
         notifier: Arc<Notifier>,
@@ -165,25 +157,34 @@ impl RdmaTransport {
             .enumerate()
             .map(|(i, c)| Rail::open(&list, i as u16, &c.device, c.port, c.gid_index).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        let t = Arc::new(RdmaTransport {
-            tokens: rails.iter().map(|_| Mutex::new(HashMap::new())).collect(),
+        let mut failed = None;
+        let t = Arc::new_cyclic(|weak| RdmaTransport {
+            workers: rails
+                .iter()
+                .enumerate()
+                .map_while(|(i, r)| {
+                    let w = worker::RailWorker::start(
+                        weak.clone(),
+                        r.clone(),
+                        i,
+                        shutdown.clone(),
+                        busy_poll,
+                    );
+                    w.map_err(|e| failed = Some(e)).ok()
+                })
+                .collect(),
             rails,
             mrs: RwLock::new(HashMap::new()),
             near: RwLock::new(HashMap::new()),
             pci: std::sync::OnceLock::new(),
-            next_token: AtomicU64::new(1),
             target_qps: Mutex::new(HashMap::new()),
             next_qp_key: AtomicU64::new(1),
             notifier,
-            shutdown,
-            busy_poll,
+            shutdown: shutdown.clone(),
         });
-        for r in 0..t.rails.len() {
-            let weak = Arc::downgrade(&t);
-            thread::Builder::new()
-                .name(format!("kvt-cq{r}"))
-                .spawn(move || poll_loop(weak, r))
-                .map_err(|e| Error::io("spawn", e))?;
+        if let Some(e) = failed {
+            // The workers already started see the transport gone and exit.
+            return Err(e);
         }
         for r in &t.rails {
             tracing::info!(rail = r.info.index, device = %r.device, port = r.info.port, gid_index = r.gid_index,
@@ -332,6 +333,10 @@ impl RdmaTransport {
                 .find(|r| r.index == q.rail)
                 .expect("validated by the decoder");
             let rail = &self.rails[q.rail as usize % self.rails.len()];
+            if let Err(e) = self.check_recv_room(rail) {
+                drop(accepted(keys));
+                return Err(e);
+            }
             let qp = match rail.create_qp(16, RECV_DEPTH, 1) {
                 Ok(qp) => Arc::new(qp),
                 Err(e) => {
@@ -366,6 +371,27 @@ impl RdmaTransport {
         Ok((answer, accepted(keys)))
     }
 
+    /// `Err` when one more accepted QP on `rail` could overrun its receive CQ if all its
+    /// receive requests were flushed at once.
+    fn check_recv_room(&self, rail: &Arc<Rail>) -> Result<()> {
+        let on_rail = self
+            .target_qps
+            .lock()
+            .values()
+            .filter(|t| Arc::ptr_eq(&t.qp.rail, rail))
+            .count() as u64;
+        if (on_rail + 1) * u64::from(RECV_DEPTH) > u64::from(rail.cq_depth) {
+            return Err(Error::Verbs {
+                call: "ibv_create_qp",
+                source: std::io::Error::other(format!(
+                    "rail {} ({}) serves {on_rail} peer QPs already: its receive CQ ({} entries) holds no more",
+                    rail.info.index, rail.device, rail.cq_depth
+                )),
+            });
+        }
+        Ok(())
+    }
+
     /// Moves every QP the peer `(engine_id, epoch)` writes into to ERROR: from the moment this
     /// returns, none of its RDMA writes can land here. Returns how many QPs were stopped.
     pub(crate) fn stop_inbound(&self, engine_id: u64, epoch: u64) -> usize {
@@ -380,24 +406,43 @@ impl RdmaTransport {
         n
     }
 
-    fn on_recv(&self, c: &Completion) {
-        let (qp, who) = match self.target_qps.lock().get(&c.wr_id) {
-            Some(t) => (t.qp.clone(), (t.engine_id, t.epoch)),
-            None => return,
-        };
-        if c.status != 0 {
-            tracing::debug!(
-                status = verbs::wc_status_name(c.status),
-                "receive completion with error"
-            );
+    /// Receive completions of one poll: notification parts, each replenished.
+    fn on_recvs(&self, batch: &[Completion]) {
+        if batch.is_empty() {
             return;
         }
-        if let Some(imm) = c.imm {
-            let (tag, parts) = imm_decode(imm);
-            self.notifier.part(who.0, who.1, tag, parts);
+        let mut parts = Vec::with_capacity(batch.len());
+        {
+            let map = self.target_qps.lock();
+            for c in batch {
+                let Some(t) = map.get(&c.wr_id) else { continue };
+                if c.status != 0 {
+                    tracing::debug!(
+                        status = verbs::wc_status_name(c.status),
+                        "receive completion with error"
+                    );
+                    continue;
+                }
+                parts.push((t.qp.clone(), (t.engine_id, t.epoch), c.wr_id, c.imm));
+            }
         }
-        if let Err(e) = qp.post_recvs(1, c.wr_id) {
-            tracing::warn!("cannot replenish receive WR: {e}");
+        for (qp, who, key, imm) in parts {
+            if let Some(imm) = imm {
+                let (tag, n) = imm_decode(imm);
+                self.notifier.part(who.0, who.1, tag, n);
+            }
+            if let Err(e) = qp.post_recvs(1, key) {
+                tracing::warn!("cannot replenish receive WR: {e}");
+            }
+        }
+    }
+
+    /// Stops the rail workers and waits for them: lanes still open fail, and no work
+    /// request of this engine is posted or polled afterwards.
+    pub(crate) fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for w in &self.workers {
+            w.join();
         }
     }
 }
@@ -420,12 +465,9 @@ impl Drop for AcceptedQps {
     }
 }
 
-/// How often a poller with work outstanding re-reads its port's state.
-const PORT_CHECK_EVERY: Duration = Duration::from_millis(25);
-
 /// The port's logical state from sysfs, `None` while it is ACTIVE (or cannot be read: the
 /// completions then decide).
-fn port_down(r: &Rail) -> Option<String> {
+pub(super) fn port_down(r: &Rail) -> Option<String> {
     let path = format!(
         "{}/class/infiniband/{}/ports/{}/state",
         crate::topology::SYSFS_ROOT,
@@ -435,78 +477,4 @@ fn port_down(r: &Rail) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let state = crate::topology::PortState::parse(&text);
     (!state.is_active()).then(|| state.to_string())
-}
-
-/// Fails every lane with work outstanding on `rail` when its port left ACTIVE. A link that
-/// goes down does not always end the posted work requests (Soft-RoCE, for one, may keep
-/// them until the batch deadline); moving the QPs to ERROR flushes them now, so the batch
-/// fails fast and its memory is released.
-fn check_port(t: &RdmaTransport, rail: usize) {
-    let r = &t.rails[rail];
-    let Some(state) = port_down(r) else { return };
-    let lanes: Vec<Arc<link::Lane>> = {
-        let tokens = t.tokens[rail].lock();
-        let mut lanes: Vec<Arc<link::Lane>> = Vec::new();
-        for tok in tokens.values() {
-            if !lanes.iter().any(|l| Arc::ptr_eq(l, &tok.lane)) {
-                lanes.push(tok.lane.clone());
-            }
-        }
-        lanes
-    };
-    let reason = format!(
-        "rail {} ({}:{}) port is {state} (link down)",
-        r.info.index, r.device, r.info.port
-    );
-    link::RdmaLink::fail_all(&lanes, &reason);
-}
-
-fn poll_loop(weak: std::sync::Weak<RdmaTransport>, rail: usize) {
-    let mut batch = Vec::with_capacity(64);
-    let mut idle_since = Instant::now();
-    let mut sleep = Duration::from_micros(20);
-    let mut port_checked = Instant::now();
-    loop {
-        let Some(t) = weak.upgrade() else { return };
-        if t.shutdown.load(Ordering::Acquire) {
-            return;
-        }
-        batch.clear();
-        let r = &t.rails[rail];
-        if port_checked.elapsed() >= PORT_CHECK_EVERY {
-            port_checked = Instant::now();
-            if !t.tokens[rail].lock().is_empty() {
-                check_port(&t, rail);
-            }
-        }
-        if let Err(e) = verbs::poll_cq(&r.send_cq, &mut batch) {
-            tracing::error!("rail {rail}: {e}");
-        }
-        let sends = batch.len();
-        for c in batch.drain(..) {
-            let token = t.tokens[rail].lock().remove(&c.wr_id);
-            if let Some(token) = token {
-                link::complete(token, &c, r);
-            }
-        }
-        if let Err(e) = verbs::poll_cq(&r.recv_cq, &mut batch) {
-            tracing::error!("rail {rail}: {e}");
-        }
-        let recvs = batch.len();
-        for c in batch.drain(..) {
-            t.on_recv(&c);
-        }
-        let busy_poll = t.busy_poll;
-        drop(t);
-        if sends + recvs > 0 {
-            idle_since = Instant::now();
-            sleep = Duration::from_micros(20);
-        } else if idle_since.elapsed() < busy_poll {
-            thread::yield_now();
-        } else {
-            // Back off while idle; 1 ms at most so a new batch waits little.
-            thread::sleep(sleep);
-            sleep = (sleep * 2).min(Duration::from_millis(1));
-        }
-    }
 }

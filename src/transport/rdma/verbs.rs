@@ -60,6 +60,8 @@ pub(crate) struct Rail {
     pub(crate) gid_index: u8,
     _ctx: Arc<DeviceContext>,
     pd: Arc<ProtectionDomain>,
+    /// Entries of each of the two CQs.
+    pub(crate) cq_depth: u32,
     /// Send completions of every QP on this rail.
     pub(crate) send_cq: Arc<BasicCompletionQueue>,
     /// Receive completions (write-with-immediate notifications).
@@ -76,8 +78,11 @@ impl std::fmt::Debug for Rail {
     }
 }
 
-/// Entries of each rail CQ.
-pub(crate) const CQ_DEPTH: u32 = 8192;
+/// Entries asked for each rail CQ (less where the device allows less). Flushed work
+/// requests complete even when unsignaled, so a CQ must hold every request its QPs may have
+/// posted: the rail worker keeps the send queues' total within the send CQ's depth, and
+/// accepting peers stops at the receive CQ's.
+const CQ_WANT: u32 = 32768;
 
 impl Rail {
     /// Opens `device` port `port` as rail `index`, using GID `gid_index`.
@@ -115,9 +120,15 @@ impl Rail {
             Mtu::Mtu4096 => 4096,
         };
         let pd = ctx.alloc_pd().map_err(verbs("ibv_alloc_pd"))?;
+        let max_cqe = ctx
+            .query_device()
+            .map_err(verbs("ibv_query_device"))?
+            .max_cqe();
+        let cq_depth = CQ_WANT.min(u32::try_from(max_cqe).unwrap_or(0)).max(256);
+        set_async_nonblocking(&ctx)?;
         let cq = |what| {
             ctx.create_cq_builder()
-                .setup_cqe(CQ_DEPTH)
+                .setup_cqe(cq_depth)
                 .build()
                 .map_err(verbs(what))
         };
@@ -135,6 +146,7 @@ impl Rail {
             gid_index,
             _ctx: ctx,
             pd,
+            cq_depth,
             send_cq,
             recv_cq,
         })
@@ -335,6 +347,8 @@ impl Qp {
 pub(crate) struct Completion {
     pub(crate) wr_id: u64,
     pub(crate) status: u32,
+    /// The device's own error code (`vendor_err`), meaningful only with an error status.
+    pub(crate) vendor_err: u32,
     pub(crate) imm: Option<u32>,
 }
 
@@ -348,6 +362,7 @@ pub(crate) fn poll_cq(cq: &BasicCompletionQueue, out: &mut Vec<Completion>) -> R
                 out.push(Completion {
                     wr_id: wc.wr_id(),
                     status: wc.status(),
+                    vendor_err: wc.vendor_err(),
                     imm,
                 });
             }
@@ -388,4 +403,151 @@ pub(crate) fn wc_status_name(status: u32) -> &'static str {
         .get(status as usize)
         .copied()
         .unwrap_or("IBV_WC_UNKNOWN")
+}
+
+/// Status of a flushed work request: its QP was already in ERROR.
+pub(crate) const WC_WR_FLUSH_ERR: u32 = 5;
+
+/// Makes the context's async-event fd non-blocking, so [`Rail::async_events`] never waits.
+fn set_async_nonblocking(ctx: &DeviceContext) -> Result<()> {
+    // SAFETY: `ctx` is open for the whole call; `context()` points at its live ibv_context,
+    // whose `async_fd` is an fd the context owns. Changing its O_NONBLOCK flag only changes
+    // how ibv_get_async_event waits (it then returns -1 with EAGAIN when no event is queued).
+    let fd = unsafe { ctx.context().as_ref().async_fd };
+    // SAFETY: `fd` is open (above); F_GETFL/F_SETFL read and set only its status flags.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Verbs {
+            call: "fcntl(async_fd, O_NONBLOCK)",
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// One asynchronous event of a device (`ibv_get_async_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AsyncEvent {
+    /// The `ibv_event_type` value.
+    pub(crate) kind: u32,
+    /// The QP number, for QP events.
+    pub(crate) qpn: Option<u32>,
+    /// The port, for port events.
+    pub(crate) port: Option<u8>,
+}
+
+/// `ibv_async_event` as libibverbs lays it out: a union of pointers and an int, then the
+/// event type. Ours, so an event type newer than our bindings is a number, not an invalid enum.
+#[repr(C)]
+struct RawAsyncEvent {
+    element: usize,
+    event_type: u32,
+}
+
+impl AsyncEvent {
+    /// Event types whose element is a QP.
+    const QP_EVENTS: [u32; 6] = [1, 2, 3, 4, 5, 16];
+    /// Event types whose element is a port number.
+    const PORT_EVENTS: [u32; 7] = [9, 10, 11, 12, 13, 17, 18];
+
+    /// The `ibv_event_type` name.
+    pub(crate) fn name(&self) -> &'static str {
+        const NAMES: [&str; 21] = [
+            "IBV_EVENT_CQ_ERR",
+            "IBV_EVENT_QP_FATAL",
+            "IBV_EVENT_QP_REQ_ERR",
+            "IBV_EVENT_QP_ACCESS_ERR",
+            "IBV_EVENT_COMM_EST",
+            "IBV_EVENT_SQ_DRAINED",
+            "IBV_EVENT_PATH_MIG",
+            "IBV_EVENT_PATH_MIG_ERR",
+            "IBV_EVENT_DEVICE_FATAL",
+            "IBV_EVENT_PORT_ACTIVE",
+            "IBV_EVENT_PORT_ERR",
+            "IBV_EVENT_LID_CHANGE",
+            "IBV_EVENT_PKEY_CHANGE",
+            "IBV_EVENT_SM_CHANGE",
+            "IBV_EVENT_SRQ_ERR",
+            "IBV_EVENT_SRQ_LIMIT_REACHED",
+            "IBV_EVENT_QP_LAST_WQE_REACHED",
+            "IBV_EVENT_CLIENT_REREGISTER",
+            "IBV_EVENT_GID_CHANGE",
+            "IBV_EVENT_WQ_FATAL",
+            "IBV_EVENT_DEVICE_SPEED_CHANGE",
+        ];
+        NAMES
+            .get(self.kind as usize)
+            .copied()
+            .unwrap_or("IBV_EVENT_UNKNOWN")
+    }
+
+    /// What the event means for the rail's work: `Qp` fails that QP's lane, `Rail` every lane
+    /// of the rail, `None` nothing (informational).
+    pub(crate) fn scope(&self) -> EventScope {
+        match self.kind {
+            // CQ error (overrun), device fatal, port error: the whole rail.
+            0 | 8 | 10 => EventScope::Rail,
+            // QP fatal, request error, access error.
+            1..=3 => EventScope::Qp,
+            _ => EventScope::None,
+        }
+    }
+}
+
+/// What an [`AsyncEvent`] affects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventScope {
+    Rail,
+    Qp,
+    None,
+}
+
+impl Rail {
+    /// Appends the device's queued asynchronous events to `out` without waiting (the fd is
+    /// non-blocking). The events come from the whole device; port events for other ports are
+    /// left out.
+    pub(crate) fn async_events(&self, out: &mut Vec<AsyncEvent>) {
+        loop {
+            let mut raw = RawAsyncEvent {
+                element: 0,
+                event_type: 0,
+            };
+            // SAFETY: the context is open while `self` lives; `raw` has ibv_async_event's
+            // layout (a pointer-sized union, then a 32-bit enum), so the library writes within
+            // it. The fd is non-blocking: with nothing queued the call returns -1 at once.
+            let rc = unsafe {
+                rdma_mummy_sys::ibv_get_async_event(
+                    self._ctx.context().as_ptr(),
+                    (&raw mut raw).cast(),
+                )
+            };
+            if rc != 0 {
+                return;
+            }
+            let mut ev = AsyncEvent {
+                kind: raw.event_type,
+                qpn: None,
+                port: None,
+            };
+            if AsyncEvent::QP_EVENTS.contains(&ev.kind) && raw.element != 0 {
+                // SAFETY: for QP events the element is the `ibv_qp *` the event is about,
+                // valid until the event is acknowledged below.
+                ev.qpn = Some(unsafe { (*(raw.element as *const rdma_mummy_sys::ibv_qp)).qp_num });
+            } else if AsyncEvent::PORT_EVENTS.contains(&ev.kind) {
+                // The union's int member shares the first bytes (little-endian x86_64/arm64).
+                ev.port = Some(raw.element as u32 as u8);
+            }
+            // SAFETY: `raw` is the event just returned by ibv_get_async_event, acknowledged
+            // once; nothing reads its element afterwards.
+            unsafe { rdma_mummy_sys::ibv_ack_async_event((&raw mut raw).cast()) };
+            if ev.port.is_some_and(|p| p != self.info.port) {
+                continue;
+            }
+            out.push(ev);
+        }
+    }
 }
