@@ -48,6 +48,33 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
     );
 
+    // The caller's thread keeps its own CUDA context: a fresh thread has none, and after the
+    // library allocated, classified, registered and staged GPU memory it still has none.
+    r.check(
+        "caller's context kept",
+        std::thread::spawn(|| -> Result<String, String> {
+            let before = cuda::current_context().map_err(|e| e.to_string())?;
+            let d = DeviceBuffer::alloc(0, 1 << 20).map_err(|e| e.to_string())?;
+            cuda::classify(d.addr(), d.len() as u64).map_err(|e| e.to_string())?;
+            d.write(0, &[7u8; 4096]).map_err(|e| e.to_string())?;
+            let e = engine(TransportKind::Tcp, None).map_err(|e| e.to_string())?;
+            // SAFETY: `d` outlives the engine (dropped after it, at the end of the closure).
+            unsafe { e.register_memory(d.addr() as usize as *mut u8, d.len()) }
+                .map_err(|e| e.to_string())?;
+            drop(e);
+            let after = cuda::current_context().map_err(|e| e.to_string())?;
+            if before == after {
+                Ok(format!("current context {before:#x} before and after"))
+            } else {
+                Err(format!(
+                    "current context was {before:#x}, is {after:#x} after our calls"
+                ))
+            }
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the check's thread panicked".into())),
+    );
+
     // Pointer classification: device memory, ordinary host memory.
     let dev = match DeviceBuffer::alloc(0, 64 << 20) {
         Ok(d) => d,

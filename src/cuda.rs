@@ -64,7 +64,9 @@ const REQUIRED: &[&str] = &[
     "cuDeviceGet",
     "cuDeviceGetPCIBusId",
     "cuDevicePrimaryCtxRetain",
-    "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
     "cuPointerGetAttribute",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
@@ -194,8 +196,27 @@ pub fn dmabuf_export_supported() -> Result<bool> {
     driver().map(|d| d.dmabuf_export)
 }
 
-/// Makes device `ordinal`'s primary context current on this thread (retaining it once).
-fn bind(d: &Driver, ordinal: u32) -> Result<()> {
+/// Device `ordinal`'s primary context pushed on this thread's context stack; popped when
+/// dropped, so the caller's thread gets its own current context back (a PyTorch thread on
+/// device 3 stays on device 3).
+#[must_use = "the context is popped when this is dropped"]
+struct Bound(std::marker::PhantomData<*const ()>);
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `bind` pushed exactly one context on this thread, and `Bound` is not Send
+        // (its raw-pointer marker), so this pops it on that same thread.
+        let r = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            tracing::warn!("cuCtxPopCurrent failed: {r:?}");
+        }
+    }
+}
+
+/// Makes device `ordinal`'s primary context current on this thread (retaining it once) until
+/// the returned guard drops.
+fn bind(d: &Driver, ordinal: u32) -> Result<Bound> {
     let slot = d
         .contexts
         .get(ordinal as usize)
@@ -217,10 +238,11 @@ fn bind(d: &Driver, ordinal: u32) -> Result<()> {
             *slot.get_or_init(|| ctx as usize)
         }
     };
-    // SAFETY: `ctx` is a retained primary context, never released.
-    check("cuCtxSetCurrent", unsafe {
-        sys::cuCtxSetCurrent(ctx as sys::CUcontext)
-    })
+    // SAFETY: `ctx` is a retained primary context, never released; `Bound` pops it again.
+    check("cuCtxPushCurrent", unsafe {
+        sys::cuCtxPushCurrent_v2(ctx as sys::CUcontext)
+    })?;
+    Ok(Bound(std::marker::PhantomData))
 }
 
 fn pci_bus_id(ordinal: u32) -> Result<String> {
@@ -240,6 +262,19 @@ fn pci_bus_id(ordinal: u32) -> Result<String> {
         .into_owned())
 }
 
+/// The calling thread's current CUDA context, as an address (0: none). The library leaves
+/// it as it found it: every driver call it makes runs under a pushed context that is popped
+/// before it returns.
+pub fn current_context() -> Result<usize> {
+    let _ = driver()?;
+    guarded(|| {
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the call only reads this thread's context stack.
+        check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut ctx) })?;
+        Ok(ctx as usize)
+    })
+}
+
 /// Says whether `[addr, addr + len)` is pageable host, pinned host or device memory, and for
 /// device memory which GPU holds it.
 ///
@@ -251,7 +286,7 @@ pub fn classify(addr: u64, len: u64) -> Result<Placement> {
         return Ok(Placement::Host);
     };
     guarded(|| {
-        bind(d, 0)?;
+        let _ctx = bind(d, 0)?;
         let mut kind: u32 = 0;
         // SAFETY: MEMORY_TYPE writes one `CUmemorytype` (u32) into `kind`.
         let r = unsafe {
@@ -316,7 +351,7 @@ pub(crate) fn export_dmabuf(ordinal: u32, addr: u64, len: u64) -> Result<DmabufE
         });
     }
     guarded(|| {
-        bind(d, ordinal)?;
+        let _ctx = bind(d, ordinal)?;
         const PAGE: u64 = 4096;
         let start = addr & !(PAGE - 1);
         let end = addr
@@ -362,7 +397,7 @@ unsafe impl Sync for PinnedBuf {}
 
 impl PinnedBuf {
     fn alloc(d: &Driver, ordinal: u32, len: usize) -> Result<Self> {
-        bind(d, ordinal)?;
+        let _ctx = bind(d, ordinal)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: valid out-pointer; flag 1 = CU_MEMHOSTALLOC_PORTABLE (usable from every
         // context).
@@ -491,7 +526,7 @@ pub(crate) fn staging(ordinal: u32) -> Result<Arc<CudaStaging>> {
         .ok_or_else(|| Error::InvalidArgument(format!("no CUDA device {ordinal}")))?;
     slot.get_or_init(|| {
         guarded(|| {
-            bind(d, ordinal)?;
+            let _ctx = bind(d, ordinal)?;
             let mut stream: sys::CUstream = std::ptr::null_mut();
             // SAFETY: valid out-pointer; flag 1 = CU_STREAM_NON_BLOCKING.
             check("cuStreamCreate", unsafe {
@@ -519,13 +554,15 @@ impl CudaStaging {
         let d = driver()?;
         guarded(|| {
             let _one = self.lock.lock();
-            bind(d, self.ordinal)?;
+            let _ctx = bind(d, self.ordinal)?;
             let stream = self.stream as sys::CUstream;
-            check(call, f(stream))?;
+            let enqueued = f(stream);
+            // Always wait, also when enqueueing failed part-way: copies enqueued before the
+            // failure still target the bounce buffer, which the caller recycles on return.
             // SAFETY: our own live stream.
-            check("cuStreamSynchronize", unsafe {
-                sys::cuStreamSynchronize(stream)
-            })
+            let synced = unsafe { sys::cuStreamSynchronize(stream) };
+            check(call, enqueued)?;
+            check("cuStreamSynchronize", synced)
         })
     }
 }
@@ -699,7 +736,7 @@ impl DeviceBuffer {
     pub fn alloc(ordinal: u32, len: usize) -> Result<Self> {
         let d = driver()?;
         guarded(|| {
-            bind(d, ordinal)?;
+            let _ctx = bind(d, ordinal)?;
             let mut ptr = 0u64;
             // SAFETY: valid out-pointer.
             check("cuMemAlloc", unsafe {
@@ -756,7 +793,7 @@ impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if let Ok(d) = driver() {
             let _ = guarded(|| {
-                bind(d, self.ordinal)?;
+                let _ctx = bind(d, self.ordinal)?;
                 // SAFETY: allocated by cuMemAlloc in `alloc`, freed once.
                 check("cuMemFree", unsafe { sys::cuMemFree_v2(self.ptr) })
             });

@@ -1519,8 +1519,14 @@ fn open_rdma(
 
 /// Page-aligned host memory allocated and registered by an engine; unregistered on drop.
 ///
-/// Its bytes are reached through [`read`](Self::read) and [`write`](Self::write) copies,
-/// since the engine may write them from other threads while a transfer is in flight.
+/// Its bytes are reached only through [`read`](Self::read) and [`write`](Self::write),
+/// which copy through raw pointers: the buffer never lends a `&[u8]` into memory that a
+/// peer, a NIC or the engine's threads may write at any moment.
+///
+/// The contract is the one a NIC imposes on registered memory: do not `read` a range while a
+/// transfer that writes it is in flight (you would see some mix of old and new bytes), and
+/// do not `write` a range while a transfer reads or writes it. Once the batch has completed
+/// (or failed, or the engine has been dropped) the range is yours again.
 pub struct HostBuffer {
     mem: Option<RawAlloc>,
     info: SegmentInfo,
@@ -1554,11 +1560,13 @@ impl HostBuffer {
     pub fn segment(&self) -> SegmentId {
         self.info.id
     }
-    /// Copies bytes out, starting at `offset`.
+    /// Copies bytes out, starting at `offset` (see the type's contract). Panics when the
+    /// range exceeds the buffer.
     pub fn read(&self, offset: usize, dst: &mut [u8]) {
         self.mem.as_ref().expect("allocated").read_at(offset, dst)
     }
-    /// Copies bytes in, starting at `offset`.
+    /// Copies bytes in, starting at `offset` (see the type's contract). Panics when the
+    /// range exceeds the buffer.
     pub fn write(&self, offset: usize, src: &[u8]) {
         self.mem.as_ref().expect("allocated").write_at(offset, src)
     }

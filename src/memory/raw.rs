@@ -1,4 +1,4 @@
-//! The only place that turns registered addresses into bytes.
+//! The only place that reaches registered memory.
 //!
 //! Registered memory belongs to the caller. The registration contract (see
 //! [`TransferEngine::register_memory`](crate::TransferEngine::register_memory)) is that it stays
@@ -7,9 +7,16 @@
 //! to call because they demand a [`SegmentGuard`] (the segment cannot be unregistered while it
 //! lives) and check that the range lies inside that segment; a range outside is an internal
 //! bug and panics rather than touching memory.
+//!
+//! No Rust reference (`&[u8]`, `&mut [u8]`) is ever formed over registered memory: a peer, a
+//! NIC or the caller may write it while we hold it, which a reference forbids. Sockets read
+//! and write it through raw `iovec`s ([`Out`], [`read_into_then`]); copies go through raw
+//! pointers ([`copy_in`], [`RawAlloc`]).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::io::{self, IoSliceMut, Read};
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
 
 use super::SegmentGuard;
 
@@ -26,12 +33,105 @@ fn check(guard: &SegmentGuard, addr: u64, len: usize) {
     );
 }
 
-/// Borrows `len` registered bytes at `addr` for reading (the source of a write or read response).
-pub(crate) fn bytes(guard: &SegmentGuard, addr: u64, len: usize) -> &[u8] {
-    check(guard, addr, len);
-    // SAFETY: the range lies inside a registered segment (checked above) that the guard keeps
-    // registered, hence mapped, for as long as the borrow of `guard` lives.
-    unsafe { std::slice::from_raw_parts(addr as usize as *const u8, len) }
+/// Most buffers one `sendmsg`/`readv` takes (the kernel's `UIO_MAXIOV`).
+pub(crate) const MAX_IOV: usize = 1024;
+
+/// Bytes to send, gathered from engine-owned buffers and registered memory, as raw `iovec`s
+/// the kernel reads: registered memory never becomes a Rust slice.
+pub(crate) struct Out<'a> {
+    iov: Vec<libc::iovec>,
+    /// The first entry not yet sent in full.
+    first: usize,
+    /// Every entry points into a borrow of `'a`: a `&'a [u8]` or the range a `&'a
+    /// SegmentGuard` keeps registered.
+    _borrows: PhantomData<&'a [u8]>,
+}
+
+// SAFETY: the iovecs only point at memory borrowed for `'a` (shared byte slices, or ranges
+// of segments pinned by guards borrowed for `'a`), which any thread may read.
+unsafe impl Send for Out<'_> {}
+
+impl<'a> Out<'a> {
+    /// An empty list with room for `n` entries.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Out {
+            iov: Vec::with_capacity(n),
+            first: 0,
+            _borrows: PhantomData,
+        }
+    }
+
+    /// A list of engine-owned buffers.
+    pub(crate) fn of(parts: &[&'a [u8]]) -> Self {
+        let mut o = Out::with_capacity(parts.len());
+        parts.iter().for_each(|p| o.bytes(p));
+        o
+    }
+
+    /// Appends an engine-owned buffer.
+    pub(crate) fn bytes(&mut self, b: &'a [u8]) {
+        self.iov.push(libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
+    }
+
+    /// Appends `len` registered bytes at `addr`, which must lie in `guard`'s segment.
+    pub(crate) fn registered(&mut self, guard: &'a SegmentGuard, addr: u64, len: usize) {
+        check(guard, addr, len);
+        self.iov.push(libc::iovec {
+            iov_base: addr as usize as *mut libc::c_void,
+            iov_len: len,
+        });
+    }
+
+    /// Nothing left to send.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first == self.iov.len()
+    }
+
+    /// Forgets every entry.
+    pub(crate) fn clear(&mut self) {
+        self.iov.clear();
+        self.first = 0;
+    }
+
+    /// Marks the first `n` unsent bytes sent.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let v = &mut self.iov[self.first];
+            if n < v.iov_len {
+                // SAFETY: `n` < the entry's length, so the new base stays inside it.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                return;
+            }
+            n -= v.iov_len;
+            self.first += 1;
+        }
+        while self.first < self.iov.len() && self.iov[self.first].iov_len == 0 {
+            self.first += 1;
+        }
+    }
+
+    /// Sends what the socket takes (at most [`MAX_IOV`] entries) with `MSG_NOSIGNAL`, so a
+    /// lost peer answers `EPIPE` instead of raising SIGPIPE; marks it sent.
+    pub(crate) fn send(&mut self, s: &impl AsRawFd) -> io::Result<usize> {
+        let rest = &mut self.iov[self.first..];
+        let n = rest.len().min(MAX_IOV);
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = rest.as_mut_ptr();
+        msg.msg_iovlen = n as _;
+        // SAFETY: each of the `n` iovecs points at memory borrowed for `'a` (see `Out`), alive
+        // while `self` is; the kernel only reads it.
+        let r = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.advance(r as usize);
+        Ok(r as usize)
+    }
 }
 
 /// Copies `src` into registered memory at `addr`.
@@ -42,25 +142,40 @@ pub(crate) fn copy_in(guard: &SegmentGuard, addr: u64, src: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as usize as *mut u8, src.len()) }
 }
 
-/// Reads from `r` into registered memory `[addr, addr + len)` and, in the same call, up to
-/// `tail.len()` further bytes into `tail` (the start of the next frame). Returns bytes read.
+/// Reads from socket `s` into registered memory `[addr, addr + len)` and, in the same call,
+/// up to `tail.len()` further bytes into `tail` (the start of the next frame). Returns bytes
+/// read.
 pub(crate) fn read_into_then(
     guard: &SegmentGuard,
     addr: u64,
     len: usize,
     tail: &mut [u8],
-    r: &mut impl Read,
+    s: &impl AsRawFd,
 ) -> io::Result<usize> {
     check(guard, addr, len);
-    // SAFETY: inside a pinned segment (checked above). By the registration contract nobody else
-    // reads or writes the range while a transfer into it is in flight, so this exclusive borrow
-    // for the duration of one `read` does not alias.
-    let dst = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len) };
-    r.read_vectored(&mut [IoSliceMut::new(dst), IoSliceMut::new(tail)])
+    let iov = [
+        libc::iovec {
+            iov_base: addr as usize as *mut libc::c_void,
+            iov_len: len,
+        },
+        libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        },
+    ];
+    // SAFETY: the first range lies inside a segment the guard keeps registered (checked
+    // above), which by the registration contract nobody else touches while a transfer into it
+    // is in flight; the second is `tail`, exclusively borrowed. The kernel writes only these.
+    let r = unsafe { libc::readv(s.as_raw_fd(), iov.as_ptr(), 2) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
 }
 
 /// A page-aligned, zeroed heap allocation whose bytes are only ever reached through raw
-/// addresses (so the engine may write it while the owner holds it).
+/// addresses and raw copies, never references (so the engine may write it while the owner
+/// holds it).
 #[derive(Debug)]
 pub(crate) struct RawAlloc {
     ptr: *mut u8,
@@ -69,8 +184,9 @@ pub(crate) struct RawAlloc {
 
 // SAFETY: RawAlloc is a plain owned allocation; it has no thread affinity.
 unsafe impl Send for RawAlloc {}
-// SAFETY: shared access only hands out the address; byte access goes through the checked
-// functions above under the registration contract.
+// SAFETY: shared access hands out the address and raw copies (`read_at`, `write_at`), never
+// a reference into the bytes; concurrent copies of one range follow the registration
+// contract (a range a transfer is writing is not read or written meanwhile).
 unsafe impl Sync for RawAlloc {}
 
 impl RawAlloc {

@@ -2,7 +2,7 @@
 //! responses to batches, and writes off everything outstanding when the connection dies.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use parking_lot::Mutex;
 
-use super::io::{FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
+use super::io::{FrameHandler, FrameReader, Out, Sink, wait_readable, write_all_nb};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
-use crate::memory::{SegmentGuard, raw};
+use crate::memory::SegmentGuard;
 use crate::request::Op;
 use crate::transport::{Work, describe_remote_code};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp};
@@ -290,7 +290,7 @@ impl TcpConn {
             }
             .encode()
         });
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(work.slices.len() * 2 + 1);
+        let mut iov = Out::with_capacity(work.slices.len() * 2 + 1);
         let mut sent = Ok(());
         let mut i = 0;
         while i < work.slices.len() {
@@ -299,14 +299,10 @@ impl TcpConn {
                 .then(|| work.guard_for(s.local_addr, s.len).segment().staging())
                 .flatten();
             let Some(device) = staged else {
-                iov.push(IoSlice::new(h));
+                iov.bytes(h);
                 if s.op == Op::Write {
                     let guard = work.guard_for(s.local_addr, s.len);
-                    iov.push(IoSlice::new(raw::bytes(
-                        guard,
-                        s.local_addr,
-                        s.len as usize,
-                    )));
+                    iov.registered(guard, s.local_addr, s.len as usize);
                 }
                 i += 1;
                 continue;
@@ -326,7 +322,7 @@ impl TcpConn {
                         self.stall,
                     )
                 } else {
-                    write_all_nb(w, &mut [IoSlice::new(h)], self.stall).and_then(|()| {
+                    write_all_nb(w, &mut Out::of(&[h]), self.stall).and_then(|()| {
                         send_staged(w, device.as_ref(), s.local_addr, s.len, self.stall)
                     })
                 }
@@ -338,7 +334,7 @@ impl TcpConn {
         }
         if sent.is_ok() {
             if let Some(n) = &notify {
-                iov.push(IoSlice::new(n));
+                iov.bytes(n);
             }
             sent = write_all_nb(w, &mut iov, self.stall);
         }
@@ -462,7 +458,7 @@ impl TcpConn {
                 tag: 0,
             }
             .encode();
-            if let Err(e) = write_all_nb(&mut w, &mut [IoSlice::new(&hdr)], self.stall) {
+            if let Err(e) = write_all_nb(&mut w, &mut Out::of(&[&hdr]), self.stall) {
                 drop(w);
                 self.die(format!("send failed: {e}"));
                 return Err(self.lost());
@@ -594,11 +590,11 @@ fn send_gathered(
     device
         .to_host_gather(&parts, &mut buf)
         .map_err(|e| io::Error::other(format!("staging copy from the GPU failed: {e}")))?;
-    let mut iov = Vec::with_capacity(slices.len() * 2);
+    let mut iov = Out::with_capacity(slices.len() * 2);
     let mut at = 0;
     for (h, &(_, n)) in headers.iter().zip(&parts) {
-        iov.push(IoSlice::new(h));
-        iov.push(IoSlice::new(&buf[at..at + n]));
+        iov.bytes(h);
+        iov.bytes(&buf[at..at + n]);
         at += n;
     }
     let sent = write_all_nb(w, &mut iov, stall);
@@ -624,7 +620,7 @@ fn send_staged(
         device
             .to_host(addr + done, &mut buf[..n])
             .map_err(|e| io::Error::other(format!("staging copy from the GPU failed: {e}")))?;
-        write_all_nb(w, &mut [IoSlice::new(&buf[..n])], stall)?;
+        write_all_nb(w, &mut Out::of(&[&buf[..n]]), stall)?;
         done += n as u64;
     }
     device.recycle(buf);

@@ -1,7 +1,7 @@
 //! Socket helpers shared by both ends of a TCP data connection: readiness waits, vectored
 //! writes on non-blocking sockets, and the resumable frame reader.
 
-use std::io::{self, IoSlice, Read};
+use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::batch::Batch;
 use crate::cuda::{Bounce, DeviceCopy};
+pub(crate) use crate::memory::raw::Out;
 use crate::memory::{SegmentGuard, raw};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 
@@ -30,26 +31,14 @@ fn wait_for(s: &TcpStream, what: PollFlags, timeout: Duration) -> bool {
     }
 }
 
-/// Most buffers one `sendmsg` takes (the kernel's `UIO_MAXIOV`).
-const MAX_IOV: usize = 1024;
-
-/// Sends what the socket takes of `bufs` (at most [`MAX_IOV`] of them) with `MSG_NOSIGNAL`: a
-/// peer that has gone answers `EPIPE` instead of raising SIGPIPE, so a process embedding the
-/// library is never killed by a lost peer, whatever its signal set-up.
-pub(crate) fn send_vectored(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    use nix::sys::socket::{MsgFlags, sendmsg};
-    use std::os::fd::AsRawFd;
-    let bufs = &bufs[..bufs.len().min(MAX_IOV)];
-    sendmsg::<()>(s.as_raw_fd(), bufs, &[], MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
-}
-
 /// Writes all of `buf` to a blocking socket (its write timeout bounds each wait), as
-/// [`send_vectored`] does: no SIGPIPE.
-pub(crate) fn send_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match send_vectored(s, &[IoSlice::new(buf)]) {
+/// [`Out::send`] does: no SIGPIPE.
+pub(crate) fn send_all(s: &TcpStream, buf: &[u8]) -> io::Result<()> {
+    let mut out = Out::of(&[buf]);
+    while !out.is_empty() {
+        match out.send(s) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
-            Ok(n) => buf = &buf[n..],
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -61,17 +50,14 @@ pub(crate) fn send_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
 /// Gives up with `TimedOut` when the peer accepts nothing for `stall`.
 pub(crate) fn write_all_nb(
     s: &mut TcpStream,
-    mut bufs: &mut [IoSlice<'_>],
+    out: &mut Out<'_>,
     stall: Duration,
 ) -> io::Result<()> {
     let mut stalled_since: Option<Instant> = None;
-    while !bufs.is_empty() {
-        match send_vectored(s, bufs) {
+    while !out.is_empty() {
+        match out.send(s) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
-            Ok(n) => {
-                stalled_since = None;
-                IoSlice::advance_slices(&mut bufs, n);
-            }
+            Ok(_) => stalled_since = None,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let since = *stalled_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > stall {
@@ -574,12 +560,11 @@ fn deliver(sink: &mut Sink, at: u64, chunk: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::IoSlice;
     use std::net::{Shutdown, TcpListener, TcpStream};
 
     use nix::sys::signal::{SigSet, Signal, raise};
 
-    use super::{send_all, send_vectored};
+    use super::{Out, send_all};
 
     /// A socket shut down for writing answers `EPIPE` and raises no SIGPIPE. The signal is
     /// blocked on this thread so that, if raised, it stays pending (Linux keeps blocked signals
@@ -597,7 +582,7 @@ mod tests {
         set.thread_block().unwrap();
         let e = send_all(&s, b"frame").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-        let e = send_vectored(&s, &[IoSlice::new(b"a"), IoSlice::new(b"b")]).unwrap_err();
+        let e = Out::of(&[b"a", b"b"]).send(&s).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
         raise(Signal::SIGTERM).unwrap();
         let first = set.wait().unwrap();

@@ -2,15 +2,15 @@
 //! lands write payloads straight in place, serves reads, and acknowledges per batch.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::io::{DeferredFrame, FrameHandler, FrameReader, Sink, wait_readable, write_all_nb};
+use super::io::{DeferredFrame, FrameHandler, FrameReader, Out, Sink, wait_readable, write_all_nb};
 use crate::cuda::{Bounce, DeviceCopy, STAGE_CHUNK};
-use crate::memory::{SegmentGuard, SegmentTable, raw};
+use crate::memory::{SegmentGuard, SegmentTable};
 use crate::transport::fence::{ROOM_SLOT_SHIFT, RoomFences, RoomHold};
 use crate::transport::rdma::{Notifier, imm_decode};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
@@ -231,8 +231,7 @@ impl Target {
 
     fn reply(&mut self, hdr: FrameHeader, payload: &[u8]) -> io::Result<()> {
         let h = hdr.encode();
-        let mut iov = [IoSlice::new(&h), IoSlice::new(payload)];
-        write_all_nb(&mut self.out, &mut iov, self.stall)
+        write_all_nb(&mut self.out, &mut Out::of(&[&h, payload]), self.stall)
     }
 
     fn serve_read(&mut self, hdr: &FrameHeader) -> io::Result<()> {
@@ -254,10 +253,8 @@ impl Target {
                 resp.len = hdr.len;
                 let addr = guard.segment().addr() + hdr.offset;
                 let h = resp.encode();
-                let mut iov = [
-                    IoSlice::new(&h),
-                    IoSlice::new(raw::bytes(&guard, addr, hdr.len as usize)),
-                ];
+                let mut iov = Out::of(&[&h]);
+                iov.registered(&guard, addr, hdr.len as usize);
                 write_all_nb(&mut self.out, &mut iov, self.stall)
             }
             Err(e) => {
@@ -307,10 +304,9 @@ impl Target {
             if done == 0 {
                 resp.len = hdr.len;
                 let h = resp.encode();
-                let mut iov = [IoSlice::new(&h), IoSlice::new(&buf[..n])];
-                write_all_nb(&mut self.out, &mut iov, self.stall)?;
+                write_all_nb(&mut self.out, &mut Out::of(&[&h, &buf[..n]]), self.stall)?;
             } else {
-                write_all_nb(&mut self.out, &mut [IoSlice::new(&buf[..n])], self.stall)?;
+                write_all_nb(&mut self.out, &mut Out::of(&[&buf[..n]]), self.stall)?;
             }
             done += n as u64;
         }
