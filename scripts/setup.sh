@@ -4,8 +4,9 @@
 set -euo pipefail
 
 need=()
-# cmake and libclang (bindgen) build rdma-mummy-sys, the run-time verbs loader under sideway.
-for pkg in cmake libclang-dev gcc "$@"; do
+# cmake and libclang (bindgen) build rdma-mummy-sys, the run-time verbs loader under sideway;
+# binutils and libibverbs-dev let tests/static_lib.rs link the static library beside libibverbs.
+for pkg in cmake libclang-dev gcc binutils libibverbs-dev "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 

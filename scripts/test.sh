@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of kvtransfer: formatting, lints, unit, property, integration (in- and
-# cross-process TCP), doc tests, the Python package as installed, SGLang's own code on both
+# cross-process TCP), doc tests, all of them again in a debug build, the pure modules under
+# Miri, the static library linked beside libibverbs, the Python package as installed, SGLang's own code on both
 # backends, the GPU check (which stops where there is no GPU) and the RDMA suite in a
 # Soft-RoCE guest. Installs what it needs first.
 set -euo pipefail
@@ -19,6 +20,12 @@ cargo clippy --quiet --release --all-targets -- -D warnings
 step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc
+
+step "cargo test, debug profile (overflow checks and debug assertions on)"
+cargo test --all-targets --no-fail-fast
+
+step "Miri: the pure modules' unit tests"
+bash scripts/miri.sh
 
 step "Python package (pytest against the installed wheel)"
 bash scripts/python-tests.sh
