@@ -35,6 +35,12 @@ pub use memory::{MemoryKind, RegMode, SegmentDetails, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
 pub use transport::rdma::Notification;
 
+/// Internals that benchmarks measure (not a stable API).
+#[doc(hidden)]
+pub mod bench_internals {
+    pub use crate::transport::rdma::cost::{FakeQp, wr_pipeline};
+}
+
 /// Installs a `tracing` subscriber that logs to stderr with `filter` (e.g. `info`,
 /// `kvtransfer=debug`); `RUST_LOG` wins when set. Does nothing if one is already installed.
 pub fn init_logging(filter: &str) {

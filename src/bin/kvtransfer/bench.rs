@@ -105,6 +105,10 @@ pub(crate) struct BenchArgs {
     /// reads are compared with the pattern a fresh target fills its buffer with).
     #[arg(long)]
     pub(crate) no_verify: bool,
+    /// Peer counts, e.g. `1,8,64`: instead of bandwidth, connect one engine to that many peer
+    /// processes and report its threads, memory, file descriptors and connect time.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<usize>,
     /// KV-room options (`--kv MODEL` switches to them).
     #[command(flatten)]
     kv: crate::kvbench::KvArgs,
@@ -177,9 +181,19 @@ fn cpu_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
+impl BenchArgs {
+    /// The `--transport` given, if any.
+    pub(crate) fn transport_name(&self) -> Option<&str> {
+        self.transport.as_deref()
+    }
+}
+
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
     if a.kv.kv.is_some() {
         return crate::kvbench::run(&a, &a.kv);
+    }
+    if !a.peers.is_empty() {
+        return crate::scale::run(&a, &a.peers, a.json);
     }
     if a.block_size == 0 || a.batch_size == 0 || a.threads == 0 || a.depth == 0 {
         return Err(Error::InvalidArgument(

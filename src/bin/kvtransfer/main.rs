@@ -5,6 +5,7 @@ mod demo;
 mod devices;
 mod doctor;
 mod kvbench;
+mod scale;
 
 use std::process::ExitCode;
 

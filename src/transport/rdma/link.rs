@@ -13,6 +13,7 @@ use super::worker::{Cmd, SQ_DEPTH};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::memory::SegmentGuard;
+use crate::plan::Slice;
 use crate::request::Op;
 use crate::transport::Work;
 use crate::transport::tcp::TcpConn;
@@ -88,6 +89,49 @@ impl Lane {
         }
         Ok(())
     }
+}
+
+/// The work requests of one lane's slices (unstamped: the rail worker sets wr_ids and
+/// signalling), ending with a zero-length WRITE_WITH_IMM carrying `notify` if given (RC
+/// delivers it after the lane's data). `segment_of` names a slice's local segment, `lkey` its
+/// local key and `remote` a remote segment's `(base, rkey)`; `Err(local segment)` when a key
+/// is missing.
+pub(crate) fn work_requests(
+    slices: &[Slice],
+    segment_of: impl Fn(&Slice) -> u32,
+    lkey: impl Fn(u32) -> Option<u32>,
+    remote: impl Fn(u32) -> Option<(u64, u32)>,
+    notify: Option<u32>,
+) -> std::result::Result<Vec<Wr>, u32> {
+    let mut wrs = Vec::with_capacity(slices.len() + 1);
+    for s in slices {
+        let seg = segment_of(s);
+        let (Some(lkey), Some((base, rkey))) = (lkey(seg), remote(s.remote_segment.0)) else {
+            return Err(seg);
+        };
+        wrs.push(Wr {
+            op: if s.op == Op::Write {
+                WrOp::Write
+            } else {
+                WrOp::Read
+            },
+            wr_id: 0,
+            signaled: false,
+            lkey,
+            addr: s.local_addr,
+            len: s.len as u32,
+            rkey,
+            remote_addr: base + s.remote_offset,
+        });
+    }
+    if let (Some(imm), Some(&last)) = (notify, wrs.last()) {
+        wrs.push(Wr {
+            op: WrOp::WriteImm(imm),
+            len: 0,
+            ..last
+        });
+    }
+    Ok(wrs)
 }
 
 /// An RDMA peer as the initiator sees it.
@@ -221,47 +265,23 @@ impl RdmaLink {
         if work.batch.is_failed() {
             return work.abandon("batch failed before it was sent");
         }
-        let mut wrs = Vec::with_capacity(work.slices.len() + 1);
-        let mut missing = None;
-        for s in &work.slices {
-            let seg = work.guard_for(s.local_addr, s.len).segment().info.id.0;
-            let (Some(lkey), Some((base, rkey))) = (
-                self.transport.lkey(seg, l.rail),
-                remote(s.remote_segment.0, l.remote_rail),
-            ) else {
-                missing = Some(format!(
-                    "no memory key for local segment {seg} on rail {} or remote segment {} on peer rail {}",
-                    l.rail, s.remote_segment, l.remote_rail
+        let keys = |seg: u32| self.transport.lkey(seg, l.rail);
+        let wrs = work_requests(
+            &work.slices,
+            |s| work.guard_for(s.local_addr, s.len).segment().info.id.0,
+            keys,
+            |seg| remote(seg, l.remote_rail),
+            work.notify,
+        );
+        let wrs = match wrs {
+            Ok(w) => w,
+            Err(seg) => {
+                return work.abandon(&format!(
+                    "no memory key for local segment {seg} on rail {} or remote segment on peer rail {}",
+                    l.rail, l.remote_rail
                 ));
-                break;
-            };
-            wrs.push(Wr {
-                op: if s.op == Op::Write {
-                    WrOp::Write
-                } else {
-                    WrOp::Read
-                },
-                wr_id: 0,
-                signaled: false,
-                lkey,
-                addr: s.local_addr,
-                len: s.len as u32,
-                rkey,
-                remote_addr: base + s.remote_offset,
-            });
-        }
-        if let Some(reason) = missing {
-            return work.abandon(&reason);
-        }
-        if let Some(imm) = work.notify {
-            // A zero-length write carrying the immediate: RC delivers it after this lane's data.
-            let last = *wrs.last().expect("a lane's work has slices");
-            wrs.push(Wr {
-                op: WrOp::WriteImm(imm),
-                len: 0,
-                ..last
-            });
-        }
+            }
+        };
         let finish = Arc::new(Finish {
             batch: work.batch.clone(),
             guards: Some(work.guards.clone()),

@@ -8,6 +8,7 @@
 //! control connection stays open (segment refreshes, liveness); when it closes, the target
 //! moves that peer's QPs to ERROR so nothing more of it can land.
 
+pub(crate) mod cost;
 mod link;
 mod outstanding;
 pub(crate) mod verbs;

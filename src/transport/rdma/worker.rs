@@ -38,6 +38,27 @@ const CQ_SLACK: u64 = 64;
 /// its port's state.
 const CHECK_EVERY: Duration = Duration::from_millis(25);
 
+/// Stamps a chain about to be posted on lane slot `slot`: wr_ids from `out`'s next sequence
+/// numbers, every [`SIGNAL_EVERY`]-th request and the last signalled, each signal point
+/// recorded in `out` as finishing `owner`. Returns the chain's first sequence number.
+pub(crate) fn stamp_chain<T: Clone>(
+    out: &mut Outstanding<T>,
+    slot: u32,
+    chain: &mut [Wr],
+    owner: &T,
+) -> u64 {
+    let first = out.reserve(chain.len() as u32);
+    for (k, w) in chain.iter_mut().enumerate() {
+        w.wr_id = wr_id(slot, first + k as u64);
+        w.signaled = false;
+    }
+    for (k, _) in signal_points(chain.len(), SIGNAL_EVERY) {
+        chain[k].signaled = true;
+        out.mark(first + k as u64, owner.clone());
+    }
+    first
+}
+
 /// What callers ask of a rail worker.
 pub(crate) enum Cmd {
     /// A new lane on this rail: give it a slot.
@@ -344,15 +365,7 @@ impl Worker {
                     break;
                 }
                 let chain = &mut p.wrs[p.at..p.at + n];
-                let first = s.out.reserve(n as u32);
-                for (k, w) in chain.iter_mut().enumerate() {
-                    w.wr_id = wr_id(i, first + k as u64);
-                    w.signaled = false;
-                }
-                for (k, _) in signal_points(n, SIGNAL_EVERY) {
-                    chain[k].signaled = true;
-                    s.out.mark(first + k as u64, p.finish.clone());
-                }
+                let first = stamp_chain(&mut s.out, i, chain, &p.finish);
                 if let Err(e) = s.lane.qp.post_chain(chain) {
                     // Nothing of the chain was queued: take it back, stop the lane.
                     s.out.unreserve(first, n as u32);
