@@ -21,11 +21,10 @@ use crate::memory::{
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Op, Request};
 use crate::transport::fence::RoomFences;
-use crate::transport::rdma::{
-    self, Notification, Notifier, RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport,
-};
-use crate::transport::tcp::{self, ServeContext, TcpConn, TcpLink};
-use crate::transport::{Link, Work};
+use crate::transport::notify::{self, Notification, Notifier};
+use crate::transport::rdma::{RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport};
+use crate::transport::tcp::{self, ServeContext, TcpLink};
+use crate::transport::{PeerLink, Work};
 use crate::wire::{ConnPurpose, Endpoint, Hello, SegmentDesc, TransportId, decode_segments};
 
 /// Handle of a connected peer within one engine.
@@ -117,7 +116,7 @@ impl Served {
 struct Peer {
     info: PeerInfo,
     segments: RwLock<HashMap<u32, SegmentDesc>>,
-    link: Link,
+    link: Box<dyn PeerLink>,
 }
 
 impl Peer {
@@ -1050,14 +1049,11 @@ impl Engine {
         let (theirs, first) =
             tcp::connect_one(addr, timeout, &self.hello(purpose, 0, offer.as_ref()))?;
         let answer = rdma_endpoint(&theirs)?;
-        let link = match (prepared, answer) {
+        let link: Box<dyn PeerLink> = match (prepared, answer) {
             (Some((lanes, _)), Some(answer)) => {
                 let r = self.rdma.as_ref().expect("prepared with rdma");
-                let control = TcpConn::start(first, peer.clone(), theirs.epoch, 0, stall)?;
-                let link = RdmaLink::finish(r, lanes, &answer, control.clone())?;
-                let lanes = link.lanes.clone();
-                control.on_death(move |reason| RdmaLink::fail_all(&lanes, reason));
-                Link::Rdma(link)
+                let control = TcpLink::start(vec![first], &peer, theirs.epoch, stall)?;
+                Box::new(RdmaLink::finish(r, lanes, &answer, Box::new(control))?)
             }
             (prepared, _) => {
                 if prepared.is_some() && self.config.transport == TransportKind::Rdma {
@@ -1081,7 +1077,7 @@ impl Engine {
                     }
                     streams.push(s);
                 }
-                Link::Tcp(TcpLink::start(streams, &peer, theirs.epoch, stall)?)
+                Box::new(TcpLink::start(streams, &peer, theirs.epoch, stall)?)
             }
         };
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
@@ -1229,7 +1225,7 @@ impl Engine {
             .filter(|i| !planned.lanes[*i].is_empty())
             .map(|i| allowed[i] as u16)
             .collect();
-        let notify = notify.map(|tag| rdma::imm_encode(tag, used.len() as u32));
+        let notify = notify.map(|tag| notify::imm_encode(tag, used.len() as u32));
         let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
         let batch = Arc::new(Batch::new(
             id,
@@ -1372,7 +1368,7 @@ impl TransferEngine {
     }
 
     /// Installs the consumer that sees complete notifications before `notifications()`.
-    pub(crate) fn set_notify_hook(&self, hook: Option<crate::transport::rdma::NotifyHook>) {
+    pub(crate) fn set_notify_hook(&self, hook: Option<crate::transport::notify::NotifyHook>) {
         self.inner.notifier.set_hook(hook);
     }
 

@@ -33,7 +33,7 @@ pub use kv::{
 };
 pub use memory::{MemoryKind, RegMode, SegmentDetails, SegmentId, SegmentInfo};
 pub use request::{BatchId, BatchStatus, Op, Request};
-pub use transport::rdma::Notification;
+pub use transport::notify::Notification;
 
 /// Internals that benchmarks measure (not a stable API).
 #[doc(hidden)]

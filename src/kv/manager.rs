@@ -20,7 +20,7 @@ use crate::config::{EngineConfig, parse_num};
 use crate::engine::{HostBuffer, PeerId, TransferEngine};
 use crate::error::{Error, Result};
 use crate::memory::SegmentId;
-use crate::transport::rdma::Notification;
+use crate::transport::notify::Notification;
 use crate::wire::Hello;
 
 /// Which side of the hand-off a manager is.

@@ -2,6 +2,7 @@
 //! lanes of a peer link; TCP (and later RDMA) live below.
 
 pub(crate) mod fence;
+pub(crate) mod notify;
 pub(crate) mod rdma;
 pub(crate) mod tcp;
 
@@ -19,7 +20,7 @@ pub(crate) struct Work {
     pub(crate) batch: Arc<Batch>,
     pub(crate) slices: Vec<Slice>,
     pub(crate) guards: Arc<[SegmentGuard]>,
-    /// Notification part (`rdma::imm_encode`) sent after this lane's data, if any.
+    /// Notification part (`notify::imm_encode`) sent after this lane's data, if any.
     pub(crate) notify: Option<u32>,
 }
 
@@ -76,146 +77,71 @@ pub(crate) fn describe_remote_code(code: u16, hdr: &FrameHeader) -> String {
     )
 }
 
-/// How a peer is reached: the engine above sees lanes and works, not the transport.
-pub(crate) enum Link {
-    /// TCP data connections, one per lane.
-    Tcp(tcp::TcpLink),
-    /// RC QPs, one per lane, plus a TCP control connection.
-    Rdma(rdma::RdmaLink),
-}
+/// Told why a link was lost.
+pub(crate) type LostHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-impl Link {
-    /// Transport name.
-    pub(crate) fn name(&self) -> &'static str {
-        match self {
-            Link::Tcp(_) => "tcp",
-            Link::Rdma(_) => "rdma",
-        }
+/// How the engine reaches one peer, whatever the transport: lanes that take [`Work`],
+/// caller-driven progress, liveness, the peer's segment list, and close/join. TCP
+/// ([`tcp::TcpLink`]) and RDMA ([`rdma::RdmaLink`]) implement it; the engine holds a
+/// `Box<dyn PeerLink>` and sees nothing else of either.
+pub(crate) trait PeerLink: Send + Sync {
+    /// Transport name (`tcp`, `rdma`).
+    fn name(&self) -> &'static str;
+
+    /// Number of lanes work can be posted to (an RDMA link's staging lane not counted).
+    fn lanes(&self) -> usize;
+
+    /// Each lane's (local rail, remote rail) where lanes are tied to rails; `None` where
+    /// every lane reaches every segment.
+    fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
+        None
     }
 
-    /// Number of lanes.
-    pub(crate) fn lanes(&self) -> usize {
-        match self {
-            Link::Tcp(l) => l.conns.len(),
-            Link::Rdma(l) => l.lanes.len(),
-        }
-    }
-
-    /// Each lane's (local rail, remote rail) on RDMA; `None` on TCP (every lane reaches every
-    /// segment).
-    pub(crate) fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
-        match self {
-            Link::Tcp(_) => None,
-            Link::Rdma(l) => Some(l.lane_rails()),
-        }
-    }
-
-    /// The lane that carries batches touching GPU memory in staging mode (on either side) on
-    /// an RDMA link: the TCP control connection, numbered after the QP lanes. Staged memory
-    /// has no memory region, so no QP can reach it; the TCP path copies it through pinned
-    /// bounce buffers. `None` on TCP links, where every lane stages.
-    pub(crate) fn staging_lane(&self) -> Option<usize> {
-        match self {
-            Link::Tcp(_) => None,
-            Link::Rdma(l) => Some(l.lanes.len()),
-        }
-    }
-
-    /// The TCP connection behind `lane`, if it is one (every TCP lane, an RDMA link's
-    /// staging lane).
-    fn conn(&self, lane: usize) -> Option<&tcp::TcpConn> {
-        match self {
-            Link::Tcp(l) => Some(&l.conns[lane]),
-            Link::Rdma(l) => (lane == l.lanes.len()).then_some(&*l.control),
-        }
+    /// The lane that carries batches touching GPU memory in staging mode, where that is not
+    /// every lane: an RDMA link's TCP control connection, numbered after its QP lanes (staged
+    /// memory has no memory region, so no QP can reach it).
+    fn staging_lane(&self) -> Option<usize> {
+        None
     }
 
     /// Completion units the slices of `lane` add to a batch.
-    pub(crate) fn units_of(&self, lane: usize, slices: &[Slice]) -> u32 {
-        match self.conn(lane) {
-            Some(_) => units_of(slices),
-            // One signalled completion at the end of the lane's chain covers it all.
-            None => u32::from(!slices.is_empty()),
-        }
-    }
+    fn units_of(&self, lane: usize, slices: &[Slice]) -> u32;
 
-    /// Hands a lane its work.
-    pub(crate) fn post(
+    /// Hands a lane its work. `inline`: the caller may send it on its own thread.
+    /// `remote(segment, remote rail)` gives a remote segment's base address and key.
+    fn post(
         &self,
         lane: usize,
         work: Work,
         inline: bool,
         remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
-    ) {
-        match (self.conn(lane), self) {
-            (Some(c), _) => c.post(work, inline),
-            (None, Link::Rdma(l)) => l.post(lane, work, remote),
-            (None, Link::Tcp(_)) => unreachable!("every TCP lane is a connection"),
-        }
-    }
+    );
 
-    /// Caller-driven progress on a lane (TCP reads its socket; RDMA has pollers).
-    pub(crate) fn progress(&self, lane: usize) {
-        if let Some(c) = self.conn(lane) {
-            c.progress();
-        }
-    }
+    /// Caller-driven progress on a lane (a TCP lane reads its socket); nothing by default.
+    fn progress(&self, _lane: usize) {}
 
-    /// See [`tcp::TcpConn::start_driving`].
-    pub(crate) fn start_driving(&self, lane: usize) {
-        if let Some(c) = self.conn(lane) {
-            c.start_driving();
-        }
-    }
+    /// The caller starts driving `lane` itself (see [`progress`](Self::progress)).
+    fn start_driving(&self, _lane: usize) {}
 
-    /// See [`tcp::TcpConn::stop_driving`].
-    pub(crate) fn stop_driving(&self, lane: usize, hand_back: bool) {
-        if let Some(c) = self.conn(lane) {
-            c.stop_driving(hand_back);
-        }
-    }
+    /// The caller stops driving `lane`; `hand_back` wakes the lane's own reader.
+    fn stop_driving(&self, _lane: usize, _hand_back: bool) {}
 
     /// Load of a lane, for choosing the idlest.
-    pub(crate) fn outstanding(&self, lane: usize) -> usize {
-        match (self.conn(lane), self) {
-            (Some(c), _) => c.outstanding(),
-            (None, Link::Rdma(l)) => l.outstanding(lane),
-            (None, Link::Tcp(_)) => 0,
-        }
-    }
+    fn outstanding(&self, lane: usize) -> usize;
 
     /// `Err(PeerLost)` once the peer is gone.
-    pub(crate) fn check_alive(&self) -> crate::error::Result<()> {
-        match self {
-            Link::Tcp(l) => l.conns.iter().try_for_each(|c| c.check_alive()),
-            Link::Rdma(l) => l.check_alive(),
-        }
-    }
+    fn check_alive(&self) -> crate::error::Result<()>;
 
     /// Asks the peer for its segment list (encoded).
-    pub(crate) fn fetch_segments(&self, timeout: Duration) -> crate::error::Result<Vec<u8>> {
-        match self {
-            Link::Tcp(l) => l.conns[0].fetch_segments(timeout),
-            Link::Rdma(l) => l.control.fetch_segments(timeout),
-        }
-    }
+    fn fetch_segments(&self, timeout: Duration) -> crate::error::Result<Vec<u8>>;
+
+    /// Calls `hook` with the reason once the link is lost (at once if it already is).
+    fn on_lost(&self, hook: LostHook);
 
     /// Closes every connection; outstanding work fails.
-    pub(crate) fn close(&self) {
-        match self {
-            Link::Tcp(l) => l.conns.iter().for_each(|c| c.close()),
-            Link::Rdma(l) => l.close(),
-        }
-    }
+    fn close(&self);
 
     /// After [`close`](Self::close): waits until no thread of the link reads into local
-    /// memory any more: the TCP threads (data connections, or RDMA's control connection)
-    /// have exited, and an RDMA link's work requests have completed or been flushed (for at
-    /// most `limit`).
-    pub(crate) fn join(&self, limit: std::time::Duration) {
-        match self {
-            Link::Tcp(l) => l.conns.iter().for_each(|c| c.join()),
-            Link::Rdma(l) => l.join(limit),
-        }
-    }
+    /// memory any more (for at most `limit` where the transport must wait on hardware).
+    fn join(&self, limit: Duration);
 }

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::memory::SegmentGuard;
 use crate::plan::Slice;
 use crate::request::Op;
+use crate::transport::PeerLink;
 use crate::transport::Work;
-use crate::transport::tcp::TcpConn;
 use crate::wire::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 
 /// Completes a work's unit once the last token that carries it is gone, with the first error
@@ -136,7 +136,9 @@ pub(crate) fn work_requests(
 
 /// An RDMA peer as the initiator sees it.
 pub(crate) struct RdmaLink {
-    pub(crate) control: Arc<TcpConn>,
+    /// The control connection (a one-lane link of another transport, given by the engine):
+    /// segment refreshes, liveness, and the staging lane.
+    pub(crate) control: Box<dyn PeerLink>,
     pub(crate) lanes: Vec<Arc<Lane>>,
     transport: Arc<RdmaTransport>,
 }
@@ -178,7 +180,7 @@ impl RdmaLink {
         t: &Arc<RdmaTransport>,
         prepared: PreparedLanes,
         answer: &RdmaEndpoint,
-        control: Arc<TcpConn>,
+        control: Box<dyn PeerLink>,
     ) -> Result<RdmaLink> {
         if answer.qps.len() != prepared.qps.len() {
             return Err(Error::Handshake {
@@ -211,12 +213,16 @@ impl RdmaLink {
         for l in &lanes {
             t.workers[l.rail].control(Cmd::Attach(l.clone()));
         }
-        let link = RdmaLink {
+        // The control connection's loss means the peer's: every lane fails at once.
+        let doomed = lanes.clone();
+        control.on_lost(Arc::new(move |reason: &str| {
+            RdmaLink::fail_all(&doomed, reason)
+        }));
+        Ok(RdmaLink {
             control,
             lanes,
             transport: t.clone(),
-        };
-        Ok(link)
+        })
     }
 
     /// Everything outstanding fails and the QPs stop (peer lost or closed).
@@ -226,13 +232,8 @@ impl RdmaLink {
         }
     }
 
-    /// Each lane's (local rail index, remote rail index).
-    pub(crate) fn lane_rails(&self) -> Vec<(usize, u16)> {
-        self.lanes.iter().map(|l| (l.rail, l.remote_rail)).collect()
-    }
-
     /// `Err(PeerLost)` once the control connection or any lane died.
-    pub(crate) fn check_alive(&self) -> Result<()> {
+    fn alive(&self) -> Result<()> {
         self.control.check_alive()?;
         for l in &self.lanes {
             if let Err(reason) = l.check() {
@@ -246,18 +247,9 @@ impl RdmaLink {
         Ok(())
     }
 
-    /// Work requests not yet completed on `lane` (a load measure).
-    pub(crate) fn outstanding(&self, lane: usize) -> usize {
-        self.lanes[lane].in_use.load(Ordering::Acquire)
-    }
-
-    /// Posts `work` on `lane`. `remote(segment, rail)` gives the peer's base address and rkey.
-    pub(crate) fn post(
-        &self,
-        lane: usize,
-        work: Work,
-        remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
-    ) {
+    /// Posts `work` on QP lane `lane`. `remote(segment, rail)` gives the peer's base address
+    /// and rkey.
+    fn post_qp(&self, lane: usize, work: Work, remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>) {
         let l = &self.lanes[lane];
         if let Err(reason) = l.check() {
             return work.abandon(&reason);
@@ -304,18 +296,11 @@ impl RdmaLink {
         }
     }
 
-    /// Closes the link: the QPs stop; flushed work completes with an error.
-    pub(crate) fn close(&self) {
-        Self::fail_all(&self.lanes, "connection closed locally");
-        self.control.close();
-    }
-
-    /// After [`close`](Self::close): waits for the control connection's threads and until
-    /// every work request posted on the lanes has completed or been flushed (the QPs are in
-    /// ERROR, so the rail pollers collect the flushes quickly), so no READ lands in local
-    /// memory afterwards. Gives up after `limit` with a warning naming the lanes still busy.
-    pub(crate) fn join(&self, limit: Duration) {
-        self.control.join();
+    /// After `close`: waits until every work request posted on the lanes has completed or
+    /// been flushed (the QPs are in ERROR, so the rail workers collect the flushes quickly),
+    /// so no READ lands in local memory afterwards. Gives up after `limit` with a warning
+    /// naming the lanes still busy.
+    fn drain(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
         while self
             .lanes
@@ -334,6 +319,95 @@ impl RdmaLink {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+}
+
+impl PeerLink for RdmaLink {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
+        Some(self.lanes.iter().map(|l| (l.rail, l.remote_rail)).collect())
+    }
+
+    fn staging_lane(&self) -> Option<usize> {
+        Some(self.lanes.len())
+    }
+
+    fn units_of(&self, lane: usize, slices: &[Slice]) -> u32 {
+        if lane == self.lanes.len() {
+            return self.control.units_of(0, slices);
+        }
+        // The last request of the lane's work, signalled, completes it all.
+        u32::from(!slices.is_empty())
+    }
+
+    fn post(
+        &self,
+        lane: usize,
+        work: Work,
+        inline: bool,
+        remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
+    ) {
+        if lane == self.lanes.len() {
+            self.control.post(0, work, inline, remote);
+        } else {
+            self.post_qp(lane, work, remote);
+        }
+    }
+
+    fn progress(&self, lane: usize) {
+        if lane == self.lanes.len() {
+            self.control.progress(0);
+        }
+    }
+
+    fn start_driving(&self, lane: usize) {
+        if lane == self.lanes.len() {
+            self.control.start_driving(0);
+        }
+    }
+
+    fn stop_driving(&self, lane: usize, hand_back: bool) {
+        if lane == self.lanes.len() {
+            self.control.stop_driving(0, hand_back);
+        }
+    }
+
+    fn outstanding(&self, lane: usize) -> usize {
+        match self.lanes.get(lane) {
+            Some(l) => l.in_use.load(Ordering::Acquire),
+            None => self.control.outstanding(0),
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        self.alive()
+    }
+
+    fn fetch_segments(&self, timeout: Duration) -> Result<Vec<u8>> {
+        self.control.fetch_segments(timeout)
+    }
+
+    fn on_lost(&self, hook: crate::transport::LostHook) {
+        self.control.on_lost(hook);
+    }
+
+    /// The QPs stop (flushed work completes with an error), then the control connection.
+    fn close(&self) {
+        Self::fail_all(&self.lanes, "connection closed locally");
+        self.control.close();
+    }
+
+    /// The control connection's threads, then the QPs' flushes.
+    fn join(&self, limit: Duration) {
+        self.control.join(limit);
+        self.drain(limit);
     }
 }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use sideway::ibverbs::memory_region::MemoryRegion;
 
+use crate::transport::notify::{Notifier, imm_decode};
 pub(crate) use crate::wire::{QpInfo, RailInfo, RdmaEndpoint};
 pub(crate) use link::RdmaLink;
 use verbs::{Completion, Qp, Rail};
@@ -39,80 +40,6 @@ pub(crate) struct RailChoice {
     pub(crate) device: String,
     pub(crate) port: u8,
     pub(crate) gid_index: u8,
-}
-
-/// A notification delivered to the target: `tag` from the peer `(engine_id, epoch)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Notification {
-    /// The sending engine's id.
-    pub engine_id: u64,
-    /// The sending engine's epoch.
-    pub epoch: u64,
-    /// The tag given to `submit_with_notify` (24 bits).
-    pub tag: u32,
-}
-
-/// Collects notifications: each arrives as one part per lane the batch used, and is delivered
-/// once all parts are in (each part follows its lane's data, so all data has landed).
-#[derive(Default)]
-pub(crate) struct Notifier {
-    parts: Mutex<HashMap<(u64, u64, u32), u32>>,
-    ready: Mutex<Vec<Notification>>,
-    /// Sees each complete notification first; `true` = consumed (KV rooms).
-    hook: RwLock<Option<NotifyHook>>,
-}
-
-/// A consumer of complete notifications (returns `true` when it took one).
-pub(crate) type NotifyHook = Arc<dyn Fn(&Notification) -> bool + Send + Sync>;
-
-impl std::fmt::Debug for Notifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Notifier")
-            .field("ready", &self.ready.lock().len())
-            .finish()
-    }
-}
-
-impl Notifier {
-    /// Records one part of `tag`'s notification, of `total` parts.
-    pub(crate) fn part(&self, engine_id: u64, epoch: u64, tag: u32, total: u32) {
-        let mut parts = self.parts.lock();
-        let n = parts.entry((engine_id, epoch, tag)).or_insert(0);
-        *n += 1;
-        if *n >= total {
-            parts.remove(&(engine_id, epoch, tag));
-            drop(parts);
-            let n = Notification {
-                engine_id,
-                epoch,
-                tag,
-            };
-            let hook = self.hook.read().clone();
-            if !hook.is_some_and(|h| h(&n)) {
-                self.ready.lock().push(n);
-            }
-        }
-    }
-
-    /// Installs (or removes) the consumer that sees notifications first.
-    pub(crate) fn set_hook(&self, hook: Option<NotifyHook>) {
-        *self.hook.write() = hook;
-    }
-
-    /// Takes every complete notification.
-    pub(crate) fn take(&self) -> Vec<Notification> {
-        std::mem::take(&mut *self.ready.lock())
-    }
-}
-
-/// Encodes a notification part: 24-bit tag and the number of parts.
-pub(crate) fn imm_encode(tag: u32, parts: u32) -> u32 {
-    (tag & 0x00ff_ffff) << 8 | (parts & 0xff)
-}
-
-/// Decodes [`imm_encode`].
-pub(crate) fn imm_decode(imm: u32) -> (u32, u32) {
-    (imm >> 8, (imm & 0xff).max(1))
 }
 
 struct TargetQp {

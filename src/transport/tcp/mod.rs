@@ -20,6 +20,8 @@ pub(crate) use io::send_all;
 pub(crate) use target::{ServeContext, serve};
 
 use crate::error::{Error, Result};
+use crate::plan::Slice;
+use crate::transport::{Work, units_of};
 use crate::wire::{self, Hello, PREAMBLE_LEN};
 
 /// Reads one handshake message from a blocking socket (whose read timeout bounds the wait).
@@ -86,5 +88,68 @@ impl TcpLink {
             .map(|(i, s)| TcpConn::start(s, peer.to_string(), epoch, i, stall))
             .collect::<Result<Vec<_>>>()?;
         Ok(TcpLink { conns })
+    }
+}
+
+impl crate::transport::PeerLink for TcpLink {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn lanes(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn units_of(&self, _lane: usize, slices: &[Slice]) -> u32 {
+        units_of(slices)
+    }
+
+    fn post(
+        &self,
+        lane: usize,
+        work: Work,
+        inline: bool,
+        _remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
+    ) {
+        self.conns[lane].post(work, inline);
+    }
+
+    fn progress(&self, lane: usize) {
+        self.conns[lane].progress();
+    }
+
+    fn start_driving(&self, lane: usize) {
+        self.conns[lane].start_driving();
+    }
+
+    fn stop_driving(&self, lane: usize, hand_back: bool) {
+        self.conns[lane].stop_driving(hand_back);
+    }
+
+    fn outstanding(&self, lane: usize) -> usize {
+        self.conns[lane].outstanding()
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        self.conns.iter().try_for_each(|c| c.check_alive())
+    }
+
+    fn fetch_segments(&self, timeout: Duration) -> Result<Vec<u8>> {
+        self.conns[0].fetch_segments(timeout)
+    }
+
+    fn on_lost(&self, hook: crate::transport::LostHook) {
+        for c in &self.conns {
+            let h = hook.clone();
+            c.on_death(move |reason| h(reason));
+        }
+    }
+
+    fn close(&self) {
+        self.conns.iter().for_each(|c| c.close());
+    }
+
+    fn join(&self, _limit: Duration) {
+        self.conns.iter().for_each(|c| c.join());
     }
 }

@@ -12,7 +12,7 @@ use super::io::{DeferredFrame, FrameHandler, FrameReader, Out, Sink, wait_readab
 use crate::cuda::{Bounce, DeviceCopy, STAGE_CHUNK};
 use crate::memory::{SegmentGuard, SegmentTable};
 use crate::transport::fence::{ROOM_SLOT_SHIFT, RoomFences, RoomHold};
-use crate::transport::rdma::{Notifier, imm_decode};
+use crate::transport::notify::{Notifier, imm_decode};
 use crate::wire::{FLAG_LAST, FrameHeader, FrameOp, SegmentDesc, encode_segments};
 
 /// Who is on the other end and what the target side needs to answer it.
