@@ -1,0 +1,161 @@
+//! The serving side: the accept loop, and every connection it accepted, tracked so that
+//! shutdown can wake and join their threads.
+
+use super::*;
+
+/// The connections this engine accepted: a second handle on each socket (to wake its thread
+/// on shutdown) and the threads serving them.
+#[derive(Default)]
+pub(super) struct Served {
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    next: AtomicU64,
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
+}
+
+impl Served {
+    pub(super) fn add_socket(&self, s: TcpStream) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.sockets.lock().insert(id, s);
+        id
+    }
+
+    /// Called by a serving thread as it ends (its own socket closes with it).
+    pub(super) fn remove_socket(&self, id: u64) {
+        self.sockets.lock().remove(&id);
+    }
+
+    pub(super) fn add_thread(&self, t: thread::JoinHandle<()>) {
+        let mut threads = self.threads.lock();
+        threads.retain(|t| !t.is_finished());
+        threads.push(t);
+    }
+
+    /// Shuts every served socket down (a blocked read or write returns at once) and joins
+    /// the serving threads, except the calling one.
+    pub(super) fn stop_and_join(&self) {
+        for s in self.sockets.lock().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let me = thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        self.sockets.lock().clear();
+    }
+}
+
+impl Engine {
+    pub(super) fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        while !self.shutdown.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    let wake = match s.try_clone() {
+                        Ok(w) => w,
+                        Err(err) => {
+                            tracing::error!("cannot serve {from}: dup: {err}");
+                            continue;
+                        }
+                    };
+                    let id = self.served.add_socket(wake);
+                    let e = self.clone();
+                    let spawned =
+                        thread::Builder::new()
+                            .name("kvt-serve".into())
+                            .spawn(move || {
+                                e.clone().serve_conn(s, from);
+                                e.served.remove_socket(id);
+                            });
+                    match spawned {
+                        Ok(t) => self.served.add_thread(t),
+                        Err(err) => {
+                            self.served.remove_socket(id);
+                            tracing::error!("cannot start a thread for {from}: {err}");
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut fds = [nix::poll::PollFd::new(
+                        listener.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
+                }
+                Err(_) if self.shutdown.load(Ordering::Acquire) => break,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    pub(super) fn serve_conn(self: Arc<Self>, mut s: TcpStream, from: SocketAddr) {
+        let peer = from.to_string();
+        let mut accepted = None;
+        let setup = (|| -> Result<Hello> {
+            s.set_nonblocking(false)
+                .map_err(|e| Error::io("fcntl", e))?;
+            s.set_nodelay(true)
+                .map_err(|e| Error::io("setsockopt(TCP_NODELAY)", e))?;
+            s.set_read_timeout(Some(self.config.connect_timeout))
+                .map_err(|e| Error::io("setsockopt", e))?;
+            s.set_write_timeout(Some(self.config.connect_timeout))
+                .map_err(|e| Error::io("setsockopt", e))?;
+            let theirs = tcp::read_hello(&mut s, &peer)?;
+            let offer = rdma_endpoint(&theirs)?;
+            let answer = match (&self.rdma, offer) {
+                (Some(r), Some(offer)) if theirs.purpose == ConnPurpose::Control => {
+                    let (answer, qps) = r.accept(&offer, theirs.engine_id, theirs.epoch)?;
+                    accepted = Some(qps);
+                    Some(answer)
+                }
+                _ => None,
+            };
+            tcp::write_hello(
+                &mut s,
+                &self.hello(theirs.purpose, theirs.conn_index, answer.as_ref()),
+                &peer,
+            )?;
+            Ok(theirs)
+        })();
+        match setup {
+            Ok(h) if h.purpose == ConnPurpose::Probe => {
+                tracing::debug!(%peer, "answered a liveness probe");
+            }
+            Ok(h) if h.purpose == ConnPurpose::Kv => {
+                let acceptor = self.kv_acceptor.read().clone();
+                match acceptor {
+                    Some(a) => a(s, &h, from),
+                    None => tracing::warn!(%peer, "closing a KV channel: no KV manager here"),
+                }
+            }
+            Ok(h) => {
+                tracing::debug!(%peer, epoch = format_args!("{:#x}", h.epoch), conn = h.conn_index,
+                    rdma = accepted.is_some(), "connection accepted");
+                let rdma = self.rdma.clone();
+                let segments = self.segments.clone();
+                let ctx = ServeContext {
+                    segments: self.segments.clone(),
+                    describe: Arc::new(move || {
+                        Engine::describe_segments(&segments, rdma.as_deref())
+                    }),
+                    notifier: self.notifier.clone(),
+                    fences: self.fences.clone(),
+                    shutdown: self.shutdown.clone(),
+                    busy_poll: self.config.busy_poll,
+                    stall: self.config.batch_timeout,
+                    peer,
+                    peer_engine: h.engine_id,
+                    peer_epoch: h.epoch,
+                };
+                tcp::serve(s, ctx);
+                // The control connection is gone: the peer's QPs stop here (AcceptedQps drop).
+                drop(accepted);
+            }
+            Err(e) => tracing::warn!(%peer, "rejecting connection: {e}"),
+        }
+    }
+}
