@@ -126,6 +126,17 @@ pub(crate) struct Shared {
     outbound: Mutex<HashMap<SocketAddr, Arc<Channel>>>,
     /// Prefill side: channels decode managers opened to us.
     inbound: Mutex<Vec<Weak<Inbound>>>,
+    /// Prefill side: rooms a receiver aborted, for the sweep thread to acknowledge once their
+    /// transfers have settled (one thread for all of them, not one per abort).
+    aborts: crossbeam_channel::Sender<AbortWait>,
+}
+
+/// A receiver's abort to acknowledge once the room's transfers have settled (or `until`).
+struct AbortWait {
+    sender: Arc<SendRoom>,
+    channel: Arc<Channel>,
+    room: u64,
+    until: Instant,
 }
 
 /// One per process and role: owns an engine with the KV layout registered, and the rooms.
@@ -216,7 +227,9 @@ impl KvManager {
             // SAFETY: forwarded from the caller's contract.
             unsafe { register_layout(&engine, &layout)? };
         }
+        let (aborts, abort_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
+            aborts,
             engine,
             cfg: kv,
             layout,
@@ -243,7 +256,7 @@ impl KvManager {
                 let weak = Arc::downgrade(&shared);
                 thread::Builder::new()
                     .name("kvt-kv-sweep".into())
-                    .spawn(move || sweep_pending(weak))
+                    .spawn(move || sweep_pending(weak, abort_rx))
                     .map_err(|e| Error::io("spawn", e))?;
             }
             KvRole::Decode => {
@@ -604,15 +617,12 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
                 match sender {
                     Some(s) if s.is_from(&inbound) => {
                         s.fail(peer_reason("receiver", reason));
-                        let c = channel.clone();
-                        let limit = m.cfg.abort_timeout;
-                        let _ =
-                            thread::Builder::new()
-                                .name("kvt-kv-abort".into())
-                                .spawn(move || {
-                                    s.settle(limit);
-                                    let _ = c.send(&KvMessage::RoomAbortAck { room });
-                                });
+                        let _ = m.aborts.send(AbortWait {
+                            sender: s,
+                            channel: channel.clone(),
+                            room,
+                            until: Instant::now() + m.cfg.abort_timeout,
+                        });
                     }
                     _ => {
                         m.pending.lock().remove(&room);
@@ -732,9 +742,39 @@ fn serve_outbound(weak: Weak<Shared>, channel: Arc<Channel>, mut reader: TcpStre
 }
 
 /// Prefill side: rejects destinations whose sender never came within the room timeout.
-fn sweep_pending(weak: Weak<Shared>) {
+/// Prefill side's one housekeeping thread: acknowledges receivers' aborts once the room's
+/// transfers have settled (checked every millisecond while any wait), and every 100 ms
+/// rejects rooms whose init never met a sender.
+fn sweep_pending(weak: Weak<Shared>, aborts: crossbeam_channel::Receiver<AbortWait>) {
+    let mut waiting: Vec<AbortWait> = Vec::new();
+    let mut swept = Instant::now();
     loop {
-        thread::sleep(Duration::from_millis(100));
+        let tick = if waiting.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(1)
+        };
+        match aborts.recv_timeout(tick) {
+            Ok(a) => waiting.push(a),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(a) = aborts.try_recv() {
+            waiting.push(a);
+        }
+        let now = Instant::now();
+        waiting.retain(|a| {
+            if a.sender.settled() || now >= a.until {
+                let _ = a.channel.send(&KvMessage::RoomAbortAck { room: a.room });
+                false
+            } else {
+                true
+            }
+        });
+        if swept.elapsed() < Duration::from_millis(100) {
+            continue;
+        }
+        swept = Instant::now();
         let Some(m) = weak.upgrade() else { return };
         let limit = m.cfg.room_timeout;
         let expired: Vec<(u64, PendingInit)> = {

@@ -166,6 +166,11 @@ impl SendRoom {
         Ok(())
     }
 
+    /// Whether every batch of the room has settled (no completion outstanding).
+    pub(crate) fn settled(&self) -> bool {
+        self.inner.lock().all.iter().all(|b| b.remaining() == 0)
+    }
+
     /// Waits up to `limit` until none of the room's writes is in flight; true if none is.
     pub(crate) fn settle(&self, limit: Duration) -> bool {
         let batches: Vec<Arc<Batch>> = self.inner.lock().all.clone();
