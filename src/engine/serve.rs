@@ -10,6 +10,22 @@ pub(super) struct Served {
     sockets: Mutex<HashMap<u64, TcpStream>>,
     next: AtomicU64,
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
+    /// Accepted connections whose handshake has not finished.
+    handshaking: AtomicUsize,
+}
+
+/// Most accepted connections in their handshake at once. Beyond it new connections are
+/// closed at once: half-open connections cost a thread each until their handshake times out
+/// (`connect_timeout`), so without a bound they would grow without one.
+pub(crate) const MAX_HANDSHAKES: usize = 64;
+
+/// Counts one connection in its handshake until dropped.
+struct Handshaking<'a>(&'a AtomicUsize);
+
+impl Drop for Handshaking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Served {
@@ -52,9 +68,17 @@ impl Engine {
         while !self.shutdown.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((s, from)) => {
+                    let in_handshake = self.served.handshaking.fetch_add(1, Ordering::AcqRel);
+                    if in_handshake >= MAX_HANDSHAKES {
+                        self.served.handshaking.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!(%from, "closing a new connection: {MAX_HANDSHAKES} handshakes already in progress");
+                        drop(s);
+                        continue;
+                    }
                     let wake = match s.try_clone() {
                         Ok(w) => w,
                         Err(err) => {
+                            self.served.handshaking.fetch_sub(1, Ordering::AcqRel);
                             tracing::error!("cannot serve {from}: dup: {err}");
                             continue;
                         }
@@ -72,6 +96,7 @@ impl Engine {
                         Ok(t) => self.served.add_thread(t),
                         Err(err) => {
                             self.served.remove_socket(id);
+                            self.served.handshaking.fetch_sub(1, Ordering::AcqRel);
                             tracing::error!("cannot start a thread for {from}: {err}");
                         }
                     }
@@ -95,6 +120,7 @@ impl Engine {
     pub(super) fn serve_conn(self: Arc<Self>, mut s: TcpStream, from: SocketAddr) {
         let peer = from.to_string();
         let mut accepted = None;
+        let handshake = Handshaking(&self.served.handshaking);
         let setup = (|| -> Result<Hello> {
             s.set_nonblocking(false)
                 .map_err(|e| Error::io("fcntl", e))?;
@@ -121,6 +147,7 @@ impl Engine {
             )?;
             Ok(theirs)
         })();
+        drop(handshake);
         match setup {
             Ok(h) if h.purpose == ConnPurpose::Probe => {
                 tracing::debug!(%peer, "answered a liveness probe");

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, bounded};
 use parking_lot::Mutex;
 
 use super::io::{FrameHandler, FrameReader, Out, Sink, wait_readable, write_all_nb};
@@ -43,6 +43,9 @@ struct Inbound {
     reader: FrameReader,
     current_read: Option<PendingRead>,
 }
+
+/// Work items a connection queues for its sender thread before `post` waits.
+const QUEUE_BOUND: usize = 1024;
 
 /// Called with the reason when a connection dies.
 type DeathHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -88,7 +91,7 @@ impl TcpConn {
             .set_nonblocking(true)
             .map_err(|e| Error::io("fcntl(O_NONBLOCK)", e))?;
         let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
-        let (tx, rx) = unbounded();
+        let (tx, rx) = bounded(QUEUE_BOUND);
         let conn = Arc::new(TcpConn {
             peer,
             epoch,
@@ -181,9 +184,20 @@ impl TcpConn {
             }
         }
         self.queued.fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = self.queue.send(work) {
+        // Backpressure: a full queue waits for the sender thread, until the batch deadline.
+        let wait = work
+            .batch
+            .deadline
+            .saturating_duration_since(Instant::now());
+        if let Err(e) = self.queue.send_timeout(work, wait) {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            e.into_inner().abandon("connection closed");
+            let reason = match &e {
+                SendTimeoutError::Timeout(_) => {
+                    "the connection's send queue stayed full until the batch deadline"
+                }
+                SendTimeoutError::Disconnected(_) => "connection closed",
+            };
+            e.into_inner().abandon(reason);
         }
     }
 
