@@ -134,7 +134,7 @@ kvt_check_bench_repeat() {
     else
       failed=$((failed + 1))
       echo "run $i of $runs failed:" >&2
-      grep -iE "error|fail|IBV_" "$dir/run.err" | tail -n 5 >&2
+      grep -iE "error|fail|IBV_|panick|worker" "$dir/run.err" | tail -n 8 >&2
     fi
   done
   kill "$tgt" 2>/dev/null; wait "$tgt" 2>/dev/null

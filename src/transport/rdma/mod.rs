@@ -86,6 +86,7 @@ impl RdmaTransport {
             .map(|(i, c)| Rail::open(&list, i as u16, &c.device, c.port, c.gid_index).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let mut failed = None;
+        let (ready, ready_rx) = crossbeam_channel::bounded(rails.len());
         let t = Arc::new_cyclic(|weak| RdmaTransport {
             workers: rails
                 .iter()
@@ -97,6 +98,7 @@ impl RdmaTransport {
                         i,
                         shutdown.clone(),
                         busy_poll,
+                        ready_rx.clone(),
                     );
                     w.map_err(|e| failed = Some(e)).ok()
                 })
@@ -111,8 +113,12 @@ impl RdmaTransport {
             shutdown: shutdown.clone(),
         });
         if let Some(e) = failed {
-            // The workers already started see the transport gone and exit.
+            // The workers already started see `ready` close and exit.
             return Err(e);
+        }
+        // The transport exists now: let the workers look at it.
+        for _ in &t.workers {
+            let _ = ready.send(());
         }
         for r in &t.rails {
             tracing::info!(rail = r.info.index, device = %r.device, port = r.info.port, gid_index = r.gid_index,

@@ -81,13 +81,17 @@ pub(crate) struct RailWorker {
 }
 
 impl RailWorker {
-    /// Starts the worker of rail `index`.
+    /// Starts the worker of rail `index`. It waits for a message on `ready` before its first
+    /// look at `transport` (which is being built while the workers start: until then it
+    /// cannot be upgraded, which would read as "the engine is gone"), and exits if `ready`
+    /// closes first.
     pub(crate) fn start(
         transport: Weak<RdmaTransport>,
         rail: Arc<Rail>,
         index: usize,
         stop: Arc<AtomicBool>,
         busy_poll: Duration,
+        ready: Receiver<()>,
     ) -> Result<RailWorker> {
         let (posts, post_rx) = crossbeam_channel::bounded(QUEUE_BOUND);
         let (control, control_rx) = crossbeam_channel::unbounded();
@@ -108,7 +112,11 @@ impl RailWorker {
         };
         let thread = thread::Builder::new()
             .name(format!("kvt-rail{index}"))
-            .spawn(move || state.run())
+            .spawn(move || {
+                if ready.recv().is_ok() {
+                    state.run();
+                }
+            })
             .map_err(|e| Error::io("spawn", e))?;
         Ok(RailWorker {
             posts,
