@@ -499,3 +499,62 @@ fn an_unsignaled_failure_reports_its_own_status() {
     );
     assert_eq!(common::first_nonzero(region, len), None, "nothing landed");
 }
+
+/// The kernel's own count (`rdma resource show`) of user `kind` objects (mr, qp) on `dev`.
+fn kernel_resources(kind: &str, dev: &str) -> usize {
+    let out = Command::new("rdma")
+        .args(["-j", "resource", "show", kind])
+        .output()
+        .expect("the rdma tool (iproute2)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("rdma -j resource show {kind}: {e}"));
+    // The kernel names the thread that created each object, which may have exited since; the
+    // guest runs nothing else on these devices (the tests run one at a time), so every user
+    // object (one with a pid; the kernel's own GSI QPs have none) is this process's.
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .filter(|o| o.get("pid").is_some() && o["ifname"].as_str() == Some(dev))
+        .count()
+}
+
+/// Destroy deregisters every memory region and destroys every QP before it returns, also
+/// for memory the caller registered and keeps.
+#[test]
+fn destroy_leaves_no_memory_region_or_queue_pair() {
+    if !in_vm() {
+        return;
+    }
+    let len = 1 << 20;
+    let region = common::map_anon(len, None);
+    let target = engine(&["rxeB0"]);
+    // SAFETY: a fresh anonymous mapping this test owns and never unmaps.
+    let seg = unsafe { target.register_memory(region, len) }.unwrap();
+    let kept = target.alloc(4096).unwrap();
+    let initiator = engine(&["rxeA0"]);
+    let src = initiator.alloc(len).unwrap();
+    let peer = initiator.connect(target.local_addr()).unwrap();
+    initiator
+        .transfer_sync(peer, &[Request::write(src.addr(), len as u64, seg.id, 0)])
+        .unwrap();
+    let (mrs, qps) = (
+        kernel_resources("mr", "rxeB0"),
+        kernel_resources("qp", "rxeB0"),
+    );
+    eprintln!("target on rxeB0 before destroy: {mrs} MRs, {qps} QPs");
+    assert!(mrs >= 2 && qps >= 2, "{mrs} MRs, {qps} QPs while connected");
+    drop(target);
+    let (mrs, qps) = (
+        kernel_resources("mr", "rxeB0"),
+        kernel_resources("qp", "rxeB0"),
+    );
+    assert_eq!(
+        (mrs, qps),
+        (0, 0),
+        "MRs and QPs left on rxeB0 after destroy"
+    );
+    // The buffer outlived its engine: its bytes are still there to read.
+    assert_eq!(kept.to_vec().len(), 4096);
+    drop(initiator);
+    assert_eq!(kernel_resources("mr", "rxeA0"), 0);
+}

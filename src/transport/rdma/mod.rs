@@ -372,12 +372,17 @@ impl RdmaTransport {
     }
 
     /// Stops the rail workers and waits for them: lanes still open fail, and no work
-    /// request of this engine is posted or polled afterwards.
+    /// request of this engine is posted or polled afterwards. Then deregisters every memory
+    /// region: with the QPs stopped, the NIC has no more use for them, and the caller may
+    /// free the memory (a `HostBuffer` that outlives its engine keeps its bytes, not its MR).
     pub(crate) fn stop(&self) {
         self.shutdown.store(true, Ordering::Release);
         for w in &self.workers {
             w.join();
         }
+        self.target_qps.lock().clear();
+        self.mrs.write().clear();
+        self.near.write().clear();
     }
 }
 
