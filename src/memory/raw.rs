@@ -247,3 +247,57 @@ impl Drop for RawAlloc {
         unsafe { dealloc(self.ptr, self.layout) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unsent bytes of `out`, gathered (reads only the iovecs' ranges).
+    fn unsent(out: &Out<'_>) -> Vec<u8> {
+        let mut v = Vec::new();
+        for io in &out.iov[out.first..] {
+            // SAFETY: every entry points into a slice borrowed for the list's lifetime.
+            let s = unsafe { std::slice::from_raw_parts(io.iov_base.cast::<u8>(), io.iov_len) };
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    #[test]
+    fn advancing_walks_across_entries_and_skips_empty_ones() {
+        let (a, b, c) = (b"abc".to_vec(), Vec::new(), b"defgh".to_vec());
+        let mut out = Out::of(&[&a, &b, &c]);
+        assert_eq!(unsent(&out), b"abcdefgh");
+        out.advance(2);
+        assert_eq!(unsent(&out), b"cdefgh");
+        out.advance(1);
+        assert_eq!(out.first, 2, "the empty entry is skipped");
+        assert_eq!(unsent(&out), b"defgh");
+        out.advance(4);
+        assert_eq!(unsent(&out), b"h");
+        assert!(!out.is_empty());
+        out.advance(1);
+        assert!(out.is_empty());
+        out.clear();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri has no sendmsg")]
+    fn a_send_takes_what_the_socket_takes_and_the_rest_stays() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let (tx, mut rx) = UnixStream::pair().unwrap();
+        let (a, b) = (vec![1u8; 1000], vec![2u8; 24]);
+        let mut out = Out::of(&[&a, &b]);
+        let mut sent = 0;
+        while !out.is_empty() {
+            sent += out.send(&tx).unwrap();
+        }
+        assert_eq!(sent, 1024);
+        let mut got = vec![0u8; 1024];
+        rx.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..1000], &a[..]);
+        assert_eq!(&got[1000..], &b[..]);
+    }
+}
