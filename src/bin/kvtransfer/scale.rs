@@ -1,7 +1,8 @@
 //! `kvtransfer bench --peers 1,8,64`: what one engine costs as its peer count grows. For each
 //! N it starts a fresh engine, connects it to N peer processes (`bench --role target`
 //! children, started once and shared by every N), writes 4 KiB to each and reads this
-//! process's threads, resident memory and file descriptors from `/proc/self`.
+//! process's threads, resident memory and file descriptors from `/proc/self`. The peers use
+//! `KVT_SCALE_PEER_DEVICES` as their `KVT_DEVICES` when it is set.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -45,6 +46,10 @@ fn spawn_peer(transport: Option<&str>) -> Result<(Child, String)> {
     cmd.args(["bench", "--role", "target", "--buffer-size", "1M"]);
     if let Some(t) = transport {
         cmd.args(["--transport", t]);
+    }
+    // Peers on other devices than this engine (RDMA: the other side of the fabric).
+    if let Ok(devs) = std::env::var("KVT_SCALE_PEER_DEVICES") {
+        cmd.env("KVT_DEVICES", devs);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
