@@ -104,9 +104,24 @@ pub(crate) fn work_requests(
     notify: Option<u32>,
 ) -> std::result::Result<Vec<Wr>, u32> {
     let mut wrs = Vec::with_capacity(slices.len() + 1);
+    // A lane's slices mostly share one local and one remote segment: look each key up once
+    // per change of segment, not once per work request (the lookups take locks).
+    let mut local: Option<(u32, Option<u32>)> = None;
+    let mut far: Option<(u32, Option<(u64, u32)>)> = None;
     for s in slices {
         let seg = segment_of(s);
-        let (Some(lkey), Some((base, rkey))) = (lkey(seg), remote(s.remote_segment.0)) else {
+        let l = match local {
+            Some((at, k)) if at == seg => k,
+            _ => local.insert((seg, lkey(seg))).1,
+        };
+        let r = match far {
+            Some((at, k)) if at == s.remote_segment.0 => k,
+            _ => {
+                far.insert((s.remote_segment.0, remote(s.remote_segment.0)))
+                    .1
+            }
+        };
+        let (Some(lkey), Some((base, rkey))) = (l, r) else {
             return Err(seg);
         };
         wrs.push(Wr {

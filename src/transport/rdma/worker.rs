@@ -183,6 +183,18 @@ struct Slot {
     detached: bool,
 }
 
+impl Slot {
+    /// Fails every work still waiting to be posted with `reason`.
+    fn abandon_pending(&mut self, reason: &str) {
+        for p in self.pending.drain(..) {
+            self.lane
+                .in_use
+                .fetch_sub(p.wrs.len() - p.at, Ordering::AcqRel);
+            p.finish.fail(reason.to_string());
+        }
+    }
+}
+
 struct Worker {
     transport: Weak<RdmaTransport>,
     rail: Arc<Rail>,
@@ -303,9 +315,13 @@ impl Worker {
                 lane.slot.store(i, Ordering::Release);
             }
             Cmd::Post { lane, wrs, finish } => {
-                // A post can overtake its lane's attach only if the caller skipped it.
-                self.take_control();
-                let i = lane.slot.load(Ordering::Acquire);
+                let mut i = lane.slot.load(Ordering::Acquire);
+                if self.slots.get(i as usize).is_none_or(Option::is_none) {
+                    // The lane's attach was sent before this post, but may have arrived on
+                    // the control channel after this round took from it.
+                    self.take_control();
+                    i = lane.slot.load(Ordering::Acquire);
+                }
                 let Some(s) = self.slots.get_mut(i as usize).and_then(Option::as_mut) else {
                     let n = wrs.len();
                     finish.fail("rdma lane is not attached to its rail worker".into());
@@ -353,12 +369,7 @@ impl Worker {
                 continue;
             };
             if let Err(reason) = s.lane.check() {
-                for p in s.pending.drain(..) {
-                    s.lane
-                        .in_use
-                        .fetch_sub(p.wrs.len() - p.at, Ordering::AcqRel);
-                    p.finish.fail(reason.clone());
-                }
+                s.abandon_pending(&reason);
                 self.release_if_done(i);
                 continue;
             }
@@ -513,12 +524,7 @@ impl Worker {
         for s in self.slots.iter_mut().flatten() {
             s.lane.fail("engine closed".into());
             let reason = s.lane.check().err().unwrap_or_default();
-            for p in s.pending.drain(..) {
-                s.lane
-                    .in_use
-                    .fetch_sub(p.wrs.len() - p.at, Ordering::AcqRel);
-                p.finish.fail(reason.clone());
-            }
+            s.abandon_pending(&reason);
             let (n, owners) = s.out.clear();
             for f in owners {
                 f.set_error(reason.clone());
