@@ -5,7 +5,8 @@
 #
 #   bash scripts/miri.sh
 #
-# Installs a nightly toolchain with miri and rust-src through rustup when missing. Where that
+# Installs the pinned nightly (below) with miri and rust-src through rustup when missing;
+# pinned so that every machine runs the same Miri. Where that
 # cannot be done it prints "miri: skipped: <reason>" and exits 0 -- except under CI=true,
 # where it fails. Property tests run 4 cases each (PROPTEST_CASES): Miri is ~1000x slower.
 set -euo pipefail
@@ -20,15 +21,15 @@ cannot() {
   exit 0
 }
 
+tc=nightly-2026-05-20
 command -v rustup >/dev/null || cannot "rustup not found (Miri comes as a nightly component)"
-if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^miri'; then
-  echo "miri: installing a nightly toolchain with miri and rust-src" >&2
-  rustup toolchain install nightly --profile minimal --component miri,rust-src >&2 ||
-    cannot "rustup could not install nightly with miri"
+installed=$(rustup +"$tc" component list --installed 2>/dev/null || true)
+if ! grep -q '^miri' <<<"$installed" || ! grep -q '^rust-src' <<<"$installed"; then
+  echo "miri: installing $tc with miri and rust-src" >&2
+  rustup toolchain install "$tc" --profile minimal --component miri,rust-src >&2 ||
+    cannot "rustup could not install $tc with miri"
 fi
-rustup +nightly component list --installed | grep -q '^rust-src' ||
-  rustup +nightly component add rust-src >&2 || cannot "rustup could not add rust-src"
-echo "miri: $(rustc +nightly -V)" >&2
+echo "miri: $(rustc +"$tc" -V)" >&2
 
 # Modules with no I/O, no clock and no threads of their own (or the unsafe helpers the
 # others stand on). Proptest needs the working directory (isolation off).
@@ -37,5 +38,6 @@ modules=(
   transport::rdma::outstanding transport::fence topology::matrix topology::rails
   memory:: ffi::pointers ffi::versioned ffi::boundary
 )
+# A target directory per toolchain: Miri's artifacts from another nightly do not load.
 MIRIFLAGS="${MIRIFLAGS:--Zmiri-disable-isolation}" PROPTEST_CASES="${PROPTEST_CASES:-4}" \
-  cargo +nightly miri test --lib -- "${modules[@]}"
+  CARGO_TARGET_DIR="target/$tc" cargo +"$tc" miri test --lib -- "${modules[@]}"
