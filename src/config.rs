@@ -15,6 +15,7 @@
 //! | `devices` | `KVT_DEVICES` | all active ports (`mlx5_0,mlx5_3` or `dev:port`) |
 //! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
 //! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
+//! | `io_threads` | `KVT_IO_THREADS` | 2 (TCP I/O threads, and as many send threads) |
 //! | `gpu_mode` | `KVT_GPU_MODE` | `auto` (`auto`, `dmabuf`, `peermem`, `staging`) |
 //! | `rails_per_gpu` | `KVT_RAILS_PER_GPU` | 1 (nearest rails a GPU segment uses) |
 //!
@@ -141,6 +142,9 @@ pub struct EngineConfig {
     pub gid_index: Option<u16>,
     /// RC queue pairs per (peer, rail) pair.
     pub qps_per_rail: usize,
+    /// Threads that read every TCP connection (an epoll set), and as many that write for
+    /// them: an engine's TCP threads do not grow with its peers.
+    pub io_threads: usize,
     /// How GPU memory is registered (see [`GpuMode`]).
     pub gpu_mode: GpuMode,
     /// How many of the nearest rails a GPU segment is registered on and striped over
@@ -164,6 +168,7 @@ impl Default for EngineConfig {
             devices: None,
             gid_index: None,
             qps_per_rail: 2,
+            io_threads: 2,
             gpu_mode: GpuMode::Auto,
             rails_per_gpu: 1,
         }
@@ -194,6 +199,9 @@ impl EngineConfig {
         }
         if !(1..=16).contains(&self.qps_per_rail) {
             return Err(invalid("qps_per_rail", "must be 1..=16"));
+        }
+        if !(1..=64).contains(&self.io_threads) {
+            return Err(invalid("io_threads", "must be 1..=64"));
         }
         if !(1..=16).contains(&self.rails_per_gpu) {
             return Err(invalid("rails_per_gpu", "must be 1..=16"));
@@ -286,6 +294,12 @@ impl EngineConfigBuilder {
         self.config.qps_per_rail = n;
         self
     }
+
+    /// TCP I/O threads (and as many send threads); see [`EngineConfig::io_threads`].
+    pub fn io_threads(mut self, n: usize) -> Self {
+        self.config.io_threads = n;
+        self
+    }
     /// How GPU memory is registered.
     pub fn gpu_mode(mut self, mode: GpuMode) -> Self {
         self.config.gpu_mode = mode;
@@ -360,6 +374,9 @@ impl EngineConfigBuilder {
             }
             if let Some(v) = get("KVT_QPS_PER_RAIL") {
                 c.qps_per_rail = parse_num("KVT_QPS_PER_RAIL", &v)? as usize;
+            }
+            if let Some(v) = get("KVT_IO_THREADS") {
+                c.io_threads = parse_num("KVT_IO_THREADS", &v)? as usize;
             }
             if let Some(v) = get("KVT_GPU_MODE") {
                 c.gpu_mode = v.parse()?;
@@ -444,6 +461,7 @@ mod tests {
             ("KVT_DEVICES", "mlx5_0, mlx5_3:1"),
             ("KVT_GID_INDEX", "3"),
             ("KVT_QPS_PER_RAIL", "4"),
+            ("KVT_IO_THREADS", "3"),
             ("KVT_GPU_MODE", "Staging"),
             ("KVT_RAILS_PER_GPU", "2"),
         ]
@@ -466,6 +484,7 @@ mod tests {
         );
         assert_eq!(c.gid_index, Some(3));
         assert_eq!(c.qps_per_rail, 4);
+        assert_eq!(c.io_threads, 3);
         assert_eq!(c.gpu_mode, GpuMode::Staging);
         assert_eq!(c.rails_per_gpu, 2);
         let e = EngineConfig::builder().rails_per_gpu(0).build();

@@ -36,7 +36,7 @@ use crate::request::{BatchId, BatchStatus, Op, Request};
 use crate::transport::fence::RoomFences;
 use crate::transport::notify::{self, Notification, Notifier};
 use crate::transport::rdma::{RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport};
-use crate::transport::tcp::{self, ServeContext, TcpLink};
+use crate::transport::tcp::{self, ServeContext, ServedConn, TcpIo, TcpLink};
 use crate::transport::{PeerLink, Work};
 use crate::wire::{ConnPurpose, Endpoint, Hello, SegmentDesc, TransportId, decode_segments};
 
@@ -118,8 +118,10 @@ struct Engine {
     /// Stops the RDMA rail pollers (set at the end of shutdown, after the flushes).
     rdma_stop: Arc<AtomicBool>,
     kv_acceptor: RwLock<Option<KvAcceptor>>,
-    /// The threads serving accepted connections, and their sockets.
+    /// Accepted connections: in their handshake, and served.
     served: Served,
+    /// The threads that read and write every TCP connection.
+    tcp_io: Arc<TcpIo>,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
     batches: Mutex<HashMap<u64, Arc<Batch>>>,
@@ -194,6 +196,7 @@ impl TransferEngine {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("getsockname", e))?;
+        let tcp_io = TcpIo::start(config.io_threads)?;
         let inner = Arc::new(Engine {
             engine_id: rand::random(),
             epoch: rand::random(),
@@ -205,6 +208,7 @@ impl TransferEngine {
             fences: Arc::new(RoomFences::default()),
             kv_acceptor: RwLock::new(None),
             served: Served::default(),
+            tcp_io,
             peers: RwLock::new(HashMap::new()),
             next_peer: AtomicU64::new(1),
             batches: Mutex::new(HashMap::new()),
@@ -216,10 +220,16 @@ impl TransferEngine {
         });
         let wake = listener.try_clone().map_err(|e| Error::io("dup", e))?;
         let e = inner.clone();
-        let accept = thread::Builder::new()
+        let accept = match thread::Builder::new()
             .name("kvt-accept".into())
             .spawn(move || e.accept_loop(listener))
-            .map_err(|e| Error::io("spawn", e))?;
+        {
+            Ok(t) => t,
+            Err(err) => {
+                inner.tcp_io.stop();
+                return Err(Error::io("spawn", err));
+            }
+        };
         tracing::info!(addr = %local_addr, epoch = format_args!("{:#x}", inner.epoch), transport = transport.as_str(), "engine started");
         Ok(TransferEngine {
             inner,
@@ -292,6 +302,9 @@ impl TransferEngine {
             p.link
                 .join(self.inner.config.batch_timeout.min(Duration::from_secs(5)));
         }
+        // Every connection is closed and idle: the TCP threads go (writing off anything
+        // still queued).
+        self.inner.tcp_io.stop();
         // Then the rail workers: their lanes are drained (or given up on), so stopping them
         // fails what is left, and once joined no work request is posted or polled.
         self.inner.rdma_stop.store(true, Ordering::Release);

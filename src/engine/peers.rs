@@ -164,7 +164,8 @@ impl Engine {
         let link: Box<dyn PeerLink> = match (prepared, answer) {
             (Some((lanes, _)), Some(answer)) => {
                 let r = self.rdma.as_ref().expect("prepared with rdma");
-                let control = TcpLink::start(vec![first], &peer, theirs.epoch, stall)?;
+                let control =
+                    TcpLink::start(vec![first], &peer, theirs.epoch, &self.tcp_io, stall)?;
                 Box::new(RdmaLink::finish(r, lanes, &answer, Box::new(control))?)
             }
             (prepared, _) => {
@@ -189,7 +190,13 @@ impl Engine {
                     }
                     streams.push(s);
                 }
-                Box::new(TcpLink::start(streams, &peer, theirs.epoch, stall)?)
+                Box::new(TcpLink::start(
+                    streams,
+                    &peer,
+                    theirs.epoch,
+                    &self.tcp_io,
+                    stall,
+                )?)
             }
         };
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);

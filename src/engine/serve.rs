@@ -1,10 +1,12 @@
-//! The serving side: the accept loop, and every connection it accepted, tracked so that
-//! shutdown can wake and join their threads.
+//! The serving side: the accept loop, the handshake of each accepted connection, and every
+//! connection it accepted, tracked so that shutdown can close them and wait for their
+//! threads.
 
 use super::*;
 
-/// The connections this engine accepted: a second handle on each socket (to wake its thread
-/// on shutdown) and the threads serving them.
+/// The connections this engine accepted: a second handle on each socket in its handshake
+/// (to wake its thread on shutdown), the threads running handshakes (and KV channels), and
+/// the data connections being served.
 #[derive(Default)]
 pub(super) struct Served {
     sockets: Mutex<HashMap<u64, TcpStream>>,
@@ -12,6 +14,7 @@ pub(super) struct Served {
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     /// Accepted connections whose handshake has not finished.
     handshaking: AtomicUsize,
+    conns: Mutex<Vec<Arc<ServedConn>>>,
 }
 
 /// Most accepted connections in their handshake at once. Beyond it new connections are
@@ -46,9 +49,19 @@ impl Served {
         threads.push(t);
     }
 
-    /// Shuts every served socket down (a blocked read or write returns at once) and joins
-    /// the serving threads, except the calling one.
+    /// Tracks a data connection now served by the poller.
+    pub(super) fn add_conn(&self, c: Arc<ServedConn>) {
+        let mut conns = self.conns.lock();
+        conns.retain(|c| !c.is_dead());
+        conns.push(c);
+    }
+
+    /// Closes every served connection and shuts every socket in its handshake down (a
+    /// blocked read or write returns at once), then waits for the threads of both, except
+    /// the calling one.
     pub(super) fn stop_and_join(&self) {
+        let conns = std::mem::take(&mut *self.conns.lock());
+        conns.iter().for_each(|c| c.close());
         for s in self.sockets.lock().values() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -60,6 +73,11 @@ impl Served {
             }
         }
         self.sockets.lock().clear();
+        conns.iter().for_each(|c| c.join());
+        // A handshake that finished meanwhile may have added one.
+        let late = std::mem::take(&mut *self.conns.lock());
+        late.iter().for_each(|c| c.close());
+        late.iter().for_each(|c| c.join());
     }
 }
 
@@ -177,10 +195,14 @@ impl Engine {
                     peer,
                     peer_engine: h.engine_id,
                     peer_epoch: h.epoch,
+                    // The control connection's end is the end of the peer's QPs here.
+                    keep: accepted.take().map(|qps| Box::new(qps) as Box<dyn Send>),
                 };
-                tcp::serve(s, ctx);
-                // The control connection is gone: the peer's QPs stop here (AcceptedQps drop).
-                drop(accepted);
+                match ServedConn::start(s, ctx, &self.tcp_io) {
+                    // Shutdown joins this thread before it takes the last look at these.
+                    Ok(c) => self.served.add_conn(c),
+                    Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+                }
             }
             Err(e) => tracing::warn!(%peer, "rejecting connection: {e}"),
         }

@@ -359,10 +359,7 @@ impl Engine {
                 }
                 thread::yield_now();
             }
-            let sleeping = !b.is_final();
-            lanes
-                .iter()
-                .for_each(|&l| p.link.stop_driving(l as usize, sleeping));
+            lanes.iter().for_each(|&l| p.link.stop_driving(l as usize));
         }
         while !b.is_final() {
             let now = Instant::now();

@@ -123,8 +123,8 @@ pub(crate) trait PeerLink: Send + Sync {
     /// The caller starts driving `lane` itself (see [`progress`](Self::progress)).
     fn start_driving(&self, _lane: usize) {}
 
-    /// The caller stops driving `lane`; `hand_back` wakes the lane's own reader.
-    fn stop_driving(&self, _lane: usize, _hand_back: bool) {}
+    /// The caller stops driving `lane`; the transport's own reader takes it back.
+    fn stop_driving(&self, _lane: usize) {}
 
     /// Load of a lane, for choosing the idlest.
     fn outstanding(&self, lane: usize) -> usize;

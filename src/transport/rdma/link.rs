@@ -388,9 +388,9 @@ impl PeerLink for RdmaLink {
         }
     }
 
-    fn stop_driving(&self, lane: usize, hand_back: bool) {
+    fn stop_driving(&self, lane: usize) {
         if lane == self.lanes.len() {
-            self.control.stop_driving(0, hand_back);
+            self.control.stop_driving(0);
         }
     }
 

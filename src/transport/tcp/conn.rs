@@ -4,15 +4,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender, bounded};
+use crossbeam_channel::{SendTimeoutError, Sender, bounded};
 use parking_lot::Mutex;
 
-use super::io::{FrameHandler, FrameReader, Out, Sink, wait_readable, write_all_nb};
+use super::TcpIo;
+use super::io::{FrameHandler, FrameReader, Out, Sink, write_all_nb};
+use super::poller::{Next, Source};
+use super::sender::{Flush, Outbox};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::memory::SegmentGuard;
@@ -44,41 +48,43 @@ struct Inbound {
     current_read: Option<PendingRead>,
 }
 
-/// Work items a connection queues for its sender thread before `post` waits.
+/// Work items a connection queues for the send pool before `post` waits.
 const QUEUE_BOUND: usize = 1024;
 
 /// Called with the reason when a connection dies.
 type DeathHook = Box<dyn Fn(&str) + Send + Sync>;
 
-/// One initiator-side data connection.
+/// One initiator-side data connection. The [poller](super::poller) reads it (acks, read
+/// responses, segment lists) unless a caller drives it; the [send pool](super::sender)
+/// writes what is posted to it, unless the posting caller writes it itself.
 pub(crate) struct TcpConn {
+    me: Weak<TcpConn>,
+    io: Arc<TcpIo>,
     peer: String,
     epoch: u64,
     socket: TcpStream,
     writer: Mutex<TcpStream>,
-    queue: Sender<Work>,
-    queued: AtomicUsize,
+    outbox: Outbox<Work>,
     inbound: Mutex<Inbound>,
     pending: Mutex<Pending>,
     dead: AtomicBool,
     dead_reason: Mutex<Option<String>>,
+    /// Callers reading the socket themselves; the poller leaves it to them meanwhile.
     drivers: AtomicUsize,
-    last_driven: AtomicU64,
-    born: Instant,
+    /// The poller found callers driving and left the socket unarmed: the last of them arms it.
+    parked: AtomicBool,
+    token: OnceLock<u64>,
     stall: Duration,
-    receiver: OnceLock<thread::Thread>,
     on_death: OnceLock<DeathHook>,
-    /// The sender and receiver threads, joined by [`join`](Self::join).
-    threads: Mutex<Vec<thread::JoinHandle<()>>>,
 }
 
 impl TcpConn {
-    /// Wraps a connected, handshaken socket and starts its sender and receiver threads.
+    /// Wraps a connected, handshaken socket and hands it to the engine's poller.
     pub(crate) fn start(
         stream: TcpStream,
         peer: String,
         epoch: u64,
-        index: usize,
+        io: &Arc<TcpIo>,
         stall: Duration,
     ) -> Result<Arc<Self>> {
         stream
@@ -91,49 +97,31 @@ impl TcpConn {
             .set_nonblocking(true)
             .map_err(|e| Error::io("fcntl(O_NONBLOCK)", e))?;
         let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
-        let (tx, rx) = bounded(QUEUE_BOUND);
-        let conn = Arc::new(TcpConn {
+        let (writer, inbound) = (clone(&stream)?, clone(&stream)?);
+        let conn = Arc::new_cyclic(|me| TcpConn {
+            me: me.clone(),
+            io: io.clone(),
             peer,
             epoch,
-            writer: Mutex::new(clone(&stream)?),
+            writer: Mutex::new(writer),
             inbound: Mutex::new(Inbound {
-                stream: clone(&stream)?,
+                stream: inbound,
                 reader: FrameReader::new(),
                 current_read: None,
             }),
             socket: stream,
-            queue: tx,
-            queued: AtomicUsize::new(0),
+            outbox: Outbox::new(Some(QUEUE_BOUND)),
             pending: Mutex::new(Pending::default()),
             dead: AtomicBool::new(false),
             dead_reason: Mutex::new(None),
             drivers: AtomicUsize::new(0),
-            last_driven: AtomicU64::new(0),
-            born: Instant::now(),
+            parked: AtomicBool::new(false),
+            token: OnceLock::new(),
             stall,
-            receiver: OnceLock::new(),
             on_death: OnceLock::new(),
-            threads: Mutex::new(Vec::new()),
         });
-        let c = conn.clone();
-        let tx_thread = thread::Builder::new()
-            .name(format!("kvt-tx{index}"))
-            .spawn(move || c.sender_loop(rx))
-            .map_err(|e| Error::io("spawn", e))?;
-        conn.threads.lock().push(tx_thread);
-        let c = conn.clone();
-        let rx_thread = match thread::Builder::new()
-            .name(format!("kvt-rx{index}"))
-            .spawn(move || c.receiver_loop())
-        {
-            Ok(t) => t,
-            Err(e) => {
-                conn.close();
-                return Err(Error::io("spawn", e));
-            }
-        };
-        let _ = conn.receiver.set(rx_thread.thread().clone());
-        conn.threads.lock().push(rx_thread);
+        let token = io.poller.register(conn.clone())?;
+        let _ = conn.token.set(token);
         Ok(conn)
     }
 
@@ -151,7 +139,7 @@ impl TcpConn {
     /// a lane).
     pub(crate) fn outstanding(&self) -> usize {
         let p = self.pending.lock();
-        p.acks.len() + p.reads.len() + self.queued.load(Ordering::Relaxed)
+        p.acks.len() + p.reads.len() + self.outbox.len()
     }
 
     /// `Err(PeerLost)` once the connection died.
@@ -177,50 +165,32 @@ impl TcpConn {
     /// Hands `work` to the connection: written right here when `inline` and nothing is queued,
     /// else by the sender thread.
     pub(crate) fn post(&self, work: Work, inline: bool) {
-        if inline && self.queued.load(Ordering::Acquire) == 0 {
+        if inline && self.outbox.is_idle() {
             if let Some(mut w) = self.writer.try_lock() {
                 self.send(&mut w, work);
                 return;
             }
         }
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        // Backpressure: a full queue waits for the sender thread, until the batch deadline.
-        let wait = work
-            .batch
-            .deadline
-            .saturating_duration_since(Instant::now());
-        if let Err(e) = self.queue.send_timeout(work, wait) {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            let reason = match &e {
-                SendTimeoutError::Timeout(_) => {
-                    "the connection's send queue stayed full until the batch deadline"
-                }
-                SendTimeoutError::Disconnected(_) => "connection closed",
-            };
-            e.into_inner().abandon(reason);
+        // Backpressure: a full outbox waits for the send pool, until the batch deadline.
+        let deadline = work.batch.deadline;
+        match self.outbox.push(work, deadline) {
+            Ok(true) => self.schedule(),
+            Ok(false) => {}
+            Err(e) => {
+                let reason = match &e {
+                    SendTimeoutError::Timeout(_) => {
+                        "the connection's send queue stayed full until the batch deadline"
+                    }
+                    SendTimeoutError::Disconnected(_) => "connection closed",
+                };
+                e.into_inner().abandon(reason);
+            }
         }
     }
 
-    fn sender_loop(self: Arc<Self>, rx: Receiver<Work>) {
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(work) => {
-                    let mut w = self.writer.lock();
-                    self.send(&mut w, work);
-                    drop(w);
-                    self.queued.fetch_sub(1, Ordering::AcqRel);
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if self.dead.load(Ordering::Acquire) {
-                        break;
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        // Anything still queued is written off.
-        while let Ok(work) = rx.try_recv() {
-            work.abandon("connection closed");
+    fn schedule(&self) {
+        if let Some(me) = self.me.upgrade() {
+            self.io.pool.schedule(me);
         }
     }
 
@@ -367,8 +337,6 @@ impl TcpConn {
     /// Caller-driven progress: reads whatever the socket has, without blocking. Returns false
     /// when another thread is already reading this connection.
     pub(crate) fn progress(&self) -> bool {
-        self.last_driven
-            .store(self.born.elapsed().as_micros() as u64, Ordering::Relaxed);
         match self.inbound.try_lock() {
             Some(mut inb) => {
                 self.drain(&mut inb);
@@ -378,19 +346,19 @@ impl TcpConn {
         }
     }
 
-    /// Marks a caller as driving this connection (the receiver thread then stays asleep).
+    /// Marks a caller as driving this connection: the poller leaves the socket to it.
     pub(crate) fn start_driving(&self) {
-        self.drivers.fetch_add(1, Ordering::AcqRel);
+        self.drivers.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Ends [`start_driving`](Self::start_driving). With `hand_back`, the caller is about to
-    /// sleep and the receiver thread takes over at once; otherwise it stays asleep a little
-    /// longer in case the caller comes back (a latency loop does, every few µs).
-    pub(crate) fn stop_driving(&self, hand_back: bool) {
-        if self.drivers.fetch_sub(1, Ordering::AcqRel) == 1 && hand_back {
-            self.last_driven.store(0, Ordering::Relaxed);
-            if let Some(t) = self.receiver.get() {
-                t.unpark();
+    /// Ends [`start_driving`](Self::start_driving); the last driver to leave hands the
+    /// socket back to the poller.
+    pub(crate) fn stop_driving(&self) {
+        if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.parked.swap(false, Ordering::SeqCst)
+        {
+            if let Some(&t) = self.token.get() {
+                self.io.poller.arm(t);
             }
         }
     }
@@ -428,24 +396,6 @@ impl TcpConn {
                 }
                 0
             }
-        }
-    }
-
-    fn receiver_loop(self: Arc<Self>) {
-        while !self.dead.load(Ordering::Acquire) {
-            let now = self.born.elapsed().as_micros() as u64;
-            let recently_driven =
-                now.saturating_sub(self.last_driven.load(Ordering::Relaxed)) < 2_000;
-            if self.drivers.load(Ordering::Acquire) > 0 || recently_driven {
-                // A waiting caller reads this socket itself; stay out of its way.
-                thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            if !wait_readable(&self.socket, Duration::from_millis(100)) {
-                continue;
-            }
-            let mut inb = self.inbound.lock();
-            self.drain(&mut inb);
         }
     }
 
@@ -495,7 +445,7 @@ impl TcpConn {
             }
             thread::yield_now();
         };
-        self.stop_driving(true);
+        self.stop_driving();
         out
     }
 
@@ -514,6 +464,9 @@ impl TcpConn {
         }
         *self.dead_reason.lock() = Some(reason.clone());
         let _ = self.socket.shutdown(Shutdown::Both);
+        if let Some(&t) = self.token.get() {
+            self.io.poller.deregister(t);
+        }
         let (acks, reads) = {
             let mut p = self.pending.lock();
             p.closed = true;
@@ -521,6 +474,9 @@ impl TcpConn {
             (std::mem::take(&mut p.acks), std::mem::take(&mut p.reads))
         };
         let msg = self.lost().to_string();
+        for w in self.outbox.take_all() {
+            w.abandon(&msg);
+        }
         for b in acks.into_values() {
             b.complete_unit(Err(msg.clone()));
         }
@@ -543,23 +499,52 @@ impl TcpConn {
         self.die("connection closed locally".into());
     }
 
-    /// Waits until the sender and receiver threads have exited, which they do within about
-    /// 100 ms of [`close`](Self::close) (or the connection's death): after this, no thread of
-    /// the connection reads or writes local memory. Called from one of those threads, it
-    /// skips that thread instead of waiting for itself.
+    /// After [`close`](Self::close) (or the connection's death): waits until no thread
+    /// reads or writes local memory for this connection any more. A send pool thread writes
+    /// under the writer lock and a reader (poller or driving caller) under the inbound lock,
+    /// and each checks for death first; once both locks have been taken here, none is at
+    /// work and none starts.
     pub(crate) fn join(&self) {
-        let threads = std::mem::take(&mut *self.threads.lock());
-        let me = thread::current().id();
-        for t in threads {
-            if t.thread().id() != me {
-                let _ = t.join();
-            }
-        }
-        // A caller driving the connection reads into local memory under the inbound lock;
-        // once we hold it, no such read is in progress, and a dead connection starts none.
         if self.dead.load(Ordering::Acquire) {
+            drop(self.writer.lock());
             drop(self.inbound.lock());
         }
+    }
+}
+
+impl Source for TcpConn {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    fn ready(&self) -> Next {
+        if self.dead.load(Ordering::Acquire) {
+            return Next::Done;
+        }
+        if self.drivers.load(Ordering::SeqCst) > 0 {
+            // A waiting caller reads the socket itself. Park; the last caller to leave arms
+            // the socket again, unless it left before seeing the flag: then we go on.
+            self.parked.store(true, Ordering::SeqCst);
+            if self.drivers.load(Ordering::SeqCst) > 0 || !self.parked.swap(false, Ordering::SeqCst)
+            {
+                return Next::Park;
+            }
+        }
+        let mut inb = self.inbound.lock();
+        self.drain(&mut inb);
+        drop(inb);
+        if self.dead.load(Ordering::Acquire) {
+            Next::Done
+        } else {
+            Next::Read
+        }
+    }
+}
+
+impl Flush for TcpConn {
+    fn flush(&self) -> bool {
+        let mut w = self.writer.lock();
+        self.outbox.flush_with(|work| self.send(&mut w, work))
     }
 }
 

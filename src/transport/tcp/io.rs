@@ -15,11 +15,6 @@ pub(crate) use crate::memory::raw::Out;
 use crate::memory::{SegmentGuard, raw};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 
-/// Waits until `s` is readable (or `timeout` passes); true if readable or in error.
-pub(crate) fn wait_readable(s: &TcpStream, timeout: Duration) -> bool {
-    wait_for(s, PollFlags::POLLIN, timeout)
-}
-
 fn wait_for(s: &TcpStream, what: PollFlags, timeout: Duration) -> bool {
     let mut fds = [PollFd::new(s.as_fd(), what)];
     let ms =

@@ -5,9 +5,15 @@
 //! header plus payload. The target checks each frame against its registered segments before
 //! touching memory and reads payloads straight into place; it acknowledges each batch once
 //! per connection, after the batch's last frame on it.
+//!
+//! Threads do not grow with connections: an engine's [`TcpIo`] holds a [`poller`] (a few I/O
+//! threads on one epoll set, reading every connection) and a [`sender`] pool (a few threads
+//! writing for every connection).
 
 mod conn;
 mod io;
+pub(crate) mod poller;
+pub(crate) mod sender;
 mod target;
 
 use std::io::Read;
@@ -17,7 +23,7 @@ use std::time::Duration;
 
 pub(crate) use conn::TcpConn;
 pub(crate) use io::send_all;
-pub(crate) use target::{ServeContext, serve};
+pub(crate) use target::{ServeContext, ServedConn};
 
 use crate::error::{Error, Result};
 use crate::plan::Slice;
@@ -69,24 +75,58 @@ pub(crate) fn connect_one(
     Ok((theirs, s))
 }
 
+/// The threads that move an engine's TCP bytes: the poller's I/O threads and the send pool.
+pub(crate) struct TcpIo {
+    pub(crate) poller: Arc<poller::Poller>,
+    pub(crate) pool: Arc<sender::SendPool>,
+}
+
+impl TcpIo {
+    /// Starts `threads` I/O threads and as many send pool threads.
+    pub(crate) fn start(threads: usize) -> Result<Arc<Self>> {
+        let poller = poller::Poller::start(threads)?;
+        let pool = match sender::SendPool::start(threads) {
+            Ok(p) => p,
+            Err(e) => {
+                poller.stop();
+                return Err(e);
+            }
+        };
+        Ok(Arc::new(TcpIo { poller, pool }))
+    }
+
+    /// Stops and joins both kinds of thread. Call once every connection is closed: what is
+    /// still queued is then written off on the calling thread.
+    pub(crate) fn stop(&self) {
+        self.poller.stop();
+        self.pool.stop();
+    }
+}
+
 /// A peer reached over TCP: its data connections, one per lane.
 pub(crate) struct TcpLink {
     pub(crate) conns: Vec<Arc<TcpConn>>,
 }
 
 impl TcpLink {
-    /// Starts the connections' threads.
+    /// Hands the connections to the engine's poller and send pool.
     pub(crate) fn start(
         streams: Vec<TcpStream>,
         peer: &str,
         epoch: u64,
+        io: &Arc<TcpIo>,
         stall: Duration,
     ) -> Result<Self> {
-        let conns = streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| TcpConn::start(s, peer.to_string(), epoch, i, stall))
-            .collect::<Result<Vec<_>>>()?;
+        let mut conns = Vec::with_capacity(streams.len());
+        for s in streams {
+            match TcpConn::start(s, peer.to_string(), epoch, io, stall) {
+                Ok(c) => conns.push(c),
+                Err(e) => {
+                    conns.iter().for_each(|c| c.close());
+                    return Err(e);
+                }
+            }
+        }
         Ok(TcpLink { conns })
     }
 }
@@ -122,8 +162,8 @@ impl crate::transport::PeerLink for TcpLink {
         self.conns[lane].start_driving();
     }
 
-    fn stop_driving(&self, lane: usize, hand_back: bool) {
-        self.conns[lane].stop_driving(hand_back);
+    fn stop_driving(&self, lane: usize) {
+        self.conns[lane].stop_driving();
     }
 
     fn outstanding(&self, lane: usize) -> usize {

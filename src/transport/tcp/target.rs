@@ -3,13 +3,20 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::TcpStream;
-use std::sync::Arc;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::io::{DeferredFrame, FrameHandler, FrameReader, Out, Sink, wait_readable, write_all_nb};
+use parking_lot::Mutex;
+
+use super::TcpIo;
+use super::io::{DeferredFrame, FrameHandler, FrameReader, Out, Sink, write_all_nb};
+use super::poller::{Next, Source};
+use super::sender::{Flush, Outbox};
 use crate::cuda::{Bounce, DeviceCopy, STAGE_CHUNK};
+use crate::error::{Error, Result};
 use crate::memory::{SegmentGuard, SegmentTable};
 use crate::transport::fence::{ROOM_SLOT_SHIFT, RoomFences, RoomHold};
 use crate::transport::notify::{Notifier, imm_decode};
@@ -29,72 +36,308 @@ pub(crate) struct ServeContext {
     pub(crate) peer: String,
     pub(crate) peer_engine: u64,
     pub(crate) peer_epoch: u64,
+    /// Kept for as long as the connection lives (an RDMA control connection's accepted QPs).
+    pub(crate) keep: Option<Box<dyn Send>>,
 }
 
-/// Serves one accepted data connection until it closes, errs or the engine shuts down.
-pub(crate) fn serve(stream: TcpStream, ctx: ServeContext) {
-    let ServeContext {
-        segments,
-        describe,
-        notifier,
-        fences,
-        shutdown,
-        busy_poll,
-        stall,
-        peer,
-        peer_engine,
-        peer_epoch,
-    } = ctx;
-    if let Err(e) = stream.set_nonblocking(true) {
-        tracing::warn!(%peer, "cannot serve connection: {e}");
-        return;
+/// Replies waiting to be written before the connection stops reading more requests.
+const REPLY_BOUND: usize = 1024;
+
+/// The reading half of a served connection, under one lock.
+struct Rx {
+    input: TcpStream,
+    reader: FrameReader,
+    target: Target,
+}
+
+/// One accepted data connection, served by the engine's poller (requests) and send pool
+/// (replies) until it closes, errs or the engine shuts down.
+pub(crate) struct ServedConn {
+    peer: String,
+    socket: TcpStream,
+    rx: Mutex<Rx>,
+    replies: Arc<Replies>,
+    dead: AtomicBool,
+    busy_poll: Duration,
+    shutdown: Arc<AtomicBool>,
+    io: Arc<TcpIo>,
+    token: OnceLock<u64>,
+    keep: Mutex<Option<Box<dyn Send>>>,
+}
+
+impl ServedConn {
+    /// Serves `stream` (handshake done) from now on, on the engine's I/O threads.
+    pub(crate) fn start(
+        stream: TcpStream,
+        ctx: ServeContext,
+        io: &Arc<TcpIo>,
+    ) -> Result<Arc<Self>> {
+        stream
+            .set_read_timeout(None)
+            .and_then(|()| stream.set_write_timeout(None))
+            .and_then(|()| stream.set_nonblocking(true))
+            .map_err(|e| Error::io("setsockopt", e))?;
+        let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
+        let (input, out) = (clone(&stream)?, clone(&stream)?);
+        let replies = Arc::new_cyclic(|me| Replies {
+            me: me.clone(),
+            io: io.clone(),
+            outbox: Outbox::new(None),
+            out: Mutex::new(out),
+            stall: ctx.stall,
+            dead: AtomicBool::new(false),
+            rx_parked: AtomicBool::new(false),
+            token: OnceLock::new(),
+            peer: ctx.peer.clone(),
+        });
+        let target = Target {
+            segments: ctx.segments,
+            describe: ctx.describe,
+            notifier: ctx.notifier,
+            fences: ctx.fences,
+            hold: None,
+            landing: None,
+            peer_engine: ctx.peer_engine,
+            peer_epoch: ctx.peer_epoch,
+            replies: replies.clone(),
+            errors: HashMap::new(),
+        };
+        let conn = Arc::new(ServedConn {
+            peer: ctx.peer,
+            socket: stream,
+            rx: Mutex::new(Rx {
+                input,
+                reader: FrameReader::new(),
+                target,
+            }),
+            replies,
+            dead: AtomicBool::new(false),
+            busy_poll: ctx.busy_poll,
+            shutdown: ctx.shutdown,
+            io: io.clone(),
+            token: OnceLock::new(),
+            keep: Mutex::new(ctx.keep),
+        });
+        let token = io.poller.register(conn.clone())?;
+        let _ = conn.token.set(token);
+        let _ = conn.replies.token.set(token);
+        Ok(conn)
     }
-    let (mut input, out) = match stream.try_clone() {
-        Ok(out) => (stream, out),
-        Err(e) => {
-            tracing::warn!(%peer, "cannot serve connection: {e}");
+
+    /// Whether the connection has ended.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Ends the connection: no request is read and no reply written any more, and what it
+    /// kept (accepted QPs) goes.
+    pub(crate) fn close(&self) {
+        if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
-    };
-    let mut reader = FrameReader::new();
-    let mut h = Target {
-        segments,
-        describe,
-        notifier,
-        fences,
-        hold: None,
-        landing: None,
-        peer_engine,
-        peer_epoch,
-        out,
-        errors: HashMap::new(),
-        stall,
-    };
-    let mut last_activity = Instant::now();
-    while !shutdown.load(Ordering::Acquire) {
-        match reader.drain(&mut input, &mut h) {
-            // Nothing more to read for now: gathered writes land instead of waiting for more
-            // (a room fence waits for them).
-            Ok(0) => h.land_pending(),
-            Ok(_) => last_activity = Instant::now(),
-            Err(e) => {
-                match e.kind() {
-                    io::ErrorKind::UnexpectedEof => {
-                        tracing::debug!(%peer, "initiator closed the connection")
-                    }
-                    _ => tracing::warn!(%peer, "closing data connection: {e}"),
-                }
-                break;
-            }
+        self.replies.dead.store(true, Ordering::Release);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        if let Some(&t) = self.token.get() {
+            self.io.poller.deregister(t);
         }
-        if last_activity.elapsed() < busy_poll {
+        drop(self.keep.lock().take());
+    }
+
+    /// After [`close`](Self::close): waits until no thread reads or writes local memory for
+    /// this connection (each does so under a lock, after checking for death).
+    pub(crate) fn join(&self) {
+        drop(self.rx.lock());
+        drop(self.replies.out.lock());
+    }
+}
+
+impl Source for ServedConn {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    fn ready(&self) -> Next {
+        let mut rx = self.rx.lock();
+        let mut last_activity = Instant::now();
+        loop {
+            // A closed connection lands nothing more (see `join`).
+            if self.is_dead() {
+                return Next::Done;
+            }
+            let Rx {
+                input,
+                reader,
+                target,
+            } = &mut *rx;
+            match reader.drain(input, target) {
+                // Nothing more to read for now: gathered writes land instead of waiting for
+                // more (a room fence waits for them).
+                Ok(0) => target.land_pending(),
+                Ok(_) => last_activity = Instant::now(),
+                Err(e) => {
+                    match e.kind() {
+                        io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(peer = %self.peer, "initiator closed the connection")
+                        }
+                        _ => tracing::warn!(peer = %self.peer, "closing data connection: {e}"),
+                    }
+                    drop(rx);
+                    self.close();
+                    return Next::Done;
+                }
+            }
+            let parked = &self.replies.rx_parked;
+            if self.replies.outbox.len() >= REPLY_BOUND {
+                // The initiator does not read its replies: stop reading its requests until
+                // the send pool has written them (it arms the socket again).
+                parked.store(true, Ordering::SeqCst);
+                if self.replies.outbox.len() >= REPLY_BOUND || !parked.swap(false, Ordering::SeqCst)
+                {
+                    return Next::Park;
+                }
+            }
+            if last_activity.elapsed() >= self.busy_poll || self.shutdown.load(Ordering::Acquire) {
+                return Next::Read;
+            }
             // Stay hot for the next frame: a sleeping thread costs tens of µs to wake.
             std::thread::yield_now();
-        } else {
-            wait_readable(&input, Duration::from_millis(100));
         }
     }
-    let _ = input.shutdown(std::net::Shutdown::Both);
+}
+
+/// What a target sends back, in order.
+enum Reply {
+    /// A frame with a small payload (ack, refusal, segment list).
+    Frame(FrameHeader, Vec<u8>),
+    /// A read of host memory: the header, then the pinned bytes.
+    Read(FrameHeader, SegmentGuard),
+    /// A read of GPU memory in staging mode, copied out through bounce buffers as it goes.
+    StagedRead {
+        resp: FrameHeader,
+        guard: SegmentGuard,
+        req: FrameHeader,
+    },
+}
+
+/// A served connection's replies, written by the send pool.
+struct Replies {
+    me: Weak<Replies>,
+    io: Arc<TcpIo>,
+    outbox: Outbox<Reply>,
+    out: Mutex<TcpStream>,
+    stall: Duration,
+    dead: AtomicBool,
+    /// The connection stopped reading requests until replies drain.
+    rx_parked: AtomicBool,
+    token: OnceLock<u64>,
+    peer: String,
+}
+
+impl Replies {
+    fn send(&self, r: Reply) {
+        // The outbox has no bound (the reader parks instead), so this never waits.
+        if let Ok(true) = self.outbox.push(r, Instant::now()) {
+            if let Some(me) = self.me.upgrade() {
+                self.io.pool.schedule(me);
+            }
+        }
+    }
+}
+
+impl Flush for Replies {
+    fn flush(&self) -> bool {
+        let mut out = self.out.lock();
+        let more = self.outbox.flush_with(|r| {
+            if self.dead.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = write_reply(&mut out, r, self.stall) {
+                tracing::warn!(peer = %self.peer, "closing data connection: reply failed: {e}");
+                self.dead.store(true, Ordering::Release);
+                // The reader sees the end and closes the connection.
+                let _ = out.shutdown(Shutdown::Both);
+            }
+        });
+        drop(out);
+        if self.outbox.len() < REPLY_BOUND / 2 && self.rx_parked.swap(false, Ordering::SeqCst) {
+            if let Some(&t) = self.token.get() {
+                self.io.poller.arm(t);
+            }
+        }
+        more
+    }
+}
+
+fn write_reply(out: &mut TcpStream, r: Reply, stall: Duration) -> io::Result<()> {
+    match r {
+        Reply::Frame(hdr, payload) => {
+            let h = hdr.encode();
+            write_all_nb(out, &mut Out::of(&[&h, &payload]), stall)
+        }
+        Reply::Read(resp, guard) => {
+            let addr = guard.segment().addr() + resp.offset;
+            let h = resp.encode();
+            let mut iov = Out::of(&[&h]);
+            iov.registered(&guard, addr, resp.len as usize);
+            write_all_nb(out, &mut iov, stall)
+        }
+        Reply::StagedRead { resp, guard, req } => write_staged_read(out, resp, &guard, &req, stall),
+    }
+}
+
+/// Answers a read of GPU memory in staging mode: copies it out piece by piece through a
+/// bounce buffer. A copy that fails before the header went out is refused with
+/// `STAGING_FAILED`; one that fails later closes the connection (the header promised the
+/// bytes).
+fn write_staged_read(
+    out: &mut TcpStream,
+    mut resp: FrameHeader,
+    guard: &SegmentGuard,
+    hdr: &FrameHeader,
+    stall: Duration,
+) -> io::Result<()> {
+    let refuse = |out: &mut TcpStream, mut resp: FrameHeader| {
+        resp.status = STAGING_FAILED;
+        resp.len = 0;
+        write_all_nb(out, &mut Out::of(&[&resp.encode()]), stall)
+    };
+    let device = guard.segment().staging().expect("staged segment").clone();
+    let addr = guard.segment().addr() + hdr.offset;
+    let mut buf = match device.bounce() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("refusing read: no staging buffer: {e}");
+            return refuse(out, resp);
+        }
+    };
+    let mut done = 0u64;
+    while done < hdr.len {
+        let n = (hdr.len - done).min(buf.len() as u64) as usize;
+        if let Err(e) = device.to_host(addr + done, &mut buf[..n]) {
+            device.recycle(buf);
+            if done == 0 {
+                tracing::warn!("refusing read: staging copy failed: {e}");
+                return refuse(out, resp);
+            }
+            return Err(io::Error::other(format!(
+                "staging copy failed mid-read: {e}"
+            )));
+        }
+        let sent = if done == 0 {
+            resp.len = hdr.len;
+            let h = resp.encode();
+            write_all_nb(out, &mut Out::of(&[&h, &buf[..n]]), stall)
+        } else {
+            write_all_nb(out, &mut Out::of(&[&buf[..n]]), stall)
+        };
+        if let Err(e) = sent {
+            device.recycle(buf);
+            return Err(e);
+        }
+        done += n as u64;
+    }
+    device.recycle(buf);
+    Ok(())
 }
 
 /// Ack status of writes refused because their room was aborted (`Error::RoomFailed`'s code).
@@ -122,10 +365,9 @@ struct Target {
     landing: Option<Landing>,
     peer_engine: u64,
     peer_epoch: u64,
-    out: TcpStream,
+    replies: Arc<Replies>,
     /// First error code per batch on this connection, reported in its ack.
     errors: HashMap<u64, u16>,
-    stall: Duration,
 }
 
 /// Small writes to staged GPU memory gathered in one bounce buffer, landed with one device
@@ -230,8 +472,8 @@ impl Target {
     }
 
     fn reply(&mut self, hdr: FrameHeader, payload: &[u8]) -> io::Result<()> {
-        let h = hdr.encode();
-        write_all_nb(&mut self.out, &mut Out::of(&[&h, payload]), self.stall)
+        self.replies.send(Reply::Frame(hdr, payload.to_vec()));
+        Ok(())
     }
 
     fn serve_read(&mut self, hdr: &FrameHeader) -> io::Result<()> {
@@ -247,15 +489,17 @@ impl Target {
             .pin_range(crate::memory::SegmentId(hdr.segment), hdr.offset, hdr.len)
         {
             Ok(guard) if guard.segment().staging().is_some() => {
-                self.serve_staged_read(resp, &guard, hdr)
+                self.replies.send(Reply::StagedRead {
+                    resp,
+                    guard,
+                    req: *hdr,
+                });
+                Ok(())
             }
             Ok(guard) => {
                 resp.len = hdr.len;
-                let addr = guard.segment().addr() + hdr.offset;
-                let h = resp.encode();
-                let mut iov = Out::of(&[&h]);
-                iov.registered(&guard, addr, hdr.len as usize);
-                write_all_nb(&mut self.out, &mut iov, self.stall)
+                self.replies.send(Reply::Read(resp, guard));
+                Ok(())
             }
             Err(e) => {
                 tracing::debug!("refusing read: {e}");
@@ -263,55 +507,6 @@ impl Target {
                 self.reply(resp, &[])
             }
         }
-    }
-}
-
-impl Target {
-    /// Answers a read of GPU memory in staging mode: copies it out piece by piece through a
-    /// bounce buffer. A copy that fails before the header went out is refused with
-    /// `STAGING_FAILED`; one that fails later closes the connection (the header promised the
-    /// bytes).
-    fn serve_staged_read(
-        &mut self,
-        mut resp: FrameHeader,
-        guard: &crate::memory::SegmentGuard,
-        hdr: &FrameHeader,
-    ) -> io::Result<()> {
-        let device = guard.segment().staging().expect("staged segment").clone();
-        let addr = guard.segment().addr() + hdr.offset;
-        let mut buf = match device.bounce() {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!("refusing read: no staging buffer: {e}");
-                resp.status = STAGING_FAILED;
-                return self.reply(resp, &[]);
-            }
-        };
-        let mut done = 0u64;
-        while done < hdr.len {
-            let n = (hdr.len - done).min(buf.len() as u64) as usize;
-            if let Err(e) = device.to_host(addr + done, &mut buf[..n]) {
-                device.recycle(buf);
-                if done == 0 {
-                    tracing::warn!("refusing read: staging copy failed: {e}");
-                    resp.status = STAGING_FAILED;
-                    return self.reply(resp, &[]);
-                }
-                return Err(io::Error::other(format!(
-                    "staging copy failed mid-read: {e}"
-                )));
-            }
-            if done == 0 {
-                resp.len = hdr.len;
-                let h = resp.encode();
-                write_all_nb(&mut self.out, &mut Out::of(&[&h, &buf[..n]]), self.stall)?;
-            } else {
-                write_all_nb(&mut self.out, &mut Out::of(&[&buf[..n]]), self.stall)?;
-            }
-            done += n as u64;
-        }
-        device.recycle(buf);
-        Ok(())
     }
 }
 
