@@ -207,16 +207,80 @@ impl Source for ServedConn {
 
 /// What a target sends back, in order.
 enum Reply {
-    /// A frame with a small payload (ack, refusal, segment list).
-    Frame(FrameHeader, Vec<u8>),
-    /// A read of host memory: the header, then the pinned bytes.
-    Read(FrameHeader, SegmentGuard),
+    /// Bytes (a frame header, a small payload), then for a read of host memory the pinned
+    /// bytes `(pin, address, length)`.
+    Bytes {
+        head: Vec<u8>,
+        body: Option<(SegmentGuard, u64, usize)>,
+    },
     /// A read of GPU memory in staging mode, copied out through bounce buffers as it goes.
     StagedRead {
         resp: FrameHeader,
         guard: SegmentGuard,
         req: FrameHeader,
     },
+}
+
+impl Reply {
+    fn frame(hdr: FrameHeader, payload: &[u8]) -> Reply {
+        let mut head = Vec::with_capacity(crate::wire::FRAME_HEADER_LEN + payload.len());
+        head.extend_from_slice(&hdr.encode());
+        head.extend_from_slice(payload);
+        Reply::Bytes { head, body: None }
+    }
+
+    /// The bytes of a `Bytes` reply, as one vectored write.
+    fn iov(&self) -> Out<'_> {
+        let mut iov = Out::with_capacity(2);
+        if let Reply::Bytes { head, body } = self {
+            iov.bytes(head);
+            if let Some((guard, addr, len)) = body {
+                iov.registered(guard, *addr, *len);
+            }
+        }
+        iov
+    }
+
+    /// Length of a `Bytes` reply.
+    fn len(&self) -> usize {
+        match self {
+            Reply::Bytes { head, body } => head.len() + body.as_ref().map_or(0, |b| b.2),
+            Reply::StagedRead { .. } => 0,
+        }
+    }
+
+    /// What is left of a `Bytes` reply once its first `n` bytes are written.
+    fn skip(self, n: usize) -> Reply {
+        match self {
+            Reply::Bytes { head, body } if n < head.len() => Reply::Bytes {
+                head: head[n..].to_vec(),
+                body,
+            },
+            Reply::Bytes { head, body } => {
+                let n = n - head.len();
+                Reply::Bytes {
+                    head: Vec::new(),
+                    body: body.map(|(g, addr, len)| (g, addr + n as u64, len - n)),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Writes what the socket takes now, without waiting; returns how many bytes that was.
+fn send_now(out: &TcpStream, iov: &mut Out<'_>) -> io::Result<usize> {
+    let mut sent = 0;
+    while !iov.is_empty() {
+        match iov.send(out) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 /// A served connection's replies, written by the send pool.
@@ -234,13 +298,42 @@ struct Replies {
 }
 
 impl Replies {
-    fn send(&self, r: Reply) {
+    /// Sends `r`: on the reader's own thread as far as the socket takes it without waiting
+    /// when nothing else is queued (an ack then costs no thread wake-up), the rest through
+    /// the send pool. Only the connection's reader calls this, so replies keep their order.
+    fn send(&self, mut r: Reply) {
+        if matches!(r, Reply::Bytes { .. }) && self.outbox.is_idle() {
+            if let Some(mut out) = self.out.try_lock() {
+                if self.dead.load(Ordering::Acquire) {
+                    return;
+                }
+                let sent = send_now(&out, &mut r.iov());
+                match sent {
+                    Ok(n) if n == r.len() => return,
+                    // The rest goes first: nothing else is queued and only we queue.
+                    Ok(n) => r = r.skip(n),
+                    Err(e) => {
+                        self.fail(&mut out, e);
+                        return;
+                    }
+                }
+            }
+        }
         // The outbox has no bound (the reader parks instead), so this never waits.
         if let Ok(true) = self.outbox.push(r, Instant::now()) {
             if let Some(me) = self.me.upgrade() {
                 self.io.pool.schedule(me);
             }
         }
+    }
+}
+
+impl Replies {
+    /// A reply could not be written: the connection ends (its reader sees the end).
+    fn fail(&self, out: &mut TcpStream, e: io::Error) {
+        tracing::warn!(peer = %self.peer, "closing data connection: reply failed: {e}");
+        self.dead.store(true, Ordering::Release);
+        let _ = out.shutdown(Shutdown::Both);
     }
 }
 
@@ -252,10 +345,7 @@ impl Flush for Replies {
                 return;
             }
             if let Err(e) = write_reply(&mut out, r, self.stall) {
-                tracing::warn!(peer = %self.peer, "closing data connection: reply failed: {e}");
-                self.dead.store(true, Ordering::Release);
-                // The reader sees the end and closes the connection.
-                let _ = out.shutdown(Shutdown::Both);
+                self.fail(&mut out, e);
             }
         });
         drop(out);
@@ -270,17 +360,7 @@ impl Flush for Replies {
 
 fn write_reply(out: &mut TcpStream, r: Reply, stall: Duration) -> io::Result<()> {
     match r {
-        Reply::Frame(hdr, payload) => {
-            let h = hdr.encode();
-            write_all_nb(out, &mut Out::of(&[&h, &payload]), stall)
-        }
-        Reply::Read(resp, guard) => {
-            let addr = guard.segment().addr() + resp.offset;
-            let h = resp.encode();
-            let mut iov = Out::of(&[&h]);
-            iov.registered(&guard, addr, resp.len as usize);
-            write_all_nb(out, &mut iov, stall)
-        }
+        Reply::Bytes { .. } => write_all_nb(out, &mut r.iov(), stall),
         Reply::StagedRead { resp, guard, req } => write_staged_read(out, resp, &guard, &req, stall),
     }
 }
@@ -472,7 +552,7 @@ impl Target {
     }
 
     fn reply(&mut self, hdr: FrameHeader, payload: &[u8]) -> io::Result<()> {
-        self.replies.send(Reply::Frame(hdr, payload.to_vec()));
+        self.replies.send(Reply::frame(hdr, payload));
         Ok(())
     }
 
@@ -498,7 +578,11 @@ impl Target {
             }
             Ok(guard) => {
                 resp.len = hdr.len;
-                self.replies.send(Reply::Read(resp, guard));
+                let addr = guard.segment().addr() + hdr.offset;
+                self.replies.send(Reply::Bytes {
+                    head: resp.encode().to_vec(),
+                    body: Some((guard, addr, hdr.len as usize)),
+                });
                 Ok(())
             }
             Err(e) => {
