@@ -508,13 +508,15 @@ fn kernel_resources(kind: &str, dev: &str) -> usize {
         .expect("the rdma tool (iproute2)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("rdma -j resource show {kind}: {e}"));
-    // The kernel names the thread that created each object, which may have exited since; the
-    // guest runs nothing else on these devices (the tests run one at a time), so every user
-    // object (one with a pid; the kernel's own GSI QPs have none) is this process's.
+    // The kernel names the thread that created each object and its pid, or no pid once that
+    // thread has exited (a connection's handshake thread does at once); its own objects (the
+    // GSI QPs) come with a kernel module's name (`comm`) and no pid. The guest runs nothing
+    // else on these devices (the tests run one at a time), so every user object is ours.
     v.as_array()
         .expect("a JSON array")
         .iter()
-        .filter(|o| o.get("pid").is_some() && o["ifname"].as_str() == Some(dev))
+        .filter(|o| o.get("pid").is_some() || o.get("comm").is_none())
+        .filter(|o| o["ifname"].as_str() == Some(dev))
         .count()
 }
 
