@@ -359,7 +359,10 @@ impl Engine {
                 }
                 thread::yield_now();
             }
-            lanes.iter().for_each(|&l| p.link.stop_driving(l as usize));
+            let sleeping = !b.is_final();
+            lanes
+                .iter()
+                .for_each(|&l| p.link.stop_driving(l as usize, sleeping));
         }
         while !b.is_final() {
             let now = Instant::now();

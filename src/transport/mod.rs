@@ -123,8 +123,10 @@ pub(crate) trait PeerLink: Send + Sync {
     /// The caller starts driving `lane` itself (see [`progress`](Self::progress)).
     fn start_driving(&self, _lane: usize) {}
 
-    /// The caller stops driving `lane`; the transport's own reader takes it back.
-    fn stop_driving(&self, _lane: usize) {}
+    /// The caller stops driving `lane`; the transport's own reader takes it back, at once
+    /// with `hand_back` (the caller is about to sleep), else a little later in case the
+    /// caller comes back.
+    fn stop_driving(&self, _lane: usize, _hand_back: bool) {}
 
     /// Load of a lane, for choosing the idlest.
     fn outstanding(&self, lane: usize) -> usize;

@@ -388,9 +388,9 @@ impl PeerLink for RdmaLink {
         }
     }
 
-    fn stop_driving(&self, lane: usize) {
+    fn stop_driving(&self, lane: usize, hand_back: bool) {
         if lane == self.lanes.len() {
-            self.control.stop_driving(0);
+            self.control.stop_driving(0, hand_back);
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::TcpIo;
 use super::io::{FrameHandler, FrameReader, Out, Sink, write_all_nb};
-use super::poller::{Next, Source};
+use super::poller::{Due, Next, Source};
 use super::sender::{Flush, Outbox};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
@@ -48,6 +48,9 @@ struct Inbound {
     current_read: Option<PendingRead>,
 }
 
+/// How long a socket a caller drove stays with it after the caller got what it waited for.
+const LINGER: Duration = Duration::from_millis(1);
+
 /// Work items a connection queues for the send pool before `post` waits.
 const QUEUE_BOUND: usize = 1024;
 
@@ -73,6 +76,11 @@ pub(crate) struct TcpConn {
     drivers: AtomicUsize,
     /// The poller found callers driving and left the socket unarmed: the last of them arms it.
     parked: AtomicBool,
+    /// The socket is (about to be) armed in the poller.
+    armed: AtomicBool,
+    /// When a caller last drove the socket, in µs since `born`.
+    last_driven: AtomicU64,
+    born: Instant,
     token: OnceLock<u64>,
     stall: Duration,
     on_death: OnceLock<DeathHook>,
@@ -116,6 +124,10 @@ impl TcpConn {
             dead_reason: Mutex::new(None),
             drivers: AtomicUsize::new(0),
             parked: AtomicBool::new(false),
+            // Registration arms it.
+            armed: AtomicBool::new(true),
+            last_driven: AtomicU64::new(0),
+            born: Instant::now(),
             token: OnceLock::new(),
             stall,
             on_death: OnceLock::new(),
@@ -337,6 +349,7 @@ impl TcpConn {
     /// Caller-driven progress: reads whatever the socket has, without blocking. Returns false
     /// when another thread is already reading this connection.
     pub(crate) fn progress(&self) -> bool {
+        self.last_driven.store(self.now_us(), Ordering::Relaxed);
         match self.inbound.try_lock() {
             Some(mut inb) => {
                 self.drain(&mut inb);
@@ -346,19 +359,39 @@ impl TcpConn {
         }
     }
 
-    /// Marks a caller as driving this connection: the poller leaves the socket to it.
+    fn now_us(&self) -> u64 {
+        self.born.elapsed().as_micros() as u64
+    }
+
+    /// Marks a caller as driving this connection: the poller leaves the socket to it. The
+    /// first driver disarms an armed socket (and so owes the poller the arm when the last
+    /// one leaves): its data would otherwise wake an I/O thread for nothing, as the caller
+    /// reads it first.
     pub(crate) fn start_driving(&self) {
-        self.drivers.fetch_add(1, Ordering::SeqCst);
+        if self.drivers.fetch_add(1, Ordering::SeqCst) == 0
+            && self.armed.swap(false, Ordering::SeqCst)
+        {
+            self.parked.store(true, Ordering::SeqCst);
+            if let Some(&t) = self.token.get() {
+                self.io.poller.disarm(t);
+            }
+        }
     }
 
     /// Ends [`start_driving`](Self::start_driving); the last driver to leave hands the
-    /// socket back to the poller.
-    pub(crate) fn stop_driving(&self) {
+    /// socket back to the poller: at once with `hand_back` (the caller is about to sleep on
+    /// a batch that needs replies), else after [`LINGER`] in case the caller comes back (a
+    /// latency loop does within microseconds; each hand-back costs an I/O thread wake-up).
+    pub(crate) fn stop_driving(&self, hand_back: bool) {
         if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1
             && self.parked.swap(false, Ordering::SeqCst)
         {
             if let Some(&t) = self.token.get() {
-                self.io.poller.arm(t);
+                if hand_back {
+                    self.io.poller.arm(t);
+                } else {
+                    self.io.poller.arm_later(t, LINGER);
+                }
             }
         }
     }
@@ -445,7 +478,7 @@ impl TcpConn {
             }
             thread::yield_now();
         };
-        self.stop_driving();
+        self.stop_driving(true);
         out
     }
 
@@ -517,7 +550,32 @@ impl Source for TcpConn {
         self.socket.as_fd()
     }
 
+    fn arming(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn due(&self) -> Due {
+        if self.drivers.load(Ordering::SeqCst) > 0 {
+            // Driven right now: the last driver to leave arms it (as in `ready`).
+            self.parked.store(true, Ordering::SeqCst);
+            if self.drivers.load(Ordering::SeqCst) > 0 || !self.parked.swap(false, Ordering::SeqCst)
+            {
+                return Due::Parked;
+            }
+        }
+        let idle_us = self
+            .now_us()
+            .saturating_sub(self.last_driven.load(Ordering::Relaxed));
+        if idle_us < LINGER.as_micros() as u64 {
+            Due::Later(LINGER)
+        } else {
+            Due::Now
+        }
+    }
+
     fn ready(&self) -> Next {
+        // One-shot: the event that got us here disarmed the socket.
+        self.armed.store(false, Ordering::SeqCst);
         if self.dead.load(Ordering::Acquire) {
             return Next::Done;
         }
@@ -529,6 +587,18 @@ impl Source for TcpConn {
             {
                 return Next::Park;
             }
+        }
+        let idle_us = self
+            .now_us()
+            .saturating_sub(self.last_driven.load(Ordering::Relaxed));
+        if idle_us < LINGER.as_micros() as u64 {
+            // A caller drove the socket a moment ago and is likely back soon (a latency loop
+            // between batches): leave it to that caller a little longer. Reading here would
+            // arm the socket again, and the next reply would wake an I/O thread again.
+            if let Some(&t) = self.token.get() {
+                self.io.poller.arm_later(t, LINGER);
+            }
+            return Next::Park;
         }
         let mut inb = self.inbound.lock();
         self.drain(&mut inb);

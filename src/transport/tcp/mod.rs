@@ -162,8 +162,8 @@ impl crate::transport::PeerLink for TcpLink {
         self.conns[lane].start_driving();
     }
 
-    fn stop_driving(&self, lane: usize) {
-        self.conns[lane].stop_driving();
+    fn stop_driving(&self, lane: usize, hand_back: bool) {
+        self.conns[lane].stop_driving(hand_back);
     }
 
     fn outstanding(&self, lane: usize) -> usize {

@@ -12,6 +12,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -36,10 +37,30 @@ pub(crate) trait Source: Send + Sync {
     fn fd(&self) -> BorrowedFd<'_>;
     /// The socket is readable (or failed). Runs on one I/O thread at a time per source.
     fn ready(&self) -> Next;
+    /// The source is about to be armed (by [`Poller::arm`], whoever called it).
+    fn arming(&self) {}
+    /// A deferred arm ([`Poller::arm_later`]) is due: arm now, or not yet.
+    fn due(&self) -> Due {
+        Due::Now
+    }
+}
+
+/// What a source wants when its deferred arm is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// Arm it now.
+    Now,
+    /// Ask again after this long.
+    Later(Duration),
+    /// Leave it unarmed: the source arms it itself later.
+    Parked,
 }
 
 /// Token of the stop event.
 const STOP: u64 = 0;
+
+/// Token of the event that wakes a thread to look at the deferred arms again.
+const KICK: u64 = 1;
 
 const INTEREST: EpollFlags = EpollFlags::EPOLLIN
     .union(EpollFlags::EPOLLRDHUP)
@@ -49,7 +70,10 @@ const INTEREST: EpollFlags = EpollFlags::EPOLLIN
 pub(crate) struct Poller {
     epoll: Epoll,
     stop_event: EventFd,
+    kick: EventFd,
     stopped: AtomicBool,
+    /// Sources to arm at a given time ([`arm_later`](Self::arm_later)).
+    deferred: Mutex<Vec<(u64, Instant)>>,
     sources: Mutex<HashMap<u64, Arc<dyn Source>>>,
     next: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -66,12 +90,19 @@ impl Poller {
         epoll
             .add(&stop_event, EpollEvent::new(EpollFlags::EPOLLIN, STOP))
             .map_err(|e| Error::io("epoll_ctl", e.into()))?;
+        let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::io("eventfd", e.into()))?;
+        epoll
+            .add(&kick, EpollEvent::new(EpollFlags::EPOLLIN, KICK))
+            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
         let poller = Arc::new(Poller {
             epoll,
             stop_event,
+            kick,
             stopped: AtomicBool::new(false),
+            deferred: Mutex::new(Vec::new()),
             sources: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(STOP + 1),
+            next: AtomicU64::new(KICK + 1),
             threads: Mutex::new(Vec::new()),
         });
         for i in 0..threads.max(1) {
@@ -107,15 +138,72 @@ impl Poller {
     /// Arms a parked source again: an I/O thread runs it as soon as its socket is readable
     /// (at once if it already is).
     pub(crate) fn arm(&self, token: u64) {
+        self.modify(token, INTEREST, true);
+    }
+
+    /// Takes back an armed source's interest: no I/O thread is woken for it until it is
+    /// armed again. For a caller that reads the socket itself: an armed socket whose data the
+    /// caller takes first would wake a thread (inside `epoll_wait`) for nothing each time.
+    pub(crate) fn disarm(&self, token: u64) {
+        self.modify(token, EpollFlags::EPOLLONESHOT, false);
+    }
+
+    fn modify(&self, token: u64, flags: EpollFlags, arming: bool) {
         let sources = self.sources.lock();
         if let Some(s) = sources.get(&token) {
+            if arming {
+                s.arming();
+            }
             if let Err(e) = self
                 .epoll
-                .modify(s.fd(), &mut EpollEvent::new(INTEREST, token))
+                .modify(s.fd(), &mut EpollEvent::new(flags, token))
             {
                 tracing::debug!(token, "epoll_ctl(MOD): {e}");
             }
         }
+    }
+
+    /// Arms a parked source `after` from now instead of at once: a caller that drives the
+    /// socket itself and is likely back within microseconds (a latency loop) then costs no
+    /// I/O thread wake-up per batch, while replies nobody waits on are read within `after`.
+    pub(crate) fn arm_later(&self, token: u64, after: Duration) {
+        let mut deferred = self.deferred.lock();
+        if deferred.is_empty() {
+            // Threads may be waiting without a timeout: one recomputes it.
+            let _ = self.kick.write(1);
+        }
+        deferred.push((token, Instant::now() + after));
+    }
+
+    /// Arms every deferred source whose time has come; returns how long until the next.
+    fn arm_due(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let (due, next) = {
+            let mut deferred = self.deferred.lock();
+            let mut due = Vec::new();
+            deferred.retain(|&(t, at)| {
+                let ready = at <= now;
+                if ready {
+                    due.push(t);
+                }
+                !ready
+            });
+            let next = deferred.iter().map(|&(_, at)| at - now).min();
+            (due, next)
+        };
+        let mut next = next;
+        for t in due {
+            let source = self.sources.lock().get(&t).cloned();
+            match source.map(|s| s.due()) {
+                Some(Due::Now) => self.arm(t),
+                Some(Due::Later(d)) => {
+                    self.deferred.lock().push((t, now + d));
+                    next = Some(next.map_or(d, |n| n.min(d)));
+                }
+                Some(Due::Parked) | None => {}
+            }
+        }
+        next
     }
 
     /// Stops watching a source. An I/O thread already running it finishes that run.
@@ -161,7 +249,15 @@ impl Poller {
         // One event per wait: a thread busy with one connection leaves the rest to the others.
         let mut events = [EpollEvent::empty()];
         while !self.stopped.load(Ordering::Acquire) {
-            match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            let timeout = match self.arm_due() {
+                // Rounded up: a wait of 0 ms would spin until the deadline.
+                Some(d) => {
+                    EpollTimeout::try_from(d.as_millis().saturating_add(1).min(1_000) as i32)
+                        .unwrap_or(EpollTimeout::NONE)
+                }
+                None => EpollTimeout::NONE,
+            };
+            match self.epoll.wait(&mut events, timeout) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -172,6 +268,10 @@ impl Poller {
                 }
             }
             let token = events[0].data();
+            if token == KICK {
+                let _ = self.kick.read();
+                continue;
+            }
             if token == STOP {
                 continue;
             }
@@ -205,6 +305,9 @@ mod tests {
         overlaps: AtomicUsize,
         park_after: Option<usize>,
         seen: AtomicUsize,
+        /// `due` answers `Later` this many times, then `Now`.
+        later: AtomicUsize,
+        dues: AtomicUsize,
     }
 
     impl Source for Echo {
@@ -232,6 +335,14 @@ mod tests {
                 Err(_) => Next::Read,
             }
         }
+        fn due(&self) -> Due {
+            self.dues.fetch_add(1, Ordering::SeqCst);
+            if self.later.load(Ordering::SeqCst) == 0 {
+                return Due::Now;
+            }
+            self.later.fetch_sub(1, Ordering::SeqCst);
+            Due::Later(Duration::from_millis(2))
+        }
     }
 
     fn pair() -> (TcpStream, TcpStream) {
@@ -257,6 +368,8 @@ mod tests {
                 overlaps: AtomicUsize::new(0),
                 park_after: (i == 0).then_some(1),
                 seen: AtomicUsize::new(0),
+                later: AtomicUsize::new(0),
+                dues: AtomicUsize::new(0),
             });
             let token = poller.register(echo.clone()).unwrap();
             writers.push(a);
@@ -300,5 +413,32 @@ mod tests {
             poller.register(echoes[2].0.clone()),
             Err(Error::Shutdown)
         ));
+    }
+
+    #[test]
+    fn a_deferred_arm_asks_the_source_until_it_says_now() {
+        let poller = Poller::start(1).unwrap();
+        let (tx, rx) = unbounded();
+        let (mut a, b) = pair();
+        let echo = Arc::new(Echo {
+            s: b,
+            got: tx,
+            running: AtomicUsize::new(0),
+            overlaps: AtomicUsize::new(0),
+            park_after: Some(1),
+            seen: AtomicUsize::new(0),
+            later: AtomicUsize::new(3),
+            dues: AtomicUsize::new(0),
+        });
+        let token = poller.register(echo.clone()).unwrap();
+        a.write_all(b"1").unwrap();
+        assert_eq!(rx.recv().unwrap(), b"1");
+        // Parked now; the next bytes wait for the deferred arm, which the source puts off
+        // three times before it is armed.
+        a.write_all(b"2").unwrap();
+        poller.arm_later(token, Duration::from_millis(1));
+        assert_eq!(rx.recv().unwrap(), b"2");
+        assert_eq!(echo.dues.load(Ordering::SeqCst), 4);
+        poller.stop();
     }
 }
