@@ -43,7 +43,6 @@ struct Pending {
 }
 
 struct Inbound {
-    stream: TcpStream,
     reader: FrameReader,
     current_read: Option<PendingRead>,
 }
@@ -65,8 +64,9 @@ pub(crate) struct TcpConn {
     io: Arc<TcpIo>,
     peer: String,
     epoch: u64,
+    /// The one handle on the socket: the writer lock orders writes, the inbound lock reads.
     socket: TcpStream,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<()>,
     outbox: Outbox<Work>,
     inbound: Mutex<Inbound>,
     pending: Mutex<Pending>,
@@ -104,16 +104,13 @@ impl TcpConn {
         stream
             .set_nonblocking(true)
             .map_err(|e| Error::io("fcntl(O_NONBLOCK)", e))?;
-        let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
-        let (writer, inbound) = (clone(&stream)?, clone(&stream)?);
         let conn = Arc::new_cyclic(|me| TcpConn {
             me: me.clone(),
             io: io.clone(),
             peer,
             epoch,
-            writer: Mutex::new(writer),
+            writer: Mutex::new(()),
             inbound: Mutex::new(Inbound {
-                stream: inbound,
                 reader: FrameReader::new(),
                 current_read: None,
             }),
@@ -178,8 +175,8 @@ impl TcpConn {
     /// else by the sender thread.
     pub(crate) fn post(&self, work: Work, inline: bool) {
         if inline && self.outbox.is_idle() {
-            if let Some(mut w) = self.writer.try_lock() {
-                self.send(&mut w, work);
+            if let Some(_writing) = self.writer.try_lock() {
+                self.send(&self.socket, work);
                 return;
             }
         }
@@ -209,7 +206,7 @@ impl TcpConn {
     /// Writes one work item's frames, then completes its "sent" unit once the work (and its
     /// pins) is dropped. Called with the writer lock held, so the order in which reads are
     /// queued in `pending` is the order they appear on the wire.
-    fn send(&self, w: &mut TcpStream, work: Work) {
+    fn send(&self, w: &TcpStream, work: Work) {
         match self.send_frames(w, &work) {
             Ok(()) => {
                 let batch = work.batch.clone();
@@ -222,7 +219,7 @@ impl TcpConn {
 
     /// `Err` when nothing was registered or written (the caller writes every unit off); once
     /// the work's acks and reads are registered, failures go through [`die`](Self::die).
-    fn send_frames(&self, w: &mut TcpStream, work: &Work) -> std::result::Result<(), String> {
+    fn send_frames(&self, w: &TcpStream, work: &Work) -> std::result::Result<(), String> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.lost().to_string());
         }
@@ -383,16 +380,22 @@ impl TcpConn {
     /// a batch that needs replies), else after [`LINGER`] in case the caller comes back (a
     /// latency loop does within microseconds; each hand-back costs an I/O thread wake-up).
     pub(crate) fn stop_driving(&self, hand_back: bool) {
-        if self.drivers.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.parked.swap(false, Ordering::SeqCst)
-        {
-            if let Some(&t) = self.token.get() {
-                if hand_back {
-                    self.io.poller.arm(t);
-                } else {
-                    self.io.poller.arm_later(t, LINGER);
-                }
-            }
+        if hand_back {
+            // The caller sleeps now: the poller must not wait for it to come back.
+            self.last_driven.store(0, Ordering::Relaxed);
+        }
+        if self.drivers.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let Some(&t) = self.token.get() else { return };
+        let owed = self.parked.swap(false, Ordering::SeqCst);
+        if hand_back && (owed || !self.armed.load(Ordering::SeqCst)) {
+            // Also when a deferred arm holds it: the caller's replies must not wait for
+            // that. Should an I/O thread be in `ready` meanwhile, a second one may enter it
+            // too, which `ready` allows (its reading is under the inbound lock).
+            self.io.poller.arm(t);
+        } else if owed {
+            self.io.poller.arm_later(t, LINGER);
         }
     }
 
@@ -402,7 +405,6 @@ impl TcpConn {
             return 0;
         }
         let Inbound {
-            stream,
             reader,
             current_read,
         } = inb;
@@ -410,7 +412,7 @@ impl TcpConn {
             conn: self,
             current_read,
         };
-        match reader.drain(stream, &mut h) {
+        match reader.drain(&self.socket, &mut h) {
             Ok(n) => n,
             Err(e) => {
                 let reason = match e.kind() {
@@ -436,7 +438,7 @@ impl TcpConn {
     pub(crate) fn fetch_segments(&self, timeout: Duration) -> Result<Vec<u8>> {
         let (tx, rx) = bounded(1);
         {
-            let mut w = self.writer.lock();
+            let w = self.writer.lock();
             {
                 let mut p = self.pending.lock();
                 if p.closed {
@@ -455,7 +457,7 @@ impl TcpConn {
                 tag: 0,
             }
             .encode();
-            if let Err(e) = write_all_nb(&mut w, &mut Out::of(&[&hdr]), self.stall) {
+            if let Err(e) = write_all_nb(&self.socket, &mut Out::of(&[&hdr]), self.stall) {
                 drop(w);
                 self.die(format!("send failed: {e}"));
                 return Err(self.lost());
@@ -545,6 +547,8 @@ impl TcpConn {
     }
 }
 
+/// `ready` may run on two I/O threads at once (after a caller's hand-back arm, see
+/// `stop_driving`): everything it reads, it reads under the inbound lock.
 impl Source for TcpConn {
     fn fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
@@ -613,8 +617,8 @@ impl Source for TcpConn {
 
 impl Flush for TcpConn {
     fn flush(&self) -> bool {
-        let mut w = self.writer.lock();
-        self.outbox.flush_with(|work| self.send(&mut w, work))
+        let _writing = self.writer.lock();
+        self.outbox.flush_with(|work| self.send(&self.socket, work))
     }
 }
 
@@ -643,7 +647,7 @@ fn staged_run(work: &Work, first: usize, device: &Arc<dyn crate::cuda::DeviceCop
 /// together): their pages are gathered with one wait on the device, then headers and
 /// payloads go out in one vectored write.
 fn send_gathered(
-    w: &mut TcpStream,
+    w: &TcpStream,
     device: &dyn crate::cuda::DeviceCopy,
     slices: &[crate::plan::Slice],
     headers: &[[u8; 40]],
@@ -674,7 +678,7 @@ fn send_gathered(
 
 /// Writes `len` bytes of GPU memory at `addr` through a staging bounce buffer.
 fn send_staged(
-    w: &mut TcpStream,
+    w: &TcpStream,
     device: &dyn crate::cuda::DeviceCopy,
     addr: u64,
     len: u64,

@@ -43,11 +43,7 @@ pub(crate) fn send_all(s: &TcpStream, buf: &[u8]) -> io::Result<()> {
 
 /// Writes every byte of `bufs` to a non-blocking socket, waiting for room when it is full.
 /// Gives up with `TimedOut` when the peer accepts nothing for `stall`.
-pub(crate) fn write_all_nb(
-    s: &mut TcpStream,
-    out: &mut Out<'_>,
-    stall: Duration,
-) -> io::Result<()> {
+pub(crate) fn write_all_nb(s: &TcpStream, out: &mut Out<'_>, stall: Duration) -> io::Result<()> {
     let mut stalled_since: Option<Instant> = None;
     while !out.is_empty() {
         match out.send(s) {
@@ -328,11 +324,7 @@ impl FrameReader {
 
     /// Processes every frame the socket has; returns how many frames completed. `Err` on EOF,
     /// socket error or a protocol violation: the connection is then unusable.
-    pub(crate) fn drain(
-        &mut self,
-        s: &mut TcpStream,
-        h: &mut impl FrameHandler,
-    ) -> io::Result<usize> {
+    pub(crate) fn drain(&mut self, s: &TcpStream, h: &mut impl FrameHandler) -> io::Result<usize> {
         let mut frames = 0;
         loop {
             if self.cur.is_none() {
@@ -369,7 +361,7 @@ impl FrameReader {
     }
 
     /// Refills the buffer; false when the socket would block.
-    fn fill(&mut self, s: &mut TcpStream, max: usize) -> io::Result<bool> {
+    fn fill(&mut self, mut s: &TcpStream, max: usize) -> io::Result<bool> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -399,7 +391,7 @@ impl FrameReader {
     }
 
     /// Moves payload bytes of the current frame to its sink; true when the payload is complete.
-    fn payload(&mut self, s: &mut TcpStream) -> io::Result<bool> {
+    fn payload(&mut self, s: &TcpStream) -> io::Result<bool> {
         loop {
             let cur = self.cur.as_mut().expect("current frame");
             let total = cur.hdr.payload_len();
@@ -453,7 +445,7 @@ enum Direct {
 
 /// Reads up to `want` payload bytes straight into the sink's memory, bypassing the buffer.
 fn read_direct(
-    s: &mut TcpStream,
+    s: &TcpStream,
     cur: &mut Current,
     want: usize,
     tail: &mut [u8],
@@ -503,7 +495,7 @@ fn read_outcome(r: io::Result<usize>, want: usize) -> Option<io::Result<Direct>>
 /// Reads payload bytes straight into a staged sink's bounce buffer (and, when the rest of the
 /// payload fits, the start of the next frame into `tail`).
 fn read_staged(
-    s: &mut TcpStream,
+    mut s: &TcpStream,
     st: &mut Staged,
     want: usize,
     tail: &mut [u8],

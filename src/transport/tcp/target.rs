@@ -45,7 +45,6 @@ const REPLY_BOUND: usize = 1024;
 
 /// The reading half of a served connection, under one lock.
 struct Rx {
-    input: TcpStream,
     reader: FrameReader,
     target: Target,
 }
@@ -54,7 +53,8 @@ struct Rx {
 /// (replies) until it closes, errs or the engine shuts down.
 pub(crate) struct ServedConn {
     peer: String,
-    socket: TcpStream,
+    /// The one handle on the socket, shared with the replies.
+    socket: Arc<TcpStream>,
     rx: Mutex<Rx>,
     replies: Arc<Replies>,
     dead: AtomicBool,
@@ -77,13 +77,13 @@ impl ServedConn {
             .and_then(|()| stream.set_write_timeout(None))
             .and_then(|()| stream.set_nonblocking(true))
             .map_err(|e| Error::io("setsockopt", e))?;
-        let clone = |s: &TcpStream| s.try_clone().map_err(|e| Error::io("dup", e));
-        let (input, out) = (clone(&stream)?, clone(&stream)?);
+        let socket = Arc::new(stream);
         let replies = Arc::new_cyclic(|me| Replies {
             me: me.clone(),
             io: io.clone(),
             outbox: Outbox::new(None),
-            out: Mutex::new(out),
+            socket: socket.clone(),
+            writing: Mutex::new(()),
             stall: ctx.stall,
             dead: AtomicBool::new(false),
             rx_parked: AtomicBool::new(false),
@@ -104,9 +104,8 @@ impl ServedConn {
         };
         let conn = Arc::new(ServedConn {
             peer: ctx.peer,
-            socket: stream,
+            socket,
             rx: Mutex::new(Rx {
-                input,
                 reader: FrameReader::new(),
                 target,
             }),
@@ -147,7 +146,7 @@ impl ServedConn {
     /// this connection (each does so under a lock, after checking for death).
     pub(crate) fn join(&self) {
         drop(self.rx.lock());
-        drop(self.replies.out.lock());
+        drop(self.replies.writing.lock());
     }
 }
 
@@ -164,12 +163,8 @@ impl Source for ServedConn {
             if self.is_dead() {
                 return Next::Done;
             }
-            let Rx {
-                input,
-                reader,
-                target,
-            } = &mut *rx;
-            match reader.drain(input, target) {
+            let Rx { reader, target } = &mut *rx;
+            match reader.drain(&self.socket, target) {
                 // Nothing more to read for now: gathered writes land instead of waiting for
                 // more (a room fence waits for them).
                 Ok(0) => target.land_pending(),
@@ -288,7 +283,9 @@ struct Replies {
     me: Weak<Replies>,
     io: Arc<TcpIo>,
     outbox: Outbox<Reply>,
-    out: Mutex<TcpStream>,
+    socket: Arc<TcpStream>,
+    /// Held while a reply is written, so replies go out whole and in order.
+    writing: Mutex<()>,
     stall: Duration,
     dead: AtomicBool,
     /// The connection stopped reading requests until replies drain.
@@ -303,17 +300,17 @@ impl Replies {
     /// the send pool. Only the connection's reader calls this, so replies keep their order.
     fn send(&self, mut r: Reply) {
         if matches!(r, Reply::Bytes { .. }) && self.outbox.is_idle() {
-            if let Some(mut out) = self.out.try_lock() {
+            if let Some(_writing) = self.writing.try_lock() {
                 if self.dead.load(Ordering::Acquire) {
                     return;
                 }
-                let sent = send_now(&out, &mut r.iov());
+                let sent = send_now(&self.socket, &mut r.iov());
                 match sent {
                     Ok(n) if n == r.len() => return,
                     // The rest goes first: nothing else is queued and only we queue.
                     Ok(n) => r = r.skip(n),
                     Err(e) => {
-                        self.fail(&mut out, e);
+                        self.fail(e);
                         return;
                     }
                 }
@@ -330,25 +327,25 @@ impl Replies {
 
 impl Replies {
     /// A reply could not be written: the connection ends (its reader sees the end).
-    fn fail(&self, out: &mut TcpStream, e: io::Error) {
+    fn fail(&self, e: io::Error) {
         tracing::warn!(peer = %self.peer, "closing data connection: reply failed: {e}");
         self.dead.store(true, Ordering::Release);
-        let _ = out.shutdown(Shutdown::Both);
+        let _ = self.socket.shutdown(Shutdown::Both);
     }
 }
 
 impl Flush for Replies {
     fn flush(&self) -> bool {
-        let mut out = self.out.lock();
+        let writing = self.writing.lock();
         let more = self.outbox.flush_with(|r| {
             if self.dead.load(Ordering::Acquire) {
                 return;
             }
-            if let Err(e) = write_reply(&mut out, r, self.stall) {
-                self.fail(&mut out, e);
+            if let Err(e) = write_reply(&self.socket, r, self.stall) {
+                self.fail(e);
             }
         });
-        drop(out);
+        drop(writing);
         if self.outbox.len() < REPLY_BOUND / 2 && self.rx_parked.swap(false, Ordering::SeqCst) {
             if let Some(&t) = self.token.get() {
                 self.io.poller.arm(t);
@@ -358,7 +355,7 @@ impl Flush for Replies {
     }
 }
 
-fn write_reply(out: &mut TcpStream, r: Reply, stall: Duration) -> io::Result<()> {
+fn write_reply(out: &TcpStream, r: Reply, stall: Duration) -> io::Result<()> {
     match r {
         Reply::Bytes { .. } => write_all_nb(out, &mut r.iov(), stall),
         Reply::StagedRead { resp, guard, req } => write_staged_read(out, resp, &guard, &req, stall),
@@ -370,13 +367,13 @@ fn write_reply(out: &mut TcpStream, r: Reply, stall: Duration) -> io::Result<()>
 /// `STAGING_FAILED`; one that fails later closes the connection (the header promised the
 /// bytes).
 fn write_staged_read(
-    out: &mut TcpStream,
+    out: &TcpStream,
     mut resp: FrameHeader,
     guard: &SegmentGuard,
     hdr: &FrameHeader,
     stall: Duration,
 ) -> io::Result<()> {
-    let refuse = |out: &mut TcpStream, mut resp: FrameHeader| {
+    let refuse = |out: &TcpStream, mut resp: FrameHeader| {
         resp.status = STAGING_FAILED;
         resp.len = 0;
         write_all_nb(out, &mut Out::of(&[&resp.encode()]), stall)
