@@ -35,13 +35,12 @@ use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Op, Request};
 use crate::transport::fence::RoomFences;
 use crate::transport::notify::{self, Notification, Notifier};
-use crate::transport::rdma::{RailChoice, RdmaEndpoint, RdmaLink, RdmaTransport};
+use crate::transport::rdma::{self, Offer, RailChoice, RdmaTransport};
 use crate::transport::tcp::{self, ServeContext, ServedConn, TcpIo, TcpLink};
 use crate::transport::{PeerLink, Work};
 use crate::wire::{ConnPurpose, Endpoint, Hello, SegmentDesc, TransportId, decode_segments};
 
 pub use memory::HostBuffer;
-use peers::*;
 use serve::*;
 
 /// Handle of a connected peer within one engine.

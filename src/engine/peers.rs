@@ -1,5 +1,5 @@
-//! Peers: connecting (the handshake, and the RDMA bootstrap over it), the peer table, probes
-//! and segment-list refreshes.
+//! Peers: connecting (the handshake, carrying the RDMA bootstrap's offer and answer), the
+//! peer table, probes and segment-list refreshes.
 
 use super::*;
 
@@ -115,18 +115,15 @@ impl Engine {
         &self,
         purpose: ConnPurpose,
         conn_index: u16,
-        rdma: Option<&RdmaEndpoint>,
+        extra: Option<&Endpoint>,
     ) -> Hello {
+        // Every engine speaks TCP; another transport adds its endpoint (an RDMA offer or
+        // answer).
         let mut endpoints = vec![Endpoint {
             transport: TransportId::Tcp,
             data: Vec::new(),
         }];
-        if let Some(e) = rdma {
-            endpoints.push(Endpoint {
-                transport: TransportId::Rdma,
-                data: e.encode(),
-            });
-        }
+        endpoints.extend(extra.cloned());
         // A probe learns only that this engine is alive and which run it is.
         let segments = if purpose == ConnPurpose::Probe {
             endpoints.clear();
@@ -148,28 +145,30 @@ impl Engine {
         let peer = addr.to_string();
         let timeout = self.config.connect_timeout;
         let stall = self.config.batch_timeout;
-        let prepared = match &self.rdma {
-            Some(r) => Some(RdmaLink::prepare(r, self.config.qps_per_rail)?),
+        let offer = match &self.rdma {
+            Some(r) => Some(Offer::new(r, self.config.qps_per_rail)?),
             None => None,
         };
-        let offer = prepared.as_ref().map(|(_, o)| o.clone());
-        let purpose = if offer.is_some() {
+        let offered = offer.is_some();
+        let purpose = if offered {
             ConnPurpose::Control
         } else {
             ConnPurpose::TcpData
         };
-        let (theirs, first) =
-            tcp::connect_one(addr, timeout, &self.hello(purpose, 0, offer.as_ref()))?;
-        let answer = rdma_endpoint(&theirs)?;
-        let link: Box<dyn PeerLink> = match (prepared, answer) {
-            (Some((lanes, _)), Some(answer)) => {
-                let r = self.rdma.as_ref().expect("prepared with rdma");
+        let hello = self.hello(purpose, 0, offer.as_ref().map(|o| o.endpoint()));
+        let (theirs, first) = tcp::connect_one(addr, timeout, &hello)?;
+        let answered = match offer {
+            Some(o) => o.answered(&theirs)?,
+            None => None,
+        };
+        let link: Box<dyn PeerLink> = match answered {
+            Some(answered) => {
                 let control =
                     TcpLink::start(vec![first], &peer, theirs.epoch, &self.tcp_io, stall)?;
-                Box::new(RdmaLink::finish(r, lanes, &answer, Box::new(control))?)
+                Box::new(answered.finish(Box::new(control))?)
             }
-            (prepared, _) => {
-                if prepared.is_some() && self.config.transport == TransportKind::Rdma {
+            None => {
+                if offered && self.config.transport == TransportKind::Rdma {
                     return Err(Error::TransportUnavailable {
                         transport: "rdma",
                         reason: format!("peer {peer} offers no RDMA endpoint"),
@@ -239,17 +238,5 @@ impl Engine {
         let list = decode_segments(&bytes)?;
         *p.segments.write() = list.into_iter().map(|d| (d.info.id.0, d)).collect();
         Ok(())
-    }
-}
-
-/// The RDMA endpoint a handshake carries, if any.
-pub(super) fn rdma_endpoint(h: &Hello) -> Result<Option<RdmaEndpoint>> {
-    match h
-        .endpoints
-        .iter()
-        .find(|e| e.transport == TransportId::Rdma)
-    {
-        Some(e) => Ok(Some(RdmaEndpoint::decode(&e.data)?)),
-        None => Ok(None),
     }
 }

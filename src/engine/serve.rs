@@ -149,12 +149,12 @@ impl Engine {
             s.set_write_timeout(Some(self.config.connect_timeout))
                 .map_err(|e| Error::io("setsockopt", e))?;
             let theirs = tcp::read_hello(&mut s, &peer)?;
-            let offer = rdma_endpoint(&theirs)?;
-            let answer = match (&self.rdma, offer) {
-                (Some(r), Some(offer)) if theirs.purpose == ConnPurpose::Control => {
-                    let (answer, qps) = r.accept(&offer, theirs.engine_id, theirs.epoch)?;
-                    accepted = Some(qps);
-                    Some(answer)
+            let answer = match &self.rdma {
+                Some(r) if theirs.purpose == ConnPurpose::Control => {
+                    rdma::answer(r, &theirs)?.map(|(answer, qps)| {
+                        accepted = Some(qps);
+                        answer
+                    })
                 }
                 _ => None,
             };

@@ -2,12 +2,13 @@
 //! pairs per (peer, rail), work-request chains with selective signalling, one worker per
 //! rail that posts and polls (`worker`), and write-with-immediate notifications.
 //!
-//! Bootstrap rides on the engine's TCP listener: the initiator opens one *control* connection
-//! whose handshake carries its rails and one fresh QP per lane; the target pairs initiator
-//! rail i with its rail `i % rails`, connects a QP to each and answers with its own. The
-//! control connection stays open (segment refreshes, liveness); when it closes, the target
-//! moves that peer's QPs to ERROR so nothing more of it can land.
+//! Bootstrap (`bootstrap`) rides on the engine's TCP listener: the initiator opens one
+//! *control* connection whose handshake carries its rails and one fresh QP per lane; the
+//! target pairs initiator rail i with its rail `i % rails`, connects a QP to each and answers
+//! with its own. The control connection stays open (segment refreshes, liveness); when it
+//! closes, the target moves that peer's QPs to ERROR so nothing more of it can land.
 
+mod bootstrap;
 pub(crate) mod cost;
 mod link;
 mod outstanding;
@@ -24,6 +25,7 @@ use sideway::ibverbs::memory_region::MemoryRegion;
 
 use crate::transport::notify::{Notifier, imm_decode};
 pub(crate) use crate::wire::{QpInfo, RailInfo, RdmaEndpoint};
+pub(crate) use bootstrap::{Offer, answer};
 pub(crate) use link::RdmaLink;
 use verbs::{Completion, Qp, Rail};
 
