@@ -147,3 +147,94 @@ fn connected_peers_cost_no_threads() {
         assert!(read.iter().all(|&b| b == i as u8), "read from peer {i}");
     }
 }
+
+/// A peer that sends read requests and does not read the replies: the engine stops reading
+/// its requests once 1,024 replies wait, so the peer's writes soon block, instead of the
+/// engine queueing a reply for every request it is sent. Once the peer reads, every request
+/// is answered (including those the engine had read but not handled when it stopped).
+#[test]
+fn a_peer_that_reads_no_replies_is_not_read_without_bound() {
+    use kvtransfer::wire::{
+        self, ConnPurpose, Endpoint, FrameHeader, FrameOp, Hello, PREAMBLE_LEN, TransportId,
+    };
+    use std::io::{ErrorKind, Read, Write};
+
+    let _serial = serial();
+    let target = engine();
+    let buf = target.alloc(1 << 20).unwrap();
+    let mut s = TcpStream::connect(target.local_addr()).unwrap();
+    let hello = Hello {
+        engine_id: 7,
+        epoch: 9,
+        purpose: ConnPurpose::TcpData,
+        conn_index: 0,
+        segments: Vec::new(),
+        endpoints: vec![Endpoint {
+            transport: TransportId::Tcp,
+            data: Vec::new(),
+        }],
+    };
+    s.write_all(&wire::encode_hello(&hello)).unwrap();
+    let mut pre = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut pre).unwrap();
+    let mut body = vec![0u8; wire::decode_preamble(&pre).unwrap()];
+    s.read_exact(&mut body).unwrap();
+
+    let request = FrameHeader {
+        op: FrameOp::ReadRequest,
+        flags: 0,
+        status: 0,
+        segment: buf.segment().0,
+        batch: 1,
+        offset: 0,
+        len: 64,
+        tag: 0,
+    }
+    .encode();
+    let chunk = request.repeat(1024);
+    s.set_nonblocking(true).unwrap();
+    // Without a bound the engine reads requests as fast as they come, whatever is queued.
+    let limit: usize = 256 << 20;
+    let mut sent = 0usize;
+    while sent < limit {
+        // Whole frames only: a short write goes on where it stopped.
+        let at = sent % chunk.len();
+        match s.write(&chunk[at..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // Blocked: done once the socket stays full for a while.
+                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+                if poll(&mut fds, PollTimeout::from(500u16)).unwrap() == 0 {
+                    break;
+                }
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    eprintln!(
+        "{} MiB of read requests sent before the engine stopped reading",
+        sent >> 20
+    );
+    assert!(
+        sent < limit,
+        "the engine read {} MiB of requests whose replies nobody reads",
+        sent >> 20
+    );
+    // Finish the frame being written, then read every reply.
+    s.set_nonblocking(false).unwrap();
+    let at = sent % chunk.len();
+    let rest = (request.len() - at % request.len()) % request.len();
+    s.write_all(&chunk[at..at + rest]).unwrap();
+    let requests = (sent + rest) / request.len();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reply = vec![0u8; 40 + 64];
+    for i in 0..requests {
+        s.read_exact(&mut reply)
+            .unwrap_or_else(|e| panic!("reply {i} of {requests}: {e}"));
+        let hdr = FrameHeader::decode(reply[..40].try_into().unwrap()).unwrap();
+        assert_eq!(
+            (hdr.op, hdr.status, hdr.len),
+            (FrameOp::ReadResponse, 0, 64)
+        );
+    }
+}

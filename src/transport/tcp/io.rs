@@ -283,6 +283,11 @@ pub(crate) trait FrameHandler {
     fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink>;
     /// The frame, payload included, has been read completely.
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()>;
+    /// Checked after each frame: true stops [`FrameReader::drain`] there (frames already
+    /// read stay buffered for the next call).
+    fn pause(&self) -> bool {
+        false
+    }
 }
 
 struct Current {
@@ -322,8 +327,9 @@ impl FrameReader {
         self.end = 0;
     }
 
-    /// Processes every frame the socket has; returns how many frames completed. `Err` on EOF,
-    /// socket error or a protocol violation: the connection is then unusable.
+    /// Processes every frame the socket has, or until the handler pauses; returns how many
+    /// frames completed. `Err` on EOF, socket error or a protocol violation: the connection
+    /// is then unusable.
     pub(crate) fn drain(&mut self, s: &TcpStream, h: &mut impl FrameHandler) -> io::Result<usize> {
         let mut frames = 0;
         loop {
@@ -357,6 +363,9 @@ impl FrameReader {
             self.header_only = cur.hdr.payload_len() >= DIRECT_MIN;
             h.on_frame(&cur.hdr, cur.sink)?;
             frames += 1;
+            if h.pause() {
+                return Ok(frames);
+            }
         }
     }
 

@@ -88,6 +88,7 @@ impl ServedConn {
             dead: AtomicBool::new(false),
             rx_parked: AtomicBool::new(false),
             token: OnceLock::new(),
+            conn: OnceLock::new(),
             peer: ctx.peer.clone(),
         });
         let target = Target {
@@ -117,6 +118,7 @@ impl ServedConn {
             token: OnceLock::new(),
             keep: Mutex::new(ctx.keep),
         });
+        let _ = conn.replies.conn.set(Arc::downgrade(&conn));
         let token = io.poller.register(conn.clone())?;
         let _ = conn.token.set(token);
         let _ = conn.replies.token.set(token);
@@ -291,6 +293,8 @@ struct Replies {
     /// The connection stopped reading requests until replies drain.
     rx_parked: AtomicBool,
     token: OnceLock<u64>,
+    /// The connection, to read it again once replies drain (see `flush`).
+    conn: OnceLock<Weak<ServedConn>>,
     peer: String,
 }
 
@@ -347,8 +351,16 @@ impl Flush for Replies {
         });
         drop(writing);
         if self.outbox.len() < REPLY_BOUND / 2 && self.rx_parked.swap(false, Ordering::SeqCst) {
-            if let Some(&t) = self.token.get() {
-                self.io.poller.arm(t);
+            // Read the connection again right here: frames may wait in the reader's buffer,
+            // which no readiness event would announce. The socket is parked, so no I/O thread
+            // runs it meanwhile.
+            let conn = self.conn.get().and_then(Weak::upgrade);
+            if let (Some(conn), Some(&t)) = (conn, self.token.get()) {
+                match conn.ready() {
+                    Next::Read => self.io.poller.arm(t),
+                    Next::Park => {}
+                    Next::Done => self.io.poller.deregister(t),
+                }
             }
         }
         more
@@ -592,6 +604,11 @@ impl Target {
 }
 
 impl FrameHandler for Target {
+    fn pause(&self) -> bool {
+        // The initiator does not read its replies: stop reading its requests (bounded memory).
+        self.replies.outbox.len() >= REPLY_BOUND
+    }
+
     fn on_header(&mut self, hdr: &FrameHeader) -> io::Result<Sink> {
         if hdr.op != FrameOp::Write {
             // Whatever follows may depend on the gathered writes having landed.
