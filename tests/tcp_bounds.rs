@@ -220,11 +220,14 @@ fn a_peer_that_reads_no_replies_is_not_read_without_bound() {
         "the engine read {} MiB of requests whose replies nobody reads",
         sent >> 20
     );
-    // Finish the frame being written, then read every reply.
+    // Finish the frame being written (on another thread: the socket is full until the
+    // replies are read), and read every reply.
     s.set_nonblocking(false).unwrap();
     let at = sent % chunk.len();
     let rest = (request.len() - at % request.len()) % request.len();
-    s.write_all(&chunk[at..at + rest]).unwrap();
+    let tail = chunk[at..at + rest].to_vec();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&tail));
     let requests = (sent + rest) / request.len();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut reply = vec![0u8; 40 + 64];
