@@ -135,8 +135,8 @@ fn connected_peers_cost_no_threads() {
         .unwrap();
     }
     let after = settle(before);
-    assert_eq!(
-        after, before,
+    assert!(
+        after <= before,
         "threads grew with 24 links: {before} -> {after}"
     );
     for i in 0..12u64 {
