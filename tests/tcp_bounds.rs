@@ -241,4 +241,5 @@ fn a_peer_that_reads_no_replies_is_not_read_without_bound() {
             (FrameOp::ReadResponse, 0, 64)
         );
     }
+    writer.join().unwrap().unwrap();
 }

@@ -559,21 +559,10 @@ impl Source for TcpConn {
     }
 
     fn due(&self) -> Due {
-        if self.drivers.load(Ordering::SeqCst) > 0 {
-            // Driven right now: the last driver to leave arms it (as in `ready`).
-            self.parked.store(true, Ordering::SeqCst);
-            if self.drivers.load(Ordering::SeqCst) > 0 || !self.parked.swap(false, Ordering::SeqCst)
-            {
-                return Due::Parked;
-            }
-        }
-        let idle_us = self
-            .now_us()
-            .saturating_sub(self.last_driven.load(Ordering::Relaxed));
-        if idle_us < LINGER.as_micros() as u64 {
-            Due::Later(LINGER)
-        } else {
-            Due::Now
+        match self.held() {
+            Held::Driving => Due::Parked,
+            Held::Recently => Due::Later(LINGER),
+            Held::No => Due::Now,
         }
     }
 
@@ -583,26 +572,17 @@ impl Source for TcpConn {
         if self.dead.load(Ordering::Acquire) {
             return Next::Done;
         }
-        if self.drivers.load(Ordering::SeqCst) > 0 {
-            // A waiting caller reads the socket itself. Park; the last caller to leave arms
-            // the socket again, unless it left before seeing the flag: then we go on.
-            self.parked.store(true, Ordering::SeqCst);
-            if self.drivers.load(Ordering::SeqCst) > 0 || !self.parked.swap(false, Ordering::SeqCst)
-            {
+        match self.held() {
+            Held::Driving => return Next::Park,
+            Held::Recently => {
+                // Reading here would arm the socket again, and the caller's next reply
+                // would wake an I/O thread again.
+                if let Some(&t) = self.token.get() {
+                    self.io.poller.arm_later(t, LINGER);
+                }
                 return Next::Park;
             }
-        }
-        let idle_us = self
-            .now_us()
-            .saturating_sub(self.last_driven.load(Ordering::Relaxed));
-        if idle_us < LINGER.as_micros() as u64 {
-            // A caller drove the socket a moment ago and is likely back soon (a latency loop
-            // between batches): leave it to that caller a little longer. Reading here would
-            // arm the socket again, and the next reply would wake an I/O thread again.
-            if let Some(&t) = self.token.get() {
-                self.io.poller.arm_later(t, LINGER);
-            }
-            return Next::Park;
+            Held::No => {}
         }
         let mut inb = self.inbound.lock();
         self.drain(&mut inb);
@@ -611,6 +591,39 @@ impl Source for TcpConn {
             Next::Done
         } else {
             Next::Read
+        }
+    }
+}
+
+/// Whether callers have a connection's socket, as the poller finds it.
+enum Held {
+    /// A caller drives it now: it stays parked, and the last driver to leave arms it.
+    Driving,
+    /// A caller drove it less than [`LINGER`] ago and is likely back soon (a latency loop
+    /// between batches): leave it to that caller a little longer.
+    Recently,
+    /// Nobody: the poller reads it.
+    No,
+}
+
+impl TcpConn {
+    fn held(&self) -> Held {
+        if self.drivers.load(Ordering::SeqCst) > 0 {
+            // Park; the last driver to leave arms the socket again, unless it left before
+            // seeing the flag: then we go on.
+            self.parked.store(true, Ordering::SeqCst);
+            if self.drivers.load(Ordering::SeqCst) > 0 || !self.parked.swap(false, Ordering::SeqCst)
+            {
+                return Held::Driving;
+            }
+        }
+        let idle_us = self
+            .now_us()
+            .saturating_sub(self.last_driven.load(Ordering::Relaxed));
+        if idle_us < LINGER.as_micros() as u64 {
+            Held::Recently
+        } else {
+            Held::No
         }
     }
 }

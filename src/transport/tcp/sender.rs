@@ -147,7 +147,9 @@ impl<T> Outbox<T> {
     }
 
     /// Pool side: hands up to a fair share of items to `write`, in order. True when more
-    /// remain and the owner must run again.
+    /// remain and the owner must run again. Once this has made the outbox idle, a push may
+    /// schedule the owner again before this call returns: owners hold their writer lock
+    /// across the call, so that the next run writes after this one.
     pub(crate) fn flush_with(&self, mut write: impl FnMut(T)) -> bool {
         for _ in 0..FAIR_SHARE {
             match self.rx.try_recv() {
@@ -182,6 +184,7 @@ mod tests {
         me: std::sync::Weak<Owner>,
         pool: Arc<SendPool>,
         outbox: Outbox<usize>,
+        writer: Mutex<()>,
         written: Mutex<Vec<usize>>,
         writing: AtomicUsize,
         overlaps: AtomicUsize,
@@ -198,12 +201,15 @@ mod tests {
 
     impl Flush for Owner {
         fn flush(&self) -> bool {
-            if self.writing.fetch_add(1, Ordering::SeqCst) != 0 {
-                self.overlaps.fetch_add(1, Ordering::SeqCst);
-            }
-            let more = self.outbox.flush_with(|i| self.written.lock().push(i));
-            self.writing.fetch_sub(1, Ordering::SeqCst);
-            more
+            // As connections hold their writer lock (see `Outbox::flush_with`).
+            let _writer = self.writer.lock();
+            self.outbox.flush_with(|i| {
+                if self.writing.fetch_add(1, Ordering::SeqCst) != 0 {
+                    self.overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                self.written.lock().push(i);
+                self.writing.fetch_sub(1, Ordering::SeqCst);
+            })
         }
     }
 
@@ -216,6 +222,7 @@ mod tests {
                     me: me.clone(),
                     pool: pool.clone(),
                     outbox: Outbox::new(Some(16)),
+                    writer: Mutex::new(()),
                     written: Mutex::new(Vec::new()),
                     writing: AtomicUsize::new(0),
                     overlaps: AtomicUsize::new(0),
