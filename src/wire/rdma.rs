@@ -80,13 +80,7 @@ impl RdmaEndpoint {
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         let n = r.u16("rdma endpoint")? as usize;
-        if n > MAX_RAILS {
-            return Err(WireError::TooLarge {
-                what: "rdma rails",
-                len: n as u64,
-                max: MAX_RAILS as u64,
-            });
-        }
+        check_max("rdma rails", n as u64, MAX_RAILS as u64)?;
         let mut rails = Vec::with_capacity(n.min(r.remaining() / 23));
         for _ in 0..n {
             let index = r.u16("rdma endpoint")?;
@@ -115,13 +109,7 @@ impl RdmaEndpoint {
             });
         }
         let m = r.u16("rdma endpoint")? as usize;
-        if m > MAX_QPS {
-            return Err(WireError::TooLarge {
-                what: "rdma qps",
-                len: m as u64,
-                max: MAX_QPS as u64,
-            });
-        }
+        check_max("rdma qps", m as u64, MAX_QPS as u64)?;
         let mut qps = Vec::with_capacity(m.min(r.remaining() / 12));
         for _ in 0..m {
             let q = QpInfo {

@@ -60,8 +60,6 @@ pub(crate) struct ServedConn {
     dead: AtomicBool,
     busy_poll: Duration,
     shutdown: Arc<AtomicBool>,
-    io: Arc<TcpIo>,
-    token: OnceLock<u64>,
     keep: Mutex<Option<Box<dyn Send>>>,
 }
 
@@ -114,13 +112,10 @@ impl ServedConn {
             dead: AtomicBool::new(false),
             busy_poll: ctx.busy_poll,
             shutdown: ctx.shutdown,
-            io: io.clone(),
-            token: OnceLock::new(),
             keep: Mutex::new(ctx.keep),
         });
         let _ = conn.replies.conn.set(Arc::downgrade(&conn));
         let token = io.poller.register(conn.clone())?;
-        let _ = conn.token.set(token);
         let _ = conn.replies.token.set(token);
         Ok(conn)
     }
@@ -138,8 +133,8 @@ impl ServedConn {
         }
         self.replies.dead.store(true, Ordering::Release);
         let _ = self.socket.shutdown(Shutdown::Both);
-        if let Some(&t) = self.token.get() {
-            self.io.poller.deregister(t);
+        if let Some(&t) = self.replies.token.get() {
+            self.replies.io.poller.deregister(t);
         }
         drop(self.keep.lock().take());
     }
@@ -292,6 +287,7 @@ struct Replies {
     dead: AtomicBool,
     /// The connection stopped reading requests until replies drain.
     rx_parked: AtomicBool,
+    /// The connection's token in the poller (the replies and their connection share it).
     token: OnceLock<u64>,
     /// The connection, to read it again once replies drain (see `flush`).
     conn: OnceLock<Weak<ServedConn>>,
