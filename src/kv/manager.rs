@@ -563,7 +563,12 @@ fn peer_reason(side: &str, reason: String) -> String {
 
 fn reject(channel: &Channel, room: u64, code: u16, reason: String) {
     tracing::info!(room, %reason, "rejecting a room");
-    let _ = channel.send(&KvMessage::RoomRejected { room, code, reason });
+    let _ = channel.send(&KvMessage::RoomRejected {
+        room,
+        code,
+        kind: 8,
+        reason,
+    });
 }
 
 /// Prefill side: serves one channel a decode manager opened, on the engine's connection
@@ -612,7 +617,7 @@ fn serve_inbound(m: Arc<Shared>, stream: TcpStream, engine: (u64, u64), from: So
                 aux_index,
                 pages,
             } => m.on_room_init(&inbound, room, slot, aux_index, pages),
-            KvMessage::RoomAbort { room, reason } => {
+            KvMessage::RoomAbort { room, reason, .. } => {
                 let sender = m.senders.lock().get(&room).cloned();
                 match sender {
                     Some(s) if s.is_from(&inbound) => {

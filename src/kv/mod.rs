@@ -46,6 +46,8 @@
 //! ```
 
 mod channel;
+pub mod endpoint;
+pub mod failure;
 pub mod layout;
 mod manager;
 pub mod pages;
@@ -53,6 +55,7 @@ pub mod proto;
 mod room;
 pub mod session;
 
+pub use failure::{Failure, FailureKind};
 pub use layout::{KvBuffer, KvLayout};
 pub use manager::{KvConfig, KvManager, KvRole};
 pub use room::{KvReceiver, KvSender};

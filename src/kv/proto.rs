@@ -53,6 +53,8 @@ pub enum KvMessage {
         room: u64,
         /// `Error` code explaining why.
         code: u16,
+        /// The [`FailureKind`](super::FailureKind) code the receiver's room takes.
+        kind: u8,
         /// Text for the failure reason.
         reason: String,
     },
@@ -60,6 +62,8 @@ pub enum KvMessage {
     RoomAbort {
         /// Room id.
         room: u64,
+        /// The [`FailureKind`](super::FailureKind) code of the failure on the sending side.
+        kind: u8,
         /// Why.
         reason: String,
     },
@@ -68,6 +72,8 @@ pub enum KvMessage {
         /// Room id.
         room: u64,
     },
+    /// Either way, every heartbeat interval: the manager is alive and reading.
+    Heartbeat,
 }
 
 const HELLO: u8 = 1;
@@ -76,6 +82,7 @@ const ROOM_ACCEPTED: u8 = 3;
 const ROOM_REJECTED: u8 = 4;
 const ROOM_ABORT: u8 = 5;
 const ROOM_ABORT_ACK: u8 = 6;
+const HEARTBEAT: u8 = 7;
 const NO_AUX: u32 = u32::MAX;
 
 fn put_text(out: &mut Vec<u8>, s: &str) {
@@ -131,21 +138,29 @@ impl KvMessage {
                 out.push(ROOM_ACCEPTED);
                 out.extend_from_slice(&room.to_le_bytes());
             }
-            KvMessage::RoomRejected { room, code, reason } => {
+            KvMessage::RoomRejected {
+                room,
+                code,
+                kind,
+                reason,
+            } => {
                 out.push(ROOM_REJECTED);
                 out.extend_from_slice(&room.to_le_bytes());
                 out.extend_from_slice(&code.to_le_bytes());
+                out.push(*kind);
                 put_text(&mut out, reason);
             }
-            KvMessage::RoomAbort { room, reason } => {
+            KvMessage::RoomAbort { room, kind, reason } => {
                 out.push(ROOM_ABORT);
                 out.extend_from_slice(&room.to_le_bytes());
+                out.push(*kind);
                 put_text(&mut out, reason);
             }
             KvMessage::RoomAbortAck { room } => {
                 out.push(ROOM_ABORT_ACK);
                 out.extend_from_slice(&room.to_le_bytes());
             }
+            KvMessage::Heartbeat => out.push(HEARTBEAT),
         }
         let body = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&body.to_le_bytes());
@@ -208,15 +223,18 @@ impl KvMessage {
             ROOM_REJECTED => KvMessage::RoomRejected {
                 room: r.u64("room")?,
                 code: r.u16("error code")?,
+                kind: r.u8("failure kind")?,
                 reason: text(&mut r, "reason")?,
             },
             ROOM_ABORT => KvMessage::RoomAbort {
                 room: r.u64("room")?,
+                kind: r.u8("failure kind")?,
                 reason: text(&mut r, "reason")?,
             },
             ROOM_ABORT_ACK => KvMessage::RoomAbortAck {
                 room: r.u64("room")?,
             },
+            HEARTBEAT => KvMessage::Heartbeat,
             other => {
                 return Err(WireError::Malformed {
                     what: "KV message kind",
@@ -311,13 +329,16 @@ mod tests {
             KvMessage::RoomRejected {
                 room: 1,
                 code: 27,
+                kind: 8,
                 reason: "room 1 already exists".into(),
             },
             KvMessage::RoomAbort {
                 room: 2,
+                kind: 4,
                 reason: "aborted".into(),
             },
             KvMessage::RoomAbortAck { room: 2 },
+            KvMessage::Heartbeat,
         ] {
             round_trip(&m);
         }

@@ -103,6 +103,7 @@ impl SendRoom {
         if let Some((channel, reason)) = n {
             let _ = channel.send(&KvMessage::RoomAbort {
                 room: self.id,
+                kind: 4,
                 reason,
             });
         }
@@ -581,6 +582,7 @@ impl RecvRoom {
                 .to_string();
             if c.send(&KvMessage::RoomAbort {
                 room: self.id,
+                kind: 4,
                 reason,
             })
             .is_err()
