@@ -273,6 +273,62 @@
 #define KVT_ROLE_DECODE 1
 
 /**
+ * `kvt_kv_*_failure`: the peer's manager went away (channel closed, unreachable, or silent
+ * past the heartbeat timeout).
+ */
+#define KVT_FAILURE_PEER_LOST 1
+
+/**
+ * `kvt_kv_*_failure`: the peer restarted (a new engine epoch).
+ */
+#define KVT_FAILURE_PEER_RESTARTED 2
+
+/**
+ * `kvt_kv_*_failure`: a deadline passed (room timeout, or the channel's connect timeout).
+ */
+#define KVT_FAILURE_TIMEOUT 3
+
+/**
+ * `kvt_kv_*_failure`: aborted by this side's caller.
+ */
+#define KVT_FAILURE_ABORTED 4
+
+/**
+ * `kvt_kv_*_failure`: aborted by the peer's caller.
+ */
+#define KVT_FAILURE_ABORTED_BY_PEER 5
+
+/**
+ * `kvt_kv_*_failure`: the two KV layouts do not pair (configuration error).
+ */
+#define KVT_FAILURE_LAYOUT_MISMATCH 6
+
+/**
+ * `kvt_kv_*_failure`: page indices or counts were refused.
+ */
+#define KVT_FAILURE_INVALID_PAGES 7
+
+/**
+ * `kvt_kv_*_failure`: the peer refused the room (e.g. a duplicate room id).
+ */
+#define KVT_FAILURE_REJECTED 8
+
+/**
+ * `kvt_kv_*_failure`: moving the data failed.
+ */
+#define KVT_FAILURE_TRANSPORT 9
+
+/**
+ * `kvt_kv_*_failure`: the data failed an integrity check.
+ */
+#define KVT_FAILURE_INTEGRITY 10
+
+/**
+ * `kvt_kv_*_failure`: the manager shut down.
+ */
+#define KVT_FAILURE_SHUTDOWN 11
+
+/**
  * Room state: failed (final); see the `*_failure_reason` functions.
  */
 #define KVT_POLL_FAILED 0
@@ -482,6 +538,18 @@ typedef struct kvt_kv_config {
      * without it leave it out of `struct_size` and get the default.)
      */
     uint64_t abort_timeout_ms;
+    /**
+     * Decode: a control channel to a prefill manager that has not opened this long after a
+     * room asked for it fails its rooms (`KVT_FAILURE_TIMEOUT`); connecting happens in the
+     * background, no call waits for it. 0: `KVT_KV_CONNECT_TIMEOUT_MS`, else 5000. (Added
+     * later, like `abort_timeout_ms`.)
+     */
+    uint64_t connect_timeout_ms;
+    /**
+     * A peer manager silent this long (no heartbeat) is lost: its rooms fail with
+     * `KVT_FAILURE_PEER_LOST`. 0: `KVT_HEARTBEAT_TIMEOUT_MS`, else 5000. (Added later.)
+     */
+    uint64_t heartbeat_timeout_ms;
 } kvt_kv_config;
 
 /**
@@ -917,6 +985,16 @@ int32_t kvt_kv_sender_poll(const struct kvt_kv_sender *s, int32_t *out_state);
 int32_t kvt_kv_sender_failure_reason(const struct kvt_kv_sender *s, char *buf, size_t cap);
 
 /**
+ * The kind of the room's failure (`KVT_FAILURE_*`; 0 while it has not failed) into `*kind`,
+ * and the `KVT_POLL_*` state it failed in into `*state` (for a timeout: where it was stuck;
+ * `state` may be NULL).
+ *
+ * # Safety
+ * `s` is a live sender handle; `kind` is writable; `state` is NULL or writable.
+ */
+int32_t kvt_kv_sender_failure(const struct kvt_kv_sender *s, int32_t *kind, int32_t *state);
+
+/**
  * Fails the room (unless it succeeded) and returns once none of its writes can land at the
  * receiver any more; may block up to the abort timeout.
  *
@@ -986,6 +1064,16 @@ int32_t kvt_kv_receiver_poll(const struct kvt_kv_receiver *r, int32_t *out_state
  * `r` is a live receiver handle; `buf` is writable for `cap` bytes.
  */
 int32_t kvt_kv_receiver_failure_reason(const struct kvt_kv_receiver *r, char *buf, size_t cap);
+
+/**
+ * The kind of the room's failure (`KVT_FAILURE_*`; 0 while it has not failed) into `*kind`,
+ * and the `KVT_POLL_*` state it failed in into `*state` (for a timeout: where it was stuck;
+ * `state` may be NULL).
+ *
+ * # Safety
+ * `r` is a live receiver handle; `kind` is writable; `state` is NULL or writable.
+ */
+int32_t kvt_kv_receiver_failure(const struct kvt_kv_receiver *r, int32_t *kind, int32_t *state);
 
 /**
  * Fails the room (unless it succeeded) and returns once nothing of it can land in its pages

@@ -15,14 +15,14 @@ impl TransferEngine {
     }
 
     /// Opens a KV channel to the engine at `addr`: returns its hello and the stream (blocking,
-    /// no timeouts set).
-    pub(crate) fn open_kv_channel(&self, addr: SocketAddr) -> Result<(Hello, TcpStream)> {
+    /// up to `timeout` for the connect and for the handshake).
+    pub(crate) fn open_kv_channel(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(Hello, TcpStream)> {
         let e = &self.inner;
-        tcp::connect_one(
-            addr,
-            e.config.connect_timeout,
-            &e.hello(ConnPurpose::Kv, 0, None),
-        )
+        tcp::connect_one(addr, timeout, &e.hello(ConnPurpose::Kv, 0, None))
     }
 
     /// The fences of rooms this engine receives.

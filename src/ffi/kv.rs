@@ -61,6 +61,14 @@ pub struct kvt_kv_config {
     /// `KVT_ABORT_TIMEOUT_MS`, else 10000. (Added after the first release: callers compiled
     /// without it leave it out of `struct_size` and get the default.)
     pub abort_timeout_ms: u64,
+    /// Decode: a control channel to a prefill manager that has not opened this long after a
+    /// room asked for it fails its rooms (`KVT_FAILURE_TIMEOUT`); connecting happens in the
+    /// background, no call waits for it. 0: `KVT_KV_CONNECT_TIMEOUT_MS`, else 5000. (Added
+    /// later, like `abort_timeout_ms`.)
+    pub connect_timeout_ms: u64,
+    /// A peer manager silent this long (no heartbeat) is lost: its rooms fail with
+    /// `KVT_FAILURE_PEER_LOST`. 0: `KVT_HEARTBEAT_TIMEOUT_MS`, else 5000. (Added later.)
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Versioned for kvt_kv_config {
@@ -75,11 +83,13 @@ impl Versioned for kvt_kv_config {
             aux: std::ptr::null(),
             num_aux: 0,
             abort_timeout_ms: 0,
+            connect_timeout_ms: 0,
+            heartbeat_timeout_ms: 0,
         }
     }
     fn fields() -> Vec<(usize, usize)> {
         field_spans!(kvt_kv_config; struct_size, role, room_timeout_ms, buffers, num_buffers,
-            aux, num_aux, abort_timeout_ms)
+            aux, num_aux, abort_timeout_ms, connect_timeout_ms, heartbeat_timeout_ms)
     }
 }
 
@@ -116,6 +126,12 @@ unsafe fn kv_settings(kv: *const kvt_kv_config) -> Result<(KvConfig, KvLayout)> 
     }
     if c.abort_timeout_ms != 0 {
         config = config.abort_timeout(Duration::from_millis(c.abort_timeout_ms));
+    }
+    if c.connect_timeout_ms != 0 {
+        config = config.connect_timeout(Duration::from_millis(c.connect_timeout_ms));
+    }
+    if c.heartbeat_timeout_ms != 0 {
+        config = config.heartbeat_timeout(Duration::from_millis(c.heartbeat_timeout_ms));
     }
     // SAFETY: the arrays hold num_buffers and num_aux entries by the contract.
     let (buffers, aux) = unsafe {

@@ -11,6 +11,30 @@ use super::versioned::{Versioned, field_spans, write_versioned};
 use crate::error::{Error, Result};
 use crate::kv::{KvPoll, KvReceiver, KvSender, RoomMetrics};
 
+/// `kvt_kv_*_failure`: the peer's manager went away (channel closed, unreachable, or silent
+/// past the heartbeat timeout).
+pub const KVT_FAILURE_PEER_LOST: i32 = 1;
+/// `kvt_kv_*_failure`: the peer restarted (a new engine epoch).
+pub const KVT_FAILURE_PEER_RESTARTED: i32 = 2;
+/// `kvt_kv_*_failure`: a deadline passed (room timeout, or the channel's connect timeout).
+pub const KVT_FAILURE_TIMEOUT: i32 = 3;
+/// `kvt_kv_*_failure`: aborted by this side's caller.
+pub const KVT_FAILURE_ABORTED: i32 = 4;
+/// `kvt_kv_*_failure`: aborted by the peer's caller.
+pub const KVT_FAILURE_ABORTED_BY_PEER: i32 = 5;
+/// `kvt_kv_*_failure`: the two KV layouts do not pair (configuration error).
+pub const KVT_FAILURE_LAYOUT_MISMATCH: i32 = 6;
+/// `kvt_kv_*_failure`: page indices or counts were refused.
+pub const KVT_FAILURE_INVALID_PAGES: i32 = 7;
+/// `kvt_kv_*_failure`: the peer refused the room (e.g. a duplicate room id).
+pub const KVT_FAILURE_REJECTED: i32 = 8;
+/// `kvt_kv_*_failure`: moving the data failed.
+pub const KVT_FAILURE_TRANSPORT: i32 = 9;
+/// `kvt_kv_*_failure`: the data failed an integrity check.
+pub const KVT_FAILURE_INTEGRITY: i32 = 10;
+/// `kvt_kv_*_failure`: the manager shut down.
+pub const KVT_FAILURE_SHUTDOWN: i32 = 11;
+
 /// Room state: failed (final); see the `*_failure_reason` functions.
 pub const KVT_POLL_FAILED: i32 = 0;
 /// Room state: the two sides are still exchanging the room's destination.
@@ -206,6 +230,34 @@ pub unsafe extern "C" fn kvt_kv_sender_failure_reason(
     })
 }
 
+/// The kind of the room's failure (`KVT_FAILURE_*`; 0 while it has not failed) into `*kind`,
+/// and the `KVT_POLL_*` state it failed in into `*state` (for a timeout: where it was stuck;
+/// `state` may be NULL).
+///
+/// # Safety
+/// `s` is a live sender handle; `kind` is writable; `state` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_kv_sender_failure(
+    s: *const kvt_kv_sender,
+    kind: *mut i32,
+    state: *mut i32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let s = unsafe { arg_ref(s, "s") }?;
+        // SAFETY: writable by the contract.
+        let kind = unsafe { out_param(kind, "kind") }?;
+        let f = s.sender.failure();
+        kind.write(f.as_ref().map_or(0, |f| f.kind.code()));
+        if !state.is_null() {
+            // SAFETY: non-null, so writable by the contract.
+            let state = unsafe { out_param(state, "state") }?;
+            state.write(f.map_or(0, |f| f.state as i32));
+        }
+        Ok(())
+    })
+}
+
 /// Fails the room (unless it succeeded) and returns once none of its writes can land at the
 /// receiver any more; may block up to the abort timeout.
 ///
@@ -341,6 +393,34 @@ pub unsafe extern "C" fn kvt_kv_receiver_failure_reason(
     })
 }
 
+/// The kind of the room's failure (`KVT_FAILURE_*`; 0 while it has not failed) into `*kind`,
+/// and the `KVT_POLL_*` state it failed in into `*state` (for a timeout: where it was stuck;
+/// `state` may be NULL).
+///
+/// # Safety
+/// `r` is a live receiver handle; `kind` is writable; `state` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_kv_receiver_failure(
+    r: *const kvt_kv_receiver,
+    kind: *mut i32,
+    state: *mut i32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let r = unsafe { arg_ref(r, "r") }?;
+        // SAFETY: writable by the contract.
+        let kind = unsafe { out_param(kind, "kind") }?;
+        let f = r.receiver.failure();
+        kind.write(f.as_ref().map_or(0, |f| f.kind.code()));
+        if !state.is_null() {
+            // SAFETY: non-null, so writable by the contract.
+            let state = unsafe { out_param(state, "state") }?;
+            state.write(f.map_or(0, |f| f.state as i32));
+        }
+        Ok(())
+    })
+}
+
 /// Fails the room (unless it succeeded) and returns once nothing of it can land in its pages
 /// any more, so they can be reused; may block up to the abort timeout.
 ///
@@ -390,6 +470,28 @@ pub unsafe extern "C" fn kvt_kv_receiver_destroy(r: *mut kvt_kv_receiver) -> i32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_constants_are_the_kinds_codes() {
+        use crate::kv::FailureKind as K;
+        let pairs = [
+            (KVT_FAILURE_PEER_LOST, K::PeerLost),
+            (KVT_FAILURE_PEER_RESTARTED, K::PeerRestarted),
+            (KVT_FAILURE_TIMEOUT, K::Timeout),
+            (KVT_FAILURE_ABORTED, K::Aborted),
+            (KVT_FAILURE_ABORTED_BY_PEER, K::AbortedByPeer),
+            (KVT_FAILURE_LAYOUT_MISMATCH, K::LayoutMismatch),
+            (KVT_FAILURE_INVALID_PAGES, K::InvalidPages),
+            (KVT_FAILURE_REJECTED, K::Rejected),
+            (KVT_FAILURE_TRANSPORT, K::Transport),
+            (KVT_FAILURE_INTEGRITY, K::Integrity),
+            (KVT_FAILURE_SHUTDOWN, K::Shutdown),
+        ];
+        assert_eq!(pairs.len(), K::ALL.len());
+        for (c, k) in pairs {
+            assert_eq!(c, k.code());
+        }
+    }
 
     #[test]
     fn poll_constants_are_the_kv_poll_values() {

@@ -45,7 +45,7 @@
 //! # Ok(()) }
 //! ```
 
-mod channel;
+mod driver;
 pub mod endpoint;
 pub mod failure;
 pub mod layout;

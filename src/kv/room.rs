@@ -1,180 +1,291 @@
-//! Rooms: [`KvSender`] (prefill) and [`KvReceiver`] (decode), and the shared state the
-//! manager's channel threads update.
+//! Rooms: [`KvSender`] (prefill) and [`KvReceiver`] (decode), thin handles on the manager's
+//! endpoint. No call here waits for the network: creating a receiver only asks the driver to
+//! connect, and `poll` reads an atomic. Only `abort` (and dropping an unfinished room) waits,
+//! for its guarantee, at most the abort timeout plus a bounded grace.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
-use super::channel::Channel;
-use super::manager::{DecodePeer, Inbound, KvRole, Shared};
-use super::pages::{Run, check_distinct, check_pages, expand, expand_aux, runs};
-use super::proto::KvMessage;
-use super::session::{ReceiverSession, Refusal, SenderSession};
+use super::driver::Cell;
+use super::failure::Failure;
+use super::manager::{KvRole, Shared};
+use super::pages::{Run, check_pages, expand, expand_aux, runs};
 use super::{KvManager, KvPoll, RoomMetrics, chunk_tag};
 use crate::batch::Batch;
-use crate::engine::TransferEngine;
 use crate::error::{Error, Result};
 use crate::request::{BatchId, BatchStatus, Request};
-
-fn refused(room: u64, r: Refusal) -> Error {
-    match r {
-        Refusal::State(state, op) => Error::RoomState {
-            room,
-            state: state.as_str(),
-            op,
-        },
-        Refusal::Pages(reason) => Error::InvalidPages { room, reason },
-    }
-}
-
-fn load(state: &AtomicI32) -> KvPoll {
-    KvPoll::from_i32(state.load(Ordering::Acquire)).unwrap_or(KvPoll::Failed)
-}
 
 fn span(from: Option<Instant>, to: Option<Instant>) -> Option<Duration> {
     Some(to?.saturating_duration_since(from?))
 }
 
-/// The destination of a sending room.
-struct Dest {
-    from: Arc<Inbound>,
-    target: Arc<DecodePeer>,
-    slot: u32,
-    aux_index: Option<u32>,
-    pages: Vec<i32>,
-}
+/// Longest a room's own wait (abort) goes past the abort timeout before it gives up.
+const GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
-struct SendMetrics {
-    bytes: u64,
-    slices: u64,
-    first_send: Option<Instant>,
-    first_post: Option<Instant>,
-    last_done: Option<Instant>,
-}
-
-struct SendInner {
-    session: SenderSession,
-    dest: Option<Dest>,
-    /// Chunks not yet accounted in the session.
+struct SendLocal {
+    /// Chunk batches not yet accounted in the endpoint.
     open: Vec<(BatchId, Arc<Batch>)>,
     /// Every chunk batch, for waiting until nothing is in flight.
     all: Vec<Arc<Batch>>,
     /// The last (source, destination) page pair written.
     last_pair: Option<(i32, i32)>,
-    told_peer: bool,
-    metrics: SendMetrics,
     runs: Vec<Run>,
+    bytes: u64,
+    slices: u64,
+    first_send: Option<Instant>,
+    first_post: Option<Instant>,
+    last_done: Option<Instant>,
+    peer: Option<crate::engine::PeerId>,
 }
 
-/// A sending room as the manager and its channel threads see it.
-pub(crate) struct SendRoom {
-    id: u64,
-    state: AtomicI32,
-    deadline: Instant,
-    timeout: Duration,
-    inner: Mutex<SendInner>,
+/// The prefill side of one room: sends pages of one request to the decode side's pages.
+///
+/// Created with the room id the decode side's [`KvReceiver`] uses; pairs with it when the
+/// receiver's destination arrives (`Bootstrapping` → `WaitingForInput`). Dropping a sender
+/// that has not finished aborts it first.
+pub struct KvSender {
+    shared: Arc<Shared>,
+    room: u64,
+    cell: Arc<Cell>,
+    local: Mutex<SendLocal>,
 }
 
-impl SendRoom {
-    fn publish(&self, g: &SendInner) {
-        self.state
-            .store(g.session.state() as i32, Ordering::Release);
+impl std::fmt::Debug for KvSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvSender")
+            .field("room", &self.room)
+            .field("state", &self.cell.state())
+            .finish()
     }
+}
 
-    /// The channel to tell about a failure, once.
-    fn take_notice(&self, g: &mut SendInner) -> Option<(Arc<Channel>, String)> {
-        if g.session.state() != KvPoll::Failed || g.told_peer {
-            return None;
+fn failure_of(shared: &Shared, room: u64) -> Option<Failure> {
+    shared.driver.core.lock().ep.failure(room).cloned()
+}
+
+impl KvSender {
+    /// A sending room `room` in the prefill manager `mgr`; `DuplicateRoom` if one is live.
+    /// Never waits: a destination that arrived already pairs at once.
+    pub fn new(mgr: &KvManager, room: u64) -> Result<KvSender> {
+        let shared = mgr.shared().clone();
+        if shared.cfg.role != KvRole::Prefill {
+            return Err(Error::InvalidArgument(
+                "a KvSender needs a prefill manager".into(),
+            ));
         }
-        let d = g.dest.as_ref()?;
-        g.told_peer = true;
-        Some((
-            d.from.channel.clone(),
-            g.session.reason().unwrap_or_default().to_string(),
-        ))
-    }
-
-    fn notice(&self, n: Option<(Arc<Channel>, String)>) {
-        if let Some((channel, reason)) = n {
-            let _ = channel.send(&KvMessage::RoomAbort {
-                room: self.id,
-                kind: 4,
-                reason,
-            });
-        }
-    }
-
-    /// Fails the room (no-op once final) and tells the receiver.
-    pub(crate) fn fail(&self, reason: String) {
-        let n = {
-            let mut g = self.inner.lock();
-            g.session.fail(reason);
-            self.publish(&g);
-            self.take_notice(&mut g)
+        let cell = {
+            let mut core = shared.driver.core.lock();
+            core.ep.prefill().create(room, Instant::now())?;
+            let cell = core.add_cell(room);
+            shared.driver.after(&mut core);
+            cell
         };
-        self.notice(n);
+        Ok(KvSender {
+            shared,
+            room,
+            cell,
+            local: Mutex::new(SendLocal::default()),
+        })
     }
 
-    /// Whether the room's destination came over `from`.
-    pub(crate) fn is_from(&self, from: &Arc<Inbound>) -> bool {
-        self.inner
-            .lock()
-            .dest
-            .as_ref()
-            .is_some_and(|d| Arc::ptr_eq(&d.from, from))
+    /// The room id.
+    pub fn room(&self) -> u64 {
+        self.room
     }
 
-    /// Pairs the room with its receiver's destination.
-    pub(crate) fn attach(
+    /// The room will carry `num_pages` pages (the receiver must name as many) and, if
+    /// `aux_index` is set, aux slot `aux_index` of every aux buffer.
+    pub fn init(&self, num_pages: usize, aux_index: Option<u32>) -> Result<()> {
+        let mut core = self.shared.driver.core.lock();
+        let r = core
+            .ep
+            .prefill()
+            .init(self.room, num_pages as u64, aux_index, Instant::now());
+        self.shared.driver.after(&mut core);
+        r
+    }
+
+    /// Sends `src_pages` (local page indices) to the next `src_pages.len()` destination pages
+    /// of the room; `is_last` ends the room (aux goes with it). Nothing is written when the
+    /// pages or counts are wrong.
+    pub fn send(&self, src_pages: &[i32], is_last: bool) -> Result<()> {
+        let id = self.room;
+        let start = Instant::now();
+        check_pages(src_pages, self.shared.layout.pages(), "source")
+            .map_err(|reason| Error::InvalidPages { room: id, reason })?;
+        let mut local = self.local.lock();
+        let (plan, dest) = {
+            let mut core = self.shared.driver.core.lock();
+            let plan = core.ep.prefill().send(id, src_pages.len() as u64, is_last);
+            let plan = match plan {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let dest = core.data.get(&plan.conn).cloned();
+            core.publish();
+            (plan, dest)
+        };
+        local.first_send.get_or_insert(start);
+        let result = match dest {
+            Some(dest) => self.post(&mut local, &plan, &dest, src_pages),
+            None => Err(Error::RoomFailed {
+                room: id,
+                reason: "the receiver's data path is gone".into(),
+            }),
+        };
+        let mut core = self.shared.driver.core.lock();
+        let now = Instant::now();
+        match &result {
+            Ok((batch, b, bytes, slices)) => {
+                local.first_post.get_or_insert(now);
+                local.bytes += bytes;
+                local.slices += slices;
+                local.open.push((*batch, b.clone()));
+                local.all.push(b.clone());
+                core.batches.entry(id).or_default().push(b.clone());
+                core.ep.prefill().posted(id, Ok(()), now);
+            }
+            Err(e) => {
+                let text = format!("chunk {} not sent: {e}", plan.seq);
+                core.ep.prefill().posted(id, Err(text), now);
+            }
+        }
+        self.shared.driver.after(&mut core);
+        result.map(|_| ())
+    }
+
+    /// Expands and posts one planned chunk: (batch, handle, bytes, writes).
+    fn post(
         &self,
-        from: Arc<Inbound>,
-        target: Arc<DecodePeer>,
-        slot: u32,
-        aux_index: Option<u32>,
-        pages: Vec<i32>,
-    ) -> Result<()> {
-        let mut g = self.inner.lock();
-        if g.dest.is_some() {
-            return Err(Error::DuplicateRoom { room: self.id });
+        local: &mut SendLocal,
+        plan: &super::endpoint::ChunkPlan,
+        dest: &super::manager::DecodePeer,
+        src_pages: &[i32],
+    ) -> Result<(BatchId, Arc<Batch>, u64, u64)> {
+        // An empty last chunk re-writes the last page (same bytes) so aux and the final
+        // notification still follow data on the wire.
+        let resend;
+        let (src, dst): (&[i32], &[i32]) = match (src_pages.is_empty(), local.last_pair) {
+            (true, Some((s, d))) => {
+                resend = [[s], [d]];
+                (&resend[0][..], &resend[1][..])
+            }
+            _ => (src_pages, &plan.dst),
+        };
+        let mut reqs: Vec<Request> = Vec::new();
+        local.runs.clear();
+        runs(src, dst, &mut local.runs);
+        expand(&local.runs, &self.shared.layout, &dest.buffers, &mut reqs);
+        if let Some((a, b)) = plan.aux {
+            expand_aux(&self.shared.layout.aux, a, &dest.aux, b, &mut reqs);
         }
-        if g.session.state() == KvPoll::Failed {
-            return Err(Error::RoomFailed {
-                room: self.id,
-                reason: g.session.reason().unwrap_or_default().to_string(),
-            });
+        if let (Some(&s), Some(&d)) = (src.last(), dst.last()) {
+            local.last_pair = Some((s, d));
         }
-        let r = g.session.peer_ready(pages.len() as u64);
-        g.dest = Some(Dest {
-            from,
-            target,
-            slot,
-            aux_index,
-            pages,
-        });
-        self.publish(&g);
-        // The receiver learns of a mismatch from the rejection; no separate abort.
-        g.told_peer = true;
-        r.map_err(|reason| Error::InvalidPages {
-            room: self.id,
-            reason,
-        })?;
-        g.told_peer = false;
+        if reqs.is_empty() {
+            return Err(Error::InvalidArgument("nothing to write".into()));
+        }
+        local.peer = Some(dest.peer);
+        let tag = chunk_tag(plan.slot, plan.seq, plan.last);
+        let timeout = self.shared.cfg.room_timeout;
+        let engine = &self.shared.engine;
+        let batch = engine.submit_notify(dest.peer, &reqs, timeout, tag)?;
+        let b = engine.batch_handle(batch)?;
+        let bytes = reqs.iter().map(|r| r.len).sum::<u64>();
+        Ok((batch, b, bytes, reqs.len() as u64))
+    }
+
+    /// The room's state; never blocks (an atomic read, plus a look at its batches while it
+    /// is transferring).
+    pub fn poll(&self) -> KvPoll {
+        let s = self.cell.state();
+        if s != KvPoll::Transferring {
+            return s;
+        }
+        let Some(mut local) = self.local.try_lock() else {
+            return s; // a send is posting: it will look
+        };
+        let now = Instant::now();
+        let mut settled = Vec::new();
+        let mut i = 0;
+        while i < local.open.len() {
+            let b = local.open[i].1.clone();
+            let result = match b.status() {
+                BatchStatus::Pending => {
+                    b.check_deadline(now);
+                    i += 1;
+                    continue;
+                }
+                BatchStatus::Done => Ok(()),
+                BatchStatus::Failed(reason) => Err(reason),
+            };
+            let (id, _) = local.open.swap_remove(i);
+            self.shared.engine.release(id);
+            if result.is_ok() {
+                local.last_done = local.last_done.max(b.settled_at());
+            }
+            settled.push(result);
+        }
+        if !settled.is_empty() {
+            let mut core = self.shared.driver.core.lock();
+            for r in settled {
+                core.ep.prefill().chunk_settled(self.room, r, now);
+            }
+            self.shared.driver.after(&mut core);
+        }
+        self.cell.state()
+    }
+
+    /// Why the room failed (its text).
+    pub fn failure_reason(&self) -> Option<String> {
+        self.failure().map(|f| f.text)
+    }
+
+    /// Why the room failed: kind, the state it failed in, and text.
+    pub fn failure(&self) -> Option<Failure> {
+        failure_of(&self.shared, self.room)
+    }
+
+    /// Fails the room (unless it already succeeded) and returns once none of its writes can
+    /// land at the receiver any more: every write in flight has completed or been flushed. If
+    /// that takes longer than the abort timeout, the connection to the receiver is closed.
+    pub fn abort(&self) -> Result<()> {
+        {
+            let mut core = self.shared.driver.core.lock();
+            core.ep.prefill().abort(self.room, Instant::now());
+            self.shared.driver.after(&mut core);
+        }
+        if self.cell.state() == KvPoll::Success {
+            return Ok(());
+        }
+        if !self.settle(self.shared.cfg.abort_timeout) {
+            let peer = self.local.lock().peer;
+            if let Some(p) = peer {
+                tracing::warn!(
+                    room = self.room,
+                    "abort: writes still in flight; closing the peer"
+                );
+                let _ = self.shared.engine.disconnect(p);
+            }
+            if !self.settle(GRACE) {
+                return Err(Error::Timeout {
+                    what: format!("abort of room {}", self.room),
+                    after_ms: (self.shared.cfg.abort_timeout + GRACE).as_millis() as u64,
+                });
+            }
+        }
         Ok(())
     }
 
-    /// Whether every batch of the room has settled (no completion outstanding).
-    pub(crate) fn settled(&self) -> bool {
-        self.inner.lock().all.iter().all(|b| b.remaining() == 0)
-    }
-
     /// Waits up to `limit` until none of the room's writes is in flight; true if none is.
-    pub(crate) fn settle(&self, limit: Duration) -> bool {
-        let batches: Vec<Arc<Batch>> = self.inner.lock().all.clone();
+    fn settle(&self, limit: Duration) -> bool {
+        let batches: Vec<Arc<Batch>> = self.local.lock().all.clone();
         let until = Instant::now() + limit;
         loop {
             if batches.iter().all(|b| b.remaining() == 0) {
@@ -187,263 +298,17 @@ impl SendRoom {
         }
     }
 
-    fn poll(&self, engine: &TransferEngine) -> KvPoll {
-        let s = load(&self.state);
-        if s.is_final() {
-            return s;
-        }
-        let now = Instant::now();
-        if now >= self.deadline {
-            self.fail(format!(
-                "deadline of {} ms exceeded while {}",
-                self.timeout.as_millis(),
-                s.as_str()
-            ));
-            return load(&self.state);
-        }
-        if s != KvPoll::Transferring {
-            return s;
-        }
-        let n = {
-            let mut g = self.inner.lock();
-            let mut i = 0;
-            while i < g.open.len() {
-                let b = g.open[i].1.clone();
-                let result = match b.status() {
-                    BatchStatus::Pending => {
-                        b.check_deadline(now);
-                        i += 1;
-                        continue;
-                    }
-                    BatchStatus::Done => Ok(()),
-                    BatchStatus::Failed(reason) => Err(reason),
-                };
-                let (id, _) = g.open.swap_remove(i);
-                engine.release(id);
-                if result.is_ok() {
-                    g.metrics.last_done = g.metrics.last_done.max(b.settled_at());
-                }
-                g.session.chunk_settled(result);
-            }
-            self.publish(&g);
-            self.take_notice(&mut g)
-        };
-        self.notice(n);
-        load(&self.state)
-    }
-}
-
-/// The prefill side of one room: sends pages of one request to the decode side's pages.
-///
-/// Created with the room id the decode side's [`KvReceiver`] uses; pairs with it when the
-/// receiver's destination arrives (`Bootstrapping` → `WaitingForInput`). Dropping a sender
-/// that has not finished aborts it first.
-pub struct KvSender {
-    shared: Arc<Shared>,
-    room: Arc<SendRoom>,
-}
-
-impl std::fmt::Debug for KvSender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvSender")
-            .field("room", &self.room.id)
-            .field("state", &load(&self.room.state))
-            .finish()
-    }
-}
-
-impl KvSender {
-    /// A sending room `room` in the prefill manager `mgr`; `DuplicateRoom` if one is live.
-    pub fn new(mgr: &KvManager, room: u64) -> Result<KvSender> {
-        let shared = mgr.shared().clone();
-        if shared.cfg.role != KvRole::Prefill {
-            return Err(Error::InvalidArgument(
-                "a KvSender needs a prefill manager".into(),
-            ));
-        }
-        let timeout = shared.cfg.room_timeout;
-        let r = Arc::new(SendRoom {
-            id: room,
-            state: AtomicI32::new(KvPoll::Bootstrapping as i32),
-            deadline: Instant::now() + timeout,
-            timeout,
-            inner: Mutex::new(SendInner {
-                session: SenderSession::new(),
-                dest: None,
-                open: Vec::new(),
-                all: Vec::new(),
-                last_pair: None,
-                told_peer: false,
-                metrics: SendMetrics::default(),
-                runs: Vec::new(),
-            }),
-        });
-        shared.add_sender(room, &r)?;
-        Ok(KvSender { shared, room: r })
-    }
-
-    /// The room id.
-    pub fn room(&self) -> u64 {
-        self.room.id
-    }
-
-    /// The room will carry `num_pages` pages (the receiver must name as many) and, if
-    /// `aux_index` is set, aux slot `aux_index` of every aux buffer.
-    pub fn init(&self, num_pages: usize, aux_index: Option<u32>) -> Result<()> {
-        let id = self.room.id;
-        if let Some(a) = aux_index {
-            let slots = self.shared.layout.aux_slots();
-            if (a as u64) >= slots {
-                return Err(Error::InvalidPages {
-                    room: id,
-                    reason: format!("aux index {a} outside 0..{slots}"),
-                });
-            }
-        }
-        let (r, n) = {
-            let mut g = self.room.inner.lock();
-            let r = g.session.init(num_pages as u64, aux_index);
-            self.room.publish(&g);
-            (r, self.room.take_notice(&mut g))
-        };
-        self.room.notice(n);
-        r.map_err(|r| refused(id, r))
-    }
-
-    /// Sends `src_pages` (local page indices) to the next `src_pages.len()` destination pages
-    /// of the room; `is_last` ends the room (aux goes with it). Nothing is written when the
-    /// pages or counts are wrong.
-    pub fn send(&self, src_pages: &[i32], is_last: bool) -> Result<()> {
-        let id = self.room.id;
-        let start = Instant::now();
-        check_pages(src_pages, self.shared.layout.pages(), "source")
-            .map_err(|reason| Error::InvalidPages { room: id, reason })?;
-        let mut g = self.room.inner.lock();
-        let chunk = g
-            .session
-            .begin_chunk(src_pages.len() as u64, is_last)
-            .map_err(|r| refused(id, r))?;
-        let Some(chunk) = chunk else { return Ok(()) };
-        g.metrics.first_send.get_or_insert(start);
-        let inner = &mut *g;
-        let dest = inner
-            .dest
-            .as_ref()
-            .expect("a room past Bootstrapping has a destination");
-        let mut reqs: Vec<Request> = Vec::new();
-        let (src, dst): (&[i32], &[i32]) = if chunk.pages == 0 {
-            // An empty last chunk re-writes the last page (same bytes) so aux and the final
-            // notification still follow data on the wire.
-            (&[], &[])
-        } else {
-            let at = chunk.offset as usize;
-            (src_pages, &dest.pages[at..at + src_pages.len()])
-        };
-        let resend;
-        let (src, dst) = match (src.is_empty(), inner.last_pair) {
-            (true, Some((s, d))) => {
-                resend = [[s], [d]];
-                (&resend[0][..], &resend[1][..])
-            }
-            _ => (src, dst),
-        };
-        inner.runs.clear();
-        runs(src, dst, &mut inner.runs);
-        expand(
-            &inner.runs,
-            &self.shared.layout,
-            &dest.target.buffers,
-            &mut reqs,
-        );
-        if let (true, Some(a), Some(b)) = (chunk.last, inner.session.aux_index(), dest.aux_index) {
-            expand_aux(&self.shared.layout.aux, a, &dest.target.aux, b, &mut reqs);
-        }
-        if let (Some(&s), Some(&d)) = (src.last(), dst.last()) {
-            inner.last_pair = Some((s, d));
-        }
-        let tag = chunk_tag(dest.slot, chunk.seq, chunk.last);
-        let timeout = self.room.deadline.saturating_duration_since(Instant::now());
-        let peer = dest.target.peer;
-        let submitted = if reqs.is_empty() {
-            Err(Error::InvalidArgument("nothing to write".into()))
-        } else {
-            self.shared.engine.submit_notify(peer, &reqs, timeout, tag)
-        };
-        match submitted {
-            Ok(batch) => {
-                let b = self.shared.engine.batch_handle(batch)?;
-                inner.metrics.first_post.get_or_insert_with(Instant::now);
-                inner.metrics.bytes += reqs.iter().map(|r| r.len).sum::<u64>();
-                inner.metrics.slices += reqs.len() as u64;
-                inner.open.push((batch, b.clone()));
-                inner.all.push(b);
-                self.room.publish(inner);
-                Ok(())
-            }
-            Err(e) => {
-                inner
-                    .session
-                    .fail(format!("chunk {} not sent: {e}", chunk.seq));
-                self.room.publish(inner);
-                let n = self.room.take_notice(inner);
-                drop(g);
-                self.room.notice(n);
-                Err(e)
-            }
-        }
-    }
-
-    /// The room's state; never blocks (a lock held for a few atomic reads at most).
-    pub fn poll(&self) -> KvPoll {
-        self.room.poll(&self.shared.engine)
-    }
-
-    /// Why the room failed.
-    pub fn failure_reason(&self) -> Option<String> {
-        self.room.inner.lock().session.reason().map(str::to_string)
-    }
-
-    /// Fails the room (unless it already succeeded) and returns once none of its writes can
-    /// land at the receiver any more: every write in flight has completed or been flushed. If
-    /// that takes longer than the abort timeout, the connection to the receiver is closed.
-    pub fn abort(&self) -> Result<()> {
-        self.room.fail("aborted by the sender".into());
-        if load(&self.room.state) == KvPoll::Success {
-            return Ok(());
-        }
-        if !self.room.settle(self.shared.cfg.abort_timeout) {
-            let peer = self.room.inner.lock().dest.as_ref().map(|d| d.target.peer);
-            if let Some(p) = peer {
-                tracing::warn!(
-                    room = self.room.id,
-                    "abort: writes still in flight; closing the peer"
-                );
-                let _ = self.shared.engine.disconnect(p);
-            }
-            if !self.room.settle(Duration::from_secs(5)) {
-                return Err(Error::Timeout {
-                    what: format!("abort of room {}", self.room.id),
-                    after_ms: self.shared.cfg.abort_timeout.as_millis() as u64 + 5000,
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// What the room moved so far.
     pub fn metrics(&self) -> RoomMetrics {
-        let g = self.room.inner.lock();
-        let m = &g.metrics;
-        let done = if g.session.state() == KvPoll::Success {
-            m.last_done
-        } else {
-            None
-        };
+        let l = self.local.lock();
+        let done = (self.cell.state() == KvPoll::Success)
+            .then_some(l.last_done)
+            .flatten();
         RoomMetrics {
-            bytes: m.bytes,
-            slices: m.slices,
-            queued_to_first_write: span(m.first_send, m.first_post),
-            transfer_span: span(m.first_post, done),
+            bytes: l.bytes,
+            slices: l.slices,
+            queued_to_first_write: span(l.first_send, l.first_post),
+            transfer_span: span(l.first_post, done),
         }
     }
 }
@@ -453,157 +318,16 @@ impl Drop for KvSender {
         if !self.poll().is_final()
             && let Err(e) = self.abort()
         {
-            tracing::warn!(room = self.room.id, "{e}");
+            tracing::warn!(room = self.room, "{e}");
         }
-        self.room.settle(Duration::ZERO);
-        let open: Vec<BatchId> = self
-            .room
-            .inner
-            .lock()
-            .open
-            .drain(..)
-            .map(|(id, _)| id)
-            .collect();
+        let open: Vec<BatchId> = self.local.lock().open.drain(..).map(|(id, _)| id).collect();
         for id in open {
             self.shared.engine.release(id);
         }
-        let mut senders = self.shared.senders.lock();
-        if senders
-            .get(&self.room.id)
-            .is_some_and(|r| Arc::ptr_eq(r, &self.room))
-        {
-            senders.remove(&self.room.id);
-        }
-    }
-}
-
-#[derive(Default)]
-struct RecvMetrics {
-    bytes: u64,
-    chunks: u64,
-    init: Option<Instant>,
-    first: Option<Instant>,
-    done: Option<Instant>,
-}
-
-struct RecvInner {
-    session: ReceiverSession,
-    metrics: RecvMetrics,
-}
-
-/// A receiving room as the manager and its channel threads see it.
-pub(crate) struct RecvRoom {
-    id: u64,
-    state: AtomicI32,
-    deadline: Instant,
-    timeout: Duration,
-    channel: OnceLock<Arc<Channel>>,
-    slot: OnceLock<u32>,
-    inner: Mutex<RecvInner>,
-    told_peer: AtomicBool,
-    acked: Mutex<bool>,
-    ack: Condvar,
-    fences: Arc<crate::transport::fence::RoomFences>,
-}
-
-impl RecvRoom {
-    fn publish(&self, g: &RecvInner) {
-        self.state
-            .store(g.session.state() as i32, Ordering::Release);
-    }
-
-    /// Whether notifications from engine `(id, epoch)` belong to this room.
-    pub(crate) fn sent_by(&self, engine: (u64, u64)) -> bool {
-        self.channel.get().is_some_and(|c| c.peer_engine == engine)
-    }
-
-    /// Whether the room runs over `channel`.
-    pub(crate) fn is_on(&self, channel: &Arc<Channel>) -> bool {
-        self.channel.get().is_some_and(|c| Arc::ptr_eq(c, channel))
-    }
-
-    /// Chunk `seq` has landed.
-    pub(crate) fn on_chunk(&self, seq: u32, last: bool) {
-        let mut g = self.inner.lock();
-        let now = Instant::now();
-        if g.session.notified(seq, last) {
-            g.metrics.done = Some(now);
-        }
-        g.metrics.first.get_or_insert(now);
-        g.metrics.chunks += 1;
-        self.publish(&g);
-    }
-
-    /// The sender accepted the room.
-    pub(crate) fn accepted(&self) {
-        let mut g = self.inner.lock();
-        g.session.accepted();
-        self.publish(&g);
-    }
-
-    /// Fails the room and refuses its further TCP writes (without waiting for writes in
-    /// progress).
-    pub(crate) fn fail_and_fence(&self, reason: String) {
-        let mut g = self.inner.lock();
-        g.session.fail(reason);
-        self.publish(&g);
-        drop(g);
-        self.fence(Duration::ZERO);
-    }
-
-    /// Fences the room's slot; waits up to `limit` for TCP writes in progress.
-    fn fence(&self, limit: Duration) -> bool {
-        match (self.slot.get(), self.channel.get()) {
-            (Some(&slot), Some(c)) => self
-                .fences
-                .fence((c.peer_engine.0, c.peer_engine.1, slot), limit),
-            _ => true,
-        }
-    }
-
-    /// The sender confirmed that no write of the room is in flight (or it is gone).
-    pub(crate) fn abort_acked(&self) {
-        *self.acked.lock() = true;
-        self.ack.notify_all();
-    }
-
-    /// Tells the sender the room failed, once.
-    fn tell_sender(&self) {
-        if self.slot.get().is_none() || self.told_peer.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        if let Some(c) = self.channel.get() {
-            let reason = self
-                .inner
-                .lock()
-                .session
-                .reason()
-                .unwrap_or_default()
-                .to_string();
-            if c.send(&KvMessage::RoomAbort {
-                room: self.id,
-                kind: 4,
-                reason,
-            })
-            .is_err()
-            {
-                self.abort_acked();
-            }
-        }
-    }
-
-    fn poll(&self) -> KvPoll {
-        let s = load(&self.state);
-        if s.is_final() || Instant::now() < self.deadline {
-            return s;
-        }
-        self.fail_and_fence(format!(
-            "deadline of {} ms exceeded while {}",
-            self.timeout.as_millis(),
-            s.as_str()
-        ));
-        self.tell_sender();
-        load(&self.state)
+        let mut core = self.shared.driver.core.lock();
+        core.ep.prefill().remove(self.room, Instant::now());
+        core.forget(self.room);
+        self.shared.driver.after(&mut core);
     }
 }
 
@@ -612,22 +336,26 @@ impl RecvRoom {
 /// Dropping a receiver that has not succeeded aborts it first, so its pages can be reused.
 pub struct KvReceiver {
     shared: Arc<Shared>,
-    room: Arc<RecvRoom>,
+    room: u64,
+    cell: Arc<Cell>,
+    /// `init` time and bytes expected.
+    init: Mutex<(Option<Instant>, u64)>,
 }
 
 impl std::fmt::Debug for KvReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvReceiver")
-            .field("room", &self.room.id)
-            .field("state", &load(&self.room.state))
+            .field("room", &self.room)
+            .field("state", &self.cell.state())
             .finish()
     }
 }
 
 impl KvReceiver {
     /// A receiving room `room` in the decode manager `mgr`, served by the prefill manager at
-    /// `bootstrap_addr`. `DuplicateRoom` if one is live here; a prefill side that cannot be
-    /// reached fails the room (see `poll` and `failure_reason`).
+    /// `bootstrap_addr` (an `ip:port`; a host name is resolved here). `DuplicateRoom` if one
+    /// is live here. Returns at once: the control channel opens in the background, and a
+    /// prefill side that cannot be reached fails the room (see `poll` and `failure`).
     pub fn new(
         mgr: &KvManager,
         bootstrap_addr: impl ToSocketAddrs,
@@ -646,156 +374,107 @@ impl KvReceiver {
             .ok_or_else(|| {
                 Error::InvalidArgument("bootstrap address resolves to nothing".into())
             })?;
-        let timeout = shared.cfg.room_timeout;
-        let r = Arc::new(RecvRoom {
-            id: room,
-            state: AtomicI32::new(KvPoll::Bootstrapping as i32),
-            deadline: Instant::now() + timeout,
-            timeout,
-            channel: OnceLock::new(),
-            slot: OnceLock::new(),
-            inner: Mutex::new(RecvInner {
-                session: ReceiverSession::new(),
-                metrics: RecvMetrics::default(),
-            }),
-            told_peer: AtomicBool::new(false),
-            acked: Mutex::new(false),
-            ack: Condvar::new(),
-            fences: shared.engine.fences().clone(),
-        });
-        {
-            let mut receivers = shared.receivers.lock();
-            if receivers.contains_key(&room) {
-                return Err(Error::DuplicateRoom { room });
-            }
-            receivers.insert(room, r.clone());
-        }
-        match shared.channel_to(addr) {
-            Ok(c) => {
-                let _ = r.channel.set(c);
-            }
-            Err(e) => {
-                r.fail_and_fence(format!("cannot reach the sender at {addr}: {e}"));
-                r.abort_acked();
-            }
-        }
-        Ok(KvReceiver { shared, room: r })
+        let cell = {
+            let mut core = shared.driver.core.lock();
+            core.ep.decode().create(room, addr, Instant::now())?;
+            let cell = core.add_cell(room);
+            shared.driver.after(&mut core);
+            cell
+        };
+        Ok(KvReceiver {
+            shared,
+            room,
+            cell,
+            init: Mutex::new((None, 0)),
+        })
     }
 
     /// The room id.
     pub fn room(&self) -> u64 {
-        self.room.id
+        self.room
     }
 
     /// Names the destination: the room's pages land in `dst_pages` (local page indices, in
     /// room order), and aux in slot `aux_index` of every aux buffer. Nothing is sent when the
-    /// pages are wrong.
+    /// pages are wrong. Never waits: the destination goes out once the channel is open.
     pub fn init(&self, dst_pages: &[i32], aux_index: Option<u32>) -> Result<()> {
-        let id = self.room.id;
         let layout = &self.shared.layout;
-        check_pages(dst_pages, layout.pages(), "destination")
-            .and_then(|()| check_distinct(dst_pages))
-            .map_err(|reason| Error::InvalidPages { room: id, reason })?;
-        if let Some(a) = aux_index
-            && (a as u64) >= layout.aux_slots()
-        {
-            return Err(Error::InvalidPages {
-                room: id,
-                reason: format!("aux index {a} outside 0..{}", layout.aux_slots()),
-            });
-        }
-        {
-            let mut g = self.room.inner.lock();
-            g.session
-                .init(dst_pages.len() as u64)
-                .map_err(|r| refused(id, r))?;
-            g.metrics.init = Some(Instant::now());
-            g.metrics.bytes = dst_pages.len() as u64 * layout.page_bytes()
-                + aux_index.map_or(0, |_| layout.aux_bytes());
-        }
-        let slot = self.shared.take_slot(&self.room)?;
-        let _ = self.room.slot.set(slot);
-        let channel = self.room.channel.get().expect("a live room has a channel");
-        let sent = channel.send(&KvMessage::RoomInit {
-            room: id,
-            slot,
-            aux_index,
-            pages: dst_pages.to_vec(),
-        });
-        if let Err(e) = sent {
-            self.room
-                .fail_and_fence(format!("cannot send the room to the sender: {e}"));
-            self.room.abort_acked();
-            return Err(e);
-        }
+        let mut core = self.shared.driver.core.lock();
+        let slot =
+            core.ep
+                .decode()
+                .init(self.room, dst_pages.to_vec(), aux_index, Instant::now())?;
+        self.shared.engine.fences().clear_slot(slot);
+        *self.init.lock() = (
+            Some(Instant::now()),
+            dst_pages.len() as u64 * layout.page_bytes()
+                + aux_index.map_or(0, |_| layout.aux_bytes()),
+        );
+        self.shared.driver.after(&mut core);
         Ok(())
     }
 
-    /// The room's state; never blocks.
+    /// The room's state; never blocks (an atomic read).
     pub fn poll(&self) -> KvPoll {
-        self.room.poll()
+        self.cell.state()
     }
 
-    /// Why the room failed.
+    /// Why the room failed (its text).
     pub fn failure_reason(&self) -> Option<String> {
-        self.room.inner.lock().session.reason().map(str::to_string)
+        self.failure().map(|f| f.text)
+    }
+
+    /// Why the room failed: kind, the state it failed in, and text.
+    pub fn failure(&self) -> Option<Failure> {
+        failure_of(&self.shared, self.room)
     }
 
     /// Fails the room (unless it already succeeded) and returns once no write of the room can
     /// land in this engine's memory any more. TCP writes are fenced here; over RDMA the sender
     /// confirms that its writes have completed, and a sender that does not answer within the
-    /// abort timeout has its QPs into this engine stopped.
+    /// abort timeout has its QPs into this engine stopped. Waits at most the abort timeout
+    /// plus a few seconds' grace.
     pub fn abort(&self) -> Result<()> {
-        {
-            let mut g = self.room.inner.lock();
-            g.session.fail("aborted by the receiver".into());
-            self.room.publish(&g);
-            if g.session.state() == KvPoll::Success {
-                return Ok(());
-            }
-        }
+        let fence = {
+            let mut core = self.shared.driver.core.lock();
+            let f = core.ep.decode().abort(self.room, Instant::now());
+            self.shared.driver.after(&mut core);
+            f
+        };
         let limit = self.shared.cfg.abort_timeout;
-        if !self.room.fence(limit) {
+        if let Some((slot, peer)) = fence
+            && !self
+                .shared
+                .engine
+                .fences()
+                .fence((peer.0, peer.1, slot), limit)
+        {
             tracing::warn!(
-                room = self.room.id,
+                room = self.room,
                 "abort: a TCP write did not finish in time"
             );
         }
-        self.room.tell_sender();
-        if self.shared.engine.transport() == "rdma" && self.room.slot.get().is_some() {
-            let mut acked = self.room.acked.lock();
-            let until = Instant::now() + limit;
-            while !*acked {
-                if self.room.ack.wait_until(&mut acked, until).timed_out() {
-                    break;
-                }
-            }
-            if !*acked {
-                drop(acked);
-                if let Some(c) = self.room.channel.get() {
-                    tracing::warn!(
-                        room = self.room.id,
-                        "abort: no word from the sender; stopping its QPs"
-                    );
-                    self.shared
-                        .engine
-                        .stop_inbound(c.peer_engine.0, c.peer_engine.1);
-                    self.room.abort_acked();
-                }
-            }
+        let until = Instant::now() + limit + GRACE;
+        if !self.shared.driver.wait_quiet(&self.cell, until) {
+            return Err(Error::Timeout {
+                what: format!("abort of room {}", self.room),
+                after_ms: (limit + GRACE).as_millis() as u64,
+            });
         }
         Ok(())
     }
 
     /// What the room received so far (`slices` counts notified chunks here).
     pub fn metrics(&self) -> RoomMetrics {
-        let g = self.room.inner.lock();
-        let m = &g.metrics;
+        let (init, bytes) = *self.init.lock();
         RoomMetrics {
-            bytes: m.bytes,
-            slices: m.chunks,
-            queued_to_first_write: span(m.init, m.first),
-            transfer_span: span(m.first, m.done),
+            bytes,
+            slices: self.cell.chunks.load(Ordering::Relaxed),
+            queued_to_first_write: span(init, self.cell.first.get().copied()),
+            transfer_span: span(
+                self.cell.first.get().copied(),
+                self.cell.done.get().copied(),
+            ),
         }
     }
 }
@@ -805,18 +484,10 @@ impl Drop for KvReceiver {
         if self.poll() != KvPoll::Success
             && let Err(e) = self.abort()
         {
-            tracing::warn!(room = self.room.id, "{e}");
+            tracing::warn!(room = self.room, "{e}");
         }
-        let mut receivers = self.shared.receivers.lock();
-        if receivers
-            .get(&self.room.id)
-            .is_some_and(|r| Arc::ptr_eq(r, &self.room))
-        {
-            receivers.remove(&self.room.id);
-        }
-        drop(receivers);
-        if let Some(&slot) = self.room.slot.get() {
-            self.shared.free_slot(slot);
-        }
+        let mut core = self.shared.driver.core.lock();
+        core.ep.decode().remove(self.room);
+        core.forget(self.room);
     }
 }

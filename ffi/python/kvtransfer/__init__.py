@@ -14,7 +14,7 @@ from ._lib import ABI_VERSION, LibraryNotFoundError
 from ._lib import loaded_path as library_path
 from ._util import address_of
 from .engine import BATCH_DONE, BATCH_FAILED, BATCH_PENDING, OP_READ, OP_WRITE, SegmentInfo, TransferEngine, init_logging
-from .errors import ErrorCode, KVTransferError, last_error_message
+from .errors import ErrorCode, FailureKind, KVTransferError, last_error_message
 from .kv import (
     DisaggregationMode,
     KVArgs,
@@ -43,6 +43,7 @@ __all__ = [
     "BATCH_PENDING",
     "DisaggregationMode",
     "ErrorCode",
+    "FailureKind",
     "KVArgs",
     "KVManager",
     "KVPoll",

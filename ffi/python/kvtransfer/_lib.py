@@ -103,6 +103,8 @@ class KvConfig(Structure):
         ("aux", POINTER(KvBuffer)),
         ("num_aux", c_size_t),
         ("abort_timeout_ms", c_uint64),
+        ("connect_timeout_ms", c_uint64),
+        ("heartbeat_timeout_ms", c_uint64),
     ]
 
 
@@ -171,6 +173,7 @@ SIGNATURES = {
     "kvt_kv_sender_send": (_I32, [_H, _PI32, c_size_t, c_bool]),
     "kvt_kv_sender_poll": (_I32, [_H, _PI32]),
     "kvt_kv_sender_failure_reason": (_I32, [_H, POINTER(c_char), c_size_t]),
+    "kvt_kv_sender_failure": (_I32, [_H, _PI32, _PI32]),
     "kvt_kv_sender_abort": (_I32, [_H]),
     "kvt_kv_sender_metrics": (_I32, [_H, POINTER(RoomMetricsC)]),
     "kvt_kv_sender_destroy": (_I32, [_H]),
@@ -179,6 +182,7 @@ SIGNATURES = {
     "kvt_kv_receiver_init": (_I32, [_H, _PI32, c_size_t, c_int64]),
     "kvt_kv_receiver_poll": (_I32, [_H, _PI32]),
     "kvt_kv_receiver_failure_reason": (_I32, [_H, POINTER(c_char), c_size_t]),
+    "kvt_kv_receiver_failure": (_I32, [_H, _PI32, _PI32]),
     "kvt_kv_receiver_abort": (_I32, [_H]),
     "kvt_kv_receiver_metrics": (_I32, [_H, POINTER(RoomMetricsC)]),
     "kvt_kv_receiver_destroy": (_I32, [_H]),

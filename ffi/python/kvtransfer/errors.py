@@ -45,17 +45,45 @@ class ErrorCode(IntEnum):
     RemoteUnregistered = 34
 
 
+class FailureKind(IntEnum):
+    """Why a room failed, machine-readable (the C ABI's ``KVT_FAILURE_*``)."""
+
+    PeerLost = 1
+    PeerRestarted = 2
+    Timeout = 3
+    Aborted = 4
+    AbortedByPeer = 5
+    LayoutMismatch = 6
+    InvalidPages = 7
+    Rejected = 8
+    Transport = 9
+    Integrity = 10
+    Shutdown = 11
+
+
 class KVTransferError(Exception):
     """A kvtransfer call failed.
 
     ``code`` is the positive stable code (compare with :class:`ErrorCode`), ``message`` the
     library's explanation (``kvt_last_error_message``), ``room`` the room id for room errors.
+    For a failed room, ``kind`` is its :class:`FailureKind` (an int for a kind newer than this
+    file) and ``failed_in`` the ``KVPoll`` value of the state it failed in; both are None
+    otherwise.
     """
 
-    def __init__(self, code: int, message: str, room: Optional[int] = None):
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        room: Optional[int] = None,
+        kind: Optional[int] = None,
+        failed_in: Optional[int] = None,
+    ):
         self.code = int(code)
         self.message = message
         self.room = room
+        self.kind = _kind(kind)
+        self.failed_in = failed_in
         super().__init__(f"[{self.name}] {message}" if message else f"[{self.name}]")
 
     @property
@@ -67,7 +95,16 @@ class KVTransferError(Exception):
             return f"code {self.code}"
 
     def __reduce__(self):
-        return (type(self), (self.code, self.message, self.room))
+        return (type(self), (self.code, self.message, self.room, self.kind, self.failed_in))
+
+
+def _kind(kind: Optional[int]):
+    if not kind:
+        return None
+    try:
+        return FailureKind(kind)
+    except ValueError:
+        return int(kind)
 
 
 def last_error_message() -> str:

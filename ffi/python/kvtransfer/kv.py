@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _lib
 from ._util import Handle, as_pages, closed_error, engine_config, read_string
-from .errors import ErrorCode, KVTransferError, check
+from .errors import ErrorCode, FailureKind, KVTransferError, check
 
 
 class KVPoll(IntEnum):
@@ -147,6 +147,8 @@ class KVManager(Handle):
         transport: Union[str, int] = "auto",
         room_timeout_ms: int = 0,
         abort_timeout_ms: int = 0,
+        connect_timeout_ms: int = 0,
+        heartbeat_timeout_ms: int = 0,
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
         devices: Union[str, Sequence[str], None] = None,
@@ -158,8 +160,9 @@ class KVManager(Handle):
         role = disaggregation_mode
         self.role = "prefill" if role_code(role) == _lib.ROLE_PREFILL else "decode"
         self._keepalive = keepalive
-        if room_timeout_ms < 0 or abort_timeout_ms < 0:
-            raise ValueError("room_timeout_ms and abort_timeout_ms must be >= 0")
+        timeouts = (room_timeout_ms, abort_timeout_ms, connect_timeout_ms, heartbeat_timeout_ms)
+        if min(timeouts) < 0:
+            raise ValueError("timeouts must be >= 0 (0: the default)")
         bufs, nbufs = _buffers(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, "kv")
         aux, naux = _buffers(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens, "aux")
         kv = _lib.KvConfig()
@@ -167,6 +170,8 @@ class KVManager(Handle):
         kv.role = role_code(role)
         kv.room_timeout_ms = room_timeout_ms
         kv.abort_timeout_ms = abort_timeout_ms
+        kv.connect_timeout_ms = connect_timeout_ms
+        kv.heartbeat_timeout_ms = heartbeat_timeout_ms
         kv.buffers = ctypes.cast(bufs, ctypes.POINTER(_lib.KvBuffer))
         kv.num_buffers = nbufs
         kv.aux = ctypes.cast(aux, ctypes.POINTER(_lib.KvBuffer)) if naux else None
@@ -251,6 +256,12 @@ class _Room(Handle):
         why = read_string(self._fn("failure_reason"), self._h(), 256, self.bootstrap_room)
         return why or None
 
+    def failure_kind(self) -> Optional[FailureKind]:
+        """The room's :class:`FailureKind`, or None if it has not failed."""
+        kind, state = c_int32(), c_int32()
+        self._check(self._fn("failure")(self._h(), byref(kind), byref(state)))
+        return KVTransferError(0, "", kind=kind.value).kind
+
     def failure_exception(self) -> None:
         """Raises :class:`KVTransferError` (``RoomFailed``) with the reason. Like SGLang, a
         room that has not failed yet is failed first (aborted), since the caller gave up on it."""
@@ -261,7 +272,15 @@ class _Room(Handle):
         why = self.failure_reason()
         if why is None:
             why = f"room {self.bootstrap_room} did not fail (it is {state.name})"
-        raise KVTransferError(ErrorCode.RoomFailed, why, self.bootstrap_room)
+        kind, failed_in = c_int32(), c_int32()
+        self._check(self._fn("failure")(self._h(), byref(kind), byref(failed_in)))
+        raise KVTransferError(
+            ErrorCode.RoomFailed,
+            why,
+            self.bootstrap_room,
+            kind=kind.value,
+            failed_in=failed_in.value if kind.value else None,
+        )
 
     def abort(self) -> None:
         """Fails the room (unless it succeeded); returns once none of its writes can land

@@ -382,16 +382,12 @@ impl DecodeEndpoint {
     }
 
     /// Chunk `seq` (the last one if `last`) of the room in `slot` was notified by engine
-    /// `engine`. Returns whether it belonged to a live room.
-    pub fn on_chunk(&mut self, slot: u32, seq: u32, last: bool, engine: (u64, u64)) -> bool {
-        let Some(&room) = self.slots.get(&slot) else {
-            return false;
-        };
-        let Some(r) = self.rooms.get_mut(&room) else {
-            return false;
-        };
+    /// `engine`. Returns the room when it belonged to a live one.
+    pub fn on_chunk(&mut self, slot: u32, seq: u32, last: bool, engine: (u64, u64)) -> Option<u64> {
+        let &room = self.slots.get(&slot)?;
+        let r = self.rooms.get_mut(&room)?;
         if r.peer != Some(engine) {
-            return false;
+            return None;
         }
         let before = r.session.state();
         r.session.notified(seq, last);
@@ -406,7 +402,7 @@ impl DecodeEndpoint {
         if after != before {
             self.changed.push(room);
         }
-        true
+        Some(room)
     }
 
     /// The driver connected `conn` to engine `engine`: our hello goes out.

@@ -12,6 +12,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::kv::KvPoll;
 use crate::kv::failure::{Failure, FailureKind};
+use crate::kv::layout::KvLayout;
 use crate::kv::pages::check_pages;
 use crate::kv::proto::KvMessage;
 use crate::kv::session::{Refusal, SenderSession};
@@ -35,6 +36,8 @@ pub enum PrefillAction {
         addr: SocketAddr,
         /// The decode engine `(id, epoch)` it must be.
         engine: (u64, u64),
+        /// The layout its hello announced.
+        layout: KvLayout,
     },
     /// Drop the data path of `conn` (what its rooms still have in flight fails).
     DisconnectData {
@@ -521,6 +524,7 @@ impl PrefillEndpoint {
                     conn,
                     addr: hello.addr,
                     engine: hello.engine,
+                    layout: hello.layout.clone(),
                 });
                 Data::Pending
             }

@@ -185,7 +185,9 @@ impl Net {
     fn prefill_action(&mut self, a: PrefillAction) {
         self.log.push(format!("{a:?}"));
         match a {
-            PrefillAction::ConnectData { conn, addr, engine } => {
+            PrefillAction::ConnectData {
+                conn, addr, engine, ..
+            } => {
                 assert_eq!((addr, engine), (d_addr(), (D_ENGINE.0, self.d_epoch)));
                 let r = if self.data_fails {
                     Err((FailureKind::PeerLost, "no route".to_string()))
@@ -683,10 +685,10 @@ fn a_notification_from_another_engine_or_slot_changes_nothing() {
     let mut n = Net::new();
     n.pair(1, 1);
     let plan = n.p.send(1, 1, true).unwrap().unwrap();
-    assert!(!n.d.on_chunk(plan.slot, 0, true, (9, 9)));
-    assert!(!n.d.on_chunk(plan.slot + 1, 0, true, P_ENGINE));
+    assert!(n.d.on_chunk(plan.slot, 0, true, (9, 9)).is_none());
+    assert!(n.d.on_chunk(plan.slot + 1, 0, true, P_ENGINE).is_none());
     assert_eq!(n.d.state(1), Some(WaitingForInput));
-    assert!(n.d.on_chunk(plan.slot, 0, true, P_ENGINE));
+    assert_eq!(n.d.on_chunk(plan.slot, 0, true, P_ENGINE), Some(1));
     assert_eq!(n.d.state(1), Some(Success));
 }
 

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use conn::TcpConn;
-pub(crate) use io::send_all;
 pub(crate) use target::{ServeContext, ServedConn};
 
 use crate::error::{Error, Result};
