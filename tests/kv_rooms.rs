@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvtransfer::kv::{
-    KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender,
+    FailureKind, KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender,
 };
 use kvtransfer::{EngineConfig, Error, TransportKind};
 
@@ -375,13 +375,16 @@ fn bad_pages_and_counts_are_refused_and_nothing_is_written() {
 fn layouts_that_do_not_pair_are_refused() {
     let prefill = Side::new(KvRole::Prefill, 2, 16, 4096, cfg());
     let decode = Side::new(KvRole::Decode, 2, 16, 8192, cfg());
+    let s = KvSender::new(&prefill.mgr, 1).unwrap();
     let r = KvReceiver::new(&decode.mgr, prefill.mgr.bootstrap_addr(), 1).unwrap();
-    assert_eq!(r.poll(), KvPoll::Failed);
-    assert!(
-        r.failure_reason().unwrap().contains("KV layout mismatch"),
-        "{:?}",
-        r.failure_reason()
-    );
+    // Creating the receiver does not wait for the channel; the mismatch shows once it opens,
+    // on both sides, long before any room timeout.
+    wait_state(|| r.poll(), KvPoll::Failed, Duration::from_secs(10));
+    let f = r.failure().unwrap();
+    assert_eq!(f.kind, FailureKind::LayoutMismatch, "{f}");
+    assert!(f.text.contains("KV layout mismatch"), "{f}");
+    wait_state(|| s.poll(), KvPoll::Failed, Duration::from_secs(10));
+    assert_eq!(s.failure().unwrap().kind, FailureKind::LayoutMismatch);
     assert!(matches!(
         r.init(&[1], None),
         Err(Error::RoomState {
