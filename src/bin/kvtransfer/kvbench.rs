@@ -55,9 +55,10 @@ pub(crate) struct KvArgs {
     /// instead of plain block transfers.
     #[arg(long, value_enum, value_name = "MODEL")]
     pub(crate) kv: Option<KvModel>,
-    /// Pages per room; each side's page pools hold twice as many per buffer.
-    #[arg(long, default_value_t = 256, requires = "kv")]
-    pages: usize,
+    /// Pages per room; each side's page pools hold twice as many per buffer [default: 256; 32
+    /// in scale mode].
+    #[arg(long, requires = "kv")]
+    pub(crate) pages: Option<usize>,
     /// Measured rooms, run one after another.
     #[arg(long, default_value_t = 20, requires = "kv")]
     rooms: usize,
@@ -73,7 +74,13 @@ pub(crate) struct KvArgs {
     /// Verify every room, not only every page of the first and last one.
     #[arg(long, requires = "kv", conflicts_with = "no_verify")]
     verify_all: bool,
+    /// Scale mode: rooms across prefill and decode processes (`--prefill-procs`, ...).
+    #[command(flatten)]
+    pub(crate) scale: crate::kvscale::ScaleArgs,
 }
+
+/// Pages per room of the single-process bench when `--pages` is not given.
+const DEFAULT_PAGES: usize = 256;
 
 /// One KV benchmark result, as printed with `--json`.
 #[derive(Serialize, Debug)]
@@ -364,14 +371,18 @@ fn run_room(
 
 /// `bench --kv MODEL`: see the module docs.
 pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
+    if k.scale.enabled() {
+        return crate::kvscale::run(a, k);
+    }
     let model = k.kv.expect("called with --kv");
+    let pages = k.pages.unwrap_or(DEFAULT_PAGES);
     if a.role != Role::Loopback {
         return Err(Error::InvalidArgument(
             "--kv runs the prefill and the decode side in this process: use --role loopback".into(),
         ));
     }
-    let pool = k.pages.checked_mul(2).filter(|&p| p <= i32::MAX as usize);
-    let Some(pool) = pool.filter(|_| k.pages > 0) else {
+    let pool = pages.checked_mul(2).filter(|&p| p <= i32::MAX as usize);
+    let Some(pool) = pool.filter(|_| pages > 0) else {
         return Err(Error::InvalidArgument(format!(
             "--pages must be in 1..={}",
             i32::MAX / 2
@@ -380,7 +391,7 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
     if k.rooms == 0 {
         return Err(Error::InvalidArgument("--rooms must be > 0".into()));
     }
-    let max_chunks = k.pages.min(MAX_CHUNKS as usize);
+    let max_chunks = pages.min(MAX_CHUNKS as usize);
     if k.chunks == 0 || k.chunks > max_chunks {
         return Err(Error::InvalidArgument(format!(
             "--chunks must be in 1..={max_chunks} (at most one per page, at most {MAX_CHUNKS})"
@@ -393,7 +404,7 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
     {
         return Err(Error::InvalidArgument(format!(
             "{} pages of {} need 2 x {:.2} GB (pools of {pool} pages per buffer); {:.2} GB available",
-            k.pages,
+            pages,
             model.name(),
             side_bytes as f64 / 1e9,
             avail as f64 / 1e9
@@ -401,13 +412,13 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
     }
     let prefill = Side::new(a, KvRole::Prefill, (buffers, item), pool, true)?;
     let mut decode = Side::new(a, KvRole::Decode, (buffers, item), pool, false)?;
-    let bytes_per_room = (k.pages * buffers * item) as u64;
+    let bytes_per_room = (pages * buffers * item) as u64;
     if !a.json {
         eprintln!(
             "kv {}: {} buffers x {} pages x {} KiB = {:.1} MB per room, pools of {} pages ({:.2} GB per side), transport {}",
             model.name(),
             buffers,
-            k.pages,
+            pages,
             item / 1024,
             bytes_per_room as f64 / 1e6,
             pool,
@@ -432,8 +443,8 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
         let verify =
             !a.no_verify && measured.is_some_and(|m| k.verify_all || m == 0 || m + 1 == k.rooms);
         let room = i as u64 + 1;
-        let src = scattered(&mut rng, k.pages, pool);
-        let dst = scattered(&mut rng, k.pages, pool);
+        let src = scattered(&mut rng, pages, pool);
+        let dst = scattered(&mut rng, pages, pool);
         let aux = (i % AUX_SLOTS, (i * 7 + 3) % AUX_SLOTS);
         if verify {
             decode.poison(&dst, aux.1);
@@ -478,7 +489,7 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
         model: model.name(),
         transport,
         buffers,
-        pages: k.pages,
+        pages,
         chunks: k.chunks,
         rooms: k.rooms,
         bytes_per_room,

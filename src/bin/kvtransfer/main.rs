@@ -5,6 +5,7 @@ mod demo;
 mod devices;
 mod doctor;
 mod kvbench;
+mod kvscale;
 mod scale;
 
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ enum Command {
     /// Two engines in this process move a DeepSeek-shaped KV cache and verify every byte.
     Demo(demo::DemoArgs),
     /// Measures bandwidth or latency of batched transfers, or KV rooms (`--kv MODEL`).
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Lists RDMA ports, the GID each would use, and which transport `auto` picks.
     Devices(devices::DevicesArgs),
     /// Checks RDMA and GPU prerequisites, explains each problem with its fix, and maps GPUs to rails.
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
     kvtransfer::init_logging(&filter);
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(*a),
         Command::Devices(a) => devices::run(a),
         Command::Doctor(a) => doctor::run(a),
     };

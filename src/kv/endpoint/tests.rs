@@ -699,7 +699,7 @@ fn what_a_peer_can_park_is_bounded() {
     n.step();
     let pc = *n.links.values().next().unwrap();
     let big: Vec<i32> = (0..4096).collect();
-    let fits = (prefill::MAX_PENDING_PAGES / 4096) as u64;
+    let fits = prefill::MAX_PENDING_PAGES / 4096;
     for room in 0..fits + 1 {
         let msg = KvMessage::RoomInit {
             room: 1000 + room,
