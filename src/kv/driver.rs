@@ -231,6 +231,8 @@ pub(crate) struct Driver {
     quiet_lock: Mutex<()>,
     quiet_cv: Condvar,
     kick: EventFd,
+    /// A wake-up is pending: callers need not write the eventfd again.
+    kicked: AtomicBool,
     inbox: Mutex<Vec<Inbound>>,
     stop: AtomicBool,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
@@ -261,6 +263,7 @@ impl Driver {
             quiet_cv: Condvar::new(),
             kick: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::io("eventfd", e.into()))?,
+            kicked: AtomicBool::new(false),
             inbox: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -286,7 +289,9 @@ impl Driver {
 
     /// Wakes the driver thread: the endpoint may have messages or actions for it.
     pub(crate) fn wake(&self) {
-        let _ = self.kick.write(1);
+        if !self.kicked.swap(true, Ordering::AcqRel) {
+            let _ = self.kick.write(1);
+        }
     }
 
     /// Publishes changed rooms and wakes the driver (after a room call changed the endpoint).
@@ -459,7 +464,12 @@ impl Loop {
             for ev in &events[..n] {
                 let token = ev.data();
                 if token == KICK {
+                    // Drained, then cleared, both before the turn reads the endpoint: a
+                    // caller that changes it after the clear kicks again, and one between
+                    // the two is seen by this turn. (Clearing first would let the read eat
+                    // a later kick while the flag stays set: a lost wake-up.)
                     let _ = self.m.driver.kick.read();
+                    self.m.driver.kicked.store(false, Ordering::Release);
                     continue;
                 }
                 let conn = ConnId(token);
@@ -559,8 +569,17 @@ impl Loop {
         for a in actions {
             self.act(a);
         }
+        let mut touched = Vec::new();
         for t in transmits {
-            self.transmit(t);
+            if let Some(s) = self.socks.get_mut(&t.conn) {
+                if !touched.contains(&t.conn) {
+                    touched.push(t.conn);
+                }
+                s.tx.extend_from_slice(&t.msg.encode());
+            }
+        }
+        for conn in touched {
+            self.flush(conn);
         }
     }
 
@@ -650,15 +669,18 @@ impl Loop {
         }
     }
 
-    fn transmit(&mut self, t: Transmit) {
-        let Some(s) = self.socks.get_mut(&t.conn) else {
+    /// Writes what a channel has queued; the rest waits for EPOLLOUT.
+    fn flush(&mut self, conn: ConnId) {
+        let Some(s) = self.socks.get_mut(&conn) else {
             return;
         };
-        s.tx.extend_from_slice(&t.msg.encode());
+        if s.writing {
+            return; // EPOLLOUT will come
+        }
         match s.flush() {
             Ok(true) => {}
-            Ok(false) => self.interest(t.conn, true),
-            Err(why) => self.lost.push((t.conn, why)),
+            Ok(false) => self.interest(conn, true),
+            Err(why) => self.lost.push((conn, why)),
         }
     }
 
