@@ -156,6 +156,8 @@ fn kv_rooms_and_errors_from_c() {
         "expected error KVT_ERR_INVALID_PAGES: room 2: invalid pages",
         "aborted room: receiver says: ",
         "unreachable prefill side: ",
+        "create + init against a silent listener: ",
+        "silent listener: kind 3 while 1 after ",
         "kv.c: all checks passed",
     ] {
         assert!(out.contains(line), "missing {line:?} in the output");

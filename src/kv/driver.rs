@@ -6,26 +6,25 @@
 //! work; a room's state is also published in an atomic [`Cell`] that `poll` reads.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::KvPoll;
+use super::connector::Connector;
 use super::endpoint::{
     ConnId, DecodeAction, DecodeEndpoint, PrefillAction, PrefillEndpoint, Transmit,
 };
 use super::failure::{Failure, FailureKind};
 use super::manager::{DecodePeer, Shared, connect_decode};
 use super::proto::KvMessage;
+use super::wires::Wires;
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 
@@ -71,6 +70,13 @@ impl Endpoint {
         match self {
             Endpoint::Decode(e) => e.poll_transmit(),
             Endpoint::Prefill(e) => e.poll_transmit(),
+        }
+    }
+
+    fn has_actions(&self) -> bool {
+        match self {
+            Endpoint::Decode(e) => e.has_actions(),
+            Endpoint::Prefill(e) => e.has_actions(),
         }
     }
 
@@ -218,6 +224,11 @@ enum Inbound {
         conn: ConnId,
         why: String,
     },
+    /// A caller's inline write failed.
+    Lost {
+        conn: ConnId,
+        why: String,
+    },
     DataReady {
         conn: ConnId,
         result: std::result::Result<Arc<DecodePeer>, (FailureKind, String)>,
@@ -237,6 +248,9 @@ pub(crate) struct Driver {
     stop: AtomicBool,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
     connector: Connector,
+    wires: Wires,
+    /// When the driver thread wakes next by itself (`None`: only when kicked).
+    sleep_until: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -246,12 +260,17 @@ impl std::fmt::Debug for Driver {
 }
 
 const KICK: u64 = u64::MAX;
-/// Most bytes read from one channel per wake-up, so one busy channel cannot starve the rest.
-const READ_BUDGET: usize = 1 << 20;
 
 impl Driver {
     /// A driver for `ep`; [`start`](Self::start) runs its thread.
     pub(crate) fn new(ep: Endpoint) -> Result<Driver> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::io("epoll_create1", e.into()))?;
+        let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::io("eventfd", e.into()))?;
+        epoll
+            .add(&kick, EpollEvent::new(EpollFlags::EPOLLIN, KICK))
+            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
         Ok(Driver {
             core: Mutex::new(Core {
                 ep,
@@ -261,27 +280,26 @@ impl Driver {
             }),
             quiet_lock: Mutex::new(()),
             quiet_cv: Condvar::new(),
-            kick: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| Error::io("eventfd", e.into()))?,
+            kick,
             kicked: AtomicBool::new(false),
             inbox: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             connector: Connector::new(),
+            wires: Wires::new(epoll),
+            sleep_until: Mutex::new(None),
         })
     }
 
     /// Starts the driver thread of manager `m`.
     pub(crate) fn start(m: &Arc<Shared>) -> Result<()> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| Error::io("epoll_create1", e.into()))?;
-        epoll
-            .add(&m.driver.kick, EpollEvent::new(EpollFlags::EPOLLIN, KICK))
-            .map_err(|e| Error::io("epoll_ctl", e.into()))?;
-        let shared = m.clone();
+        let lp = Loop {
+            m: m.clone(),
+            next_conn: 1 << 32,
+        };
         let t = thread::Builder::new()
             .name("kvt-kv".into())
-            .spawn(move || Loop::new(shared, epoll).run())
+            .spawn(move || lp.run())
             .map_err(|e| Error::io("spawn", e))?;
         *m.driver.thread.lock() = Some(t);
         Ok(())
@@ -294,12 +312,38 @@ impl Driver {
         }
     }
 
-    /// Publishes changed rooms and wakes the driver (after a room call changed the endpoint).
-    pub(crate) fn after(&self, core: &mut Core) {
-        if core.publish() {
+    /// After a room call changed the endpoint: publishes changed rooms, queues the messages
+    /// it produced and, with the lock released, writes them inline (what the sockets take
+    /// now). Wakes the driver only when it has something to do: actions, a write to finish,
+    /// or a timer earlier than it sleeps.
+    pub(crate) fn after(&self, mut core: MutexGuard<'_, Core>) {
+        let quieted = core.publish();
+        let touched = self
+            .wires
+            .queue(std::iter::from_fn(|| core.ep.poll_transmit()));
+        let earlier = match (core.ep.poll_timeout(), *self.sleep_until.lock()) {
+            (Some(t), Some(sleep)) => t < sleep,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let actions = core.ep.has_actions();
+        drop(core);
+        if quieted {
             self.notify_quiet();
         }
-        self.wake();
+        let failed = self.wires.flush(touched);
+        let lost = !failed.is_empty();
+        if lost {
+            let mut inbox = self.inbox.lock();
+            inbox.extend(
+                failed
+                    .into_iter()
+                    .map(|(conn, why)| Inbound::Lost { conn, why }),
+            );
+        }
+        if earlier || actions || lost {
+            self.wake();
+        }
     }
 
     fn notify_quiet(&self) {
@@ -340,6 +384,8 @@ impl Driver {
             if core.publish() {
                 self.notify_quiet();
             }
+            // The shutdown's own messages are not sent: the channels close below.
+            while core.ep.poll_transmit().is_some() {}
         }
         self.stop.store(true, Ordering::Release);
         self.wake();
@@ -352,112 +398,26 @@ impl Driver {
     }
 }
 
-/// One control channel's socket and buffers.
-struct Sock {
-    stream: TcpStream,
-    rx: Vec<u8>,
-    tx: Vec<u8>,
-    sent: usize,
-    writing: bool,
-}
-
-impl Sock {
-    /// Reads what is there; complete messages go to `out`. `Err` ends the channel.
-    fn read(
-        &mut self,
-        conn: ConnId,
-        out: &mut Vec<(ConnId, KvMessage)>,
-    ) -> std::result::Result<(), String> {
-        let mut buf = [0u8; 64 << 10];
-        let mut budget = READ_BUDGET;
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err("end of stream".into()),
-                Ok(n) => {
-                    self.rx.extend_from_slice(&buf[..n]);
-                    budget = budget.saturating_sub(n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.to_string()),
-            }
-            self.parse(conn, out)?;
-            if budget == 0 {
-                break;
-            }
-        }
-        self.parse(conn, out)
-    }
-
-    fn parse(
-        &mut self,
-        conn: ConnId,
-        out: &mut Vec<(ConnId, KvMessage)>,
-    ) -> std::result::Result<(), String> {
-        let mut at = 0;
-        while self.rx.len() - at >= 4 {
-            let prefix = [
-                self.rx[at],
-                self.rx[at + 1],
-                self.rx[at + 2],
-                self.rx[at + 3],
-            ];
-            let len = KvMessage::decode_len(prefix).map_err(|e| e.to_string())?;
-            if self.rx.len() - at - 4 < len {
-                break;
-            }
-            let msg =
-                KvMessage::decode(&self.rx[at + 4..at + 4 + len]).map_err(|e| e.to_string())?;
-            out.push((conn, msg));
-            at += 4 + len;
-        }
-        self.rx.drain(..at);
-        Ok(())
-    }
-
-    /// Writes what the socket takes. `Ok(true)` when everything is out.
-    fn flush(&mut self) -> std::result::Result<bool, String> {
-        while self.sent < self.tx.len() {
-            match self.stream.write(&self.tx[self.sent..]) {
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.tx.clear();
-        self.sent = 0;
-        Ok(true)
-    }
-}
-
 /// The driver thread's own state.
 struct Loop {
     m: Arc<Shared>,
-    epoll: Epoll,
-    socks: HashMap<ConnId, Sock>,
     next_conn: u64,
-    /// Channels that failed outside the endpoint's sight (a write error), to tell it next.
-    lost: Vec<(ConnId, String)>,
 }
 
 impl Loop {
-    fn new(m: Arc<Shared>, epoll: Epoll) -> Loop {
-        Loop {
-            m,
-            epoll,
-            socks: HashMap::new(),
-            next_conn: 1 << 32,
-            lost: Vec::new(),
-        }
-    }
-
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); 64];
         let mut inputs: Vec<(ConnId, KvMessage)> = Vec::new();
+        let mut lost: Vec<(ConnId, String)> = Vec::new();
         loop {
-            let timeout = self.timeout();
-            let n = self.epoll.wait(&mut events, timeout).unwrap_or(0);
+            let timeout = self.timeout(!lost.is_empty());
+            let n = self
+                .m
+                .driver
+                .wires
+                .epoll
+                .wait(&mut events, timeout)
+                .unwrap_or(0);
             if self.m.driver.stop.load(Ordering::Acquire) {
                 break;
             }
@@ -473,46 +433,43 @@ impl Loop {
                     continue;
                 }
                 let conn = ConnId(token);
-                let Some(s) = self.socks.get_mut(&conn) else {
-                    continue;
-                };
                 let flags = ev.events();
-                if flags.intersects(EpollFlags::EPOLLOUT) {
-                    match s.flush() {
-                        Ok(true) => self.interest(conn, false),
-                        Ok(false) => {}
-                        Err(why) => self.lost.push((conn, why)),
-                    }
-                }
-                let s = self.socks.get_mut(&conn).expect("present");
-                if flags.intersects(
+                let readable = flags.intersects(
                     EpollFlags::EPOLLIN
                         | EpollFlags::EPOLLHUP
                         | EpollFlags::EPOLLERR
                         | EpollFlags::EPOLLRDHUP,
-                ) && let Err(why) = s.read(conn, &mut inputs)
-                {
-                    self.lost.push((conn, why));
+                );
+                let writable = flags.intersects(EpollFlags::EPOLLOUT);
+                let r = self
+                    .m
+                    .driver
+                    .wires
+                    .ready(conn, readable, writable, &mut inputs);
+                if let Err(why) = r {
+                    lost.push((conn, why));
                 }
             }
-            self.turn(&mut inputs);
+            lost = self.turn(&mut inputs, std::mem::take(&mut lost));
         }
-        for (_, s) in self.socks.drain() {
-            let _ = s.stream.shutdown(Shutdown::Both);
-        }
+        self.m.driver.wires.close_all();
     }
 
-    fn timeout(&self) -> EpollTimeout {
-        if !self.lost.is_empty() {
-            return EpollTimeout::ZERO;
-        }
-        let core = self.m.driver.core.lock();
+    /// How long to wait for sockets: until the endpoint's next timer (or 1 ms while aborts
+    /// wait for writes to settle, or not at all when there is work left).
+    fn timeout(&self, busy: bool) -> EpollTimeout {
+        let d = &self.m.driver;
+        let core = d.core.lock();
         let mut next = core.ep.poll_timeout();
         if let Endpoint::Prefill(p) = &core.ep
             && !p.settle_watch().is_empty()
         {
             let soon = Instant::now() + Duration::from_millis(1);
             next = Some(next.map_or(soon, |t| t.min(soon)));
+        }
+        *d.sleep_until.lock() = next;
+        if busy {
+            return EpollTimeout::ZERO;
         }
         match next {
             None => EpollTimeout::NONE,
@@ -526,23 +483,28 @@ impl Loop {
         }
     }
 
-    /// One turn: feed the endpoint, fire its timers, then carry out what it asks for.
-    fn turn(&mut self, inputs: &mut Vec<(ConnId, KvMessage)>) {
+    /// One turn: feed the endpoint, fire its timers, send what it says and carry out its
+    /// actions. Returns channels whose write failed, for the next turn.
+    fn turn(
+        &mut self,
+        inputs: &mut Vec<(ConnId, KvMessage)>,
+        lost: Vec<(ConnId, String)>,
+    ) -> Vec<(ConnId, String)> {
         let now = Instant::now();
-        let inbox = std::mem::take(&mut *self.m.driver.inbox.lock());
+        let m = self.m.clone();
+        let d = &m.driver;
+        let inbox = std::mem::take(&mut *d.inbox.lock());
         let mut actions = Vec::new();
-        let mut transmits = Vec::new();
-        {
-            let m = self.m.clone();
-            let mut core = m.driver.core.lock();
+        let failed = {
+            let mut core = d.core.lock();
             for msg in inbox {
                 self.take(&mut core, msg, now);
             }
             for (conn, msg) in inputs.drain(..) {
                 core.ep.handle(conn, msg, now);
             }
-            for (conn, why) in std::mem::take(&mut self.lost) {
-                self.drop_sock(conn);
+            for (conn, why) in lost {
+                d.wires.close(conn);
                 core.ep.closed(conn, &why, now);
             }
             core.ep.handle_timeout(now);
@@ -559,31 +521,25 @@ impl Loop {
                     }
                 }
             }
-            while let Some(t) = core.ep.poll_transmit() {
-                transmits.push(t);
-            }
+            // Queued under the lock, so messages leave in the endpoint's order even when a
+            // caller sends some inline; written after it.
+            let touched = d
+                .wires
+                .queue(std::iter::from_fn(|| core.ep.poll_transmit()));
             if core.publish() {
-                m.driver.notify_quiet();
+                d.notify_quiet();
             }
-        }
+            touched
+        };
+        let failed = d.wires.flush(failed);
         for a in actions {
             self.act(a);
         }
-        let mut touched = Vec::new();
-        for t in transmits {
-            if let Some(s) = self.socks.get_mut(&t.conn) {
-                if !touched.contains(&t.conn) {
-                    touched.push(t.conn);
-                }
-                s.tx.extend_from_slice(&t.msg.encode());
-            }
-        }
-        for conn in touched {
-            self.flush(conn);
-        }
+        failed
     }
 
     fn take(&mut self, core: &mut Core, msg: Inbound, now: Instant) {
+        let wires = &self.m.driver.wires;
         match msg {
             Inbound::Accepted {
                 stream,
@@ -592,7 +548,7 @@ impl Loop {
             } => {
                 let conn = ConnId(self.next_conn);
                 self.next_conn += 1;
-                if self.register(conn, stream) {
+                if wires.register(conn, stream) {
                     core.ep.prefill().accepted(conn, engine, from, now);
                 }
             }
@@ -601,13 +557,16 @@ impl Loop {
                 stream,
                 engine,
             } => {
-                if self.register(conn, stream) {
+                if wires.register(conn, stream) {
                     core.ep.decode().connected(conn, engine, now);
                 } else {
                     core.ep.closed(conn, "cannot watch the socket", now);
                 }
             }
-            Inbound::ConnectFailed { conn, why } => core.ep.closed(conn, &why, now),
+            Inbound::ConnectFailed { conn, why } | Inbound::Lost { conn, why } => {
+                wires.close(conn);
+                core.ep.closed(conn, &why, now);
+            }
             Inbound::DataReady { conn, result } => {
                 let r = match result {
                     Ok(peer) => {
@@ -621,69 +580,6 @@ impl Loop {
         }
     }
 
-    fn register(&mut self, conn: ConnId, stream: TcpStream) -> bool {
-        let ok = stream.set_nonblocking(true).is_ok()
-            && stream.set_nodelay(true).is_ok()
-            && self
-                .epoll
-                .add(
-                    stream.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, conn.0),
-                )
-                .is_ok();
-        if ok {
-            self.socks.insert(
-                conn,
-                Sock {
-                    stream,
-                    rx: Vec::new(),
-                    tx: Vec::new(),
-                    sent: 0,
-                    writing: false,
-                },
-            );
-        }
-        ok
-    }
-
-    fn interest(&mut self, conn: ConnId, write: bool) {
-        let Some(s) = self.socks.get_mut(&conn) else {
-            return;
-        };
-        if s.writing == write {
-            return;
-        }
-        s.writing = write;
-        let mut flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
-        if write {
-            flags |= EpollFlags::EPOLLOUT;
-        }
-        let mut ev = EpollEvent::new(flags, conn.0);
-        let _ = self.epoll.modify(s.stream.as_fd(), &mut ev);
-    }
-
-    fn drop_sock(&mut self, conn: ConnId) {
-        if let Some(s) = self.socks.remove(&conn) {
-            let _ = self.epoll.delete(s.stream.as_fd());
-            let _ = s.stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Writes what a channel has queued; the rest waits for EPOLLOUT.
-    fn flush(&mut self, conn: ConnId) {
-        let Some(s) = self.socks.get_mut(&conn) else {
-            return;
-        };
-        if s.writing {
-            return; // EPOLLOUT will come
-        }
-        match s.flush() {
-            Ok(true) => {}
-            Ok(false) => self.interest(conn, true),
-            Err(why) => self.lost.push((conn, why)),
-        }
-    }
-
     fn act(&mut self, a: Action) {
         let m = &self.m;
         match a {
@@ -694,7 +590,7 @@ impl Loop {
                     .submit(Box::new(move || connect_channel(weak, conn, addr)));
             }
             Action::Decode(DecodeAction::Close { conn })
-            | Action::Prefill(PrefillAction::Close { conn }) => self.drop_sock(conn),
+            | Action::Prefill(PrefillAction::Close { conn }) => m.driver.wires.close(conn),
             Action::Decode(DecodeAction::Fence { slot, peer }) => {
                 m.engine
                     .fences()
@@ -717,10 +613,8 @@ impl Loop {
                             Error::LayoutMismatch { .. } => FailureKind::LayoutMismatch,
                             _ => FailureKind::Transport,
                         };
-                        (
-                            kind,
-                            format!("cannot connect to the decode engine at {addr}: {e}"),
-                        )
+                        let text = format!("cannot connect to the decode engine at {addr}: {e}");
+                        (kind, text)
                     });
                     m.driver.post(Inbound::DataReady { conn, result });
                 }));
@@ -774,66 +668,4 @@ fn connect_channel(weak: Weak<Shared>, conn: ConnId, addr: SocketAddr) {
         },
     };
     m.driver.post(msg);
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Up to [`MAX_CONNECTORS`] threads that run blocking connects; idle ones leave after a second.
-struct Connector {
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
-    state: Arc<Mutex<(usize, usize)>>,
-}
-
-/// Most connects in progress at once.
-const MAX_CONNECTORS: usize = 8;
-
-impl Connector {
-    fn new() -> Connector {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        Connector {
-            tx,
-            rx,
-            state: Arc::new(Mutex::new((0, 0))),
-        }
-    }
-
-    fn submit(&self, job: Job) {
-        let mut st = self.state.lock();
-        let _ = self.tx.send(job);
-        let (workers, idle) = *st;
-        if idle > 0 || workers >= MAX_CONNECTORS {
-            return;
-        }
-        st.0 += 1;
-        let (rx, state) = (self.rx.clone(), self.state.clone());
-        let spawned = thread::Builder::new()
-            .name("kvt-kv-connect".into())
-            .spawn(move || connector(rx, state));
-        if spawned.is_err() {
-            st.0 -= 1;
-        }
-    }
-}
-
-fn connector(rx: Receiver<Job>, state: Arc<Mutex<(usize, usize)>>) {
-    loop {
-        state.lock().1 += 1;
-        let r = rx.recv_timeout(Duration::from_secs(1));
-        {
-            let mut st = state.lock();
-            st.1 -= 1;
-            if matches!(
-                r,
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)
-            ) && rx.is_empty()
-            {
-                st.0 -= 1;
-                return;
-            }
-        }
-        if let Ok(job) = r {
-            job();
-        }
-    }
 }

@@ -45,6 +45,7 @@
 //! # Ok(()) }
 //! ```
 
+mod connector;
 mod driver;
 pub mod endpoint;
 pub mod failure;
@@ -54,6 +55,7 @@ pub mod pages;
 pub mod proto;
 mod room;
 pub mod session;
+mod wires;
 
 pub use failure::{Failure, FailureKind};
 pub use layout::{KvBuffer, KvLayout};

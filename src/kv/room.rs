@@ -82,7 +82,7 @@ impl KvSender {
             let mut core = shared.driver.core.lock();
             core.ep.prefill().create(room, Instant::now())?;
             let cell = core.add_cell(room);
-            shared.driver.after(&mut core);
+            shared.driver.after(core);
             cell
         };
         Ok(KvSender {
@@ -106,7 +106,7 @@ impl KvSender {
             .ep
             .prefill()
             .init(self.room, num_pages as u64, aux_index, Instant::now());
-        self.shared.driver.after(&mut core);
+        self.shared.driver.after(core);
         r
     }
 
@@ -156,7 +156,7 @@ impl KvSender {
                 core.ep.prefill().posted(id, Err(text), now);
             }
         }
-        self.shared.driver.after(&mut core);
+        self.shared.driver.after(core);
         result.map(|_| ())
     }
 
@@ -237,7 +237,7 @@ impl KvSender {
             for r in settled {
                 core.ep.prefill().chunk_settled(self.room, r, now);
             }
-            self.shared.driver.after(&mut core);
+            self.shared.driver.after(core);
         }
         self.cell.state()
     }
@@ -259,7 +259,7 @@ impl KvSender {
         {
             let mut core = self.shared.driver.core.lock();
             core.ep.prefill().abort(self.room, Instant::now());
-            self.shared.driver.after(&mut core);
+            self.shared.driver.after(core);
         }
         if self.cell.state() == KvPoll::Success {
             return Ok(());
@@ -327,7 +327,7 @@ impl Drop for KvSender {
         let mut core = self.shared.driver.core.lock();
         core.ep.prefill().remove(self.room, Instant::now());
         core.forget(self.room);
-        self.shared.driver.after(&mut core);
+        self.shared.driver.after(core);
     }
 }
 
@@ -378,7 +378,7 @@ impl KvReceiver {
             let mut core = shared.driver.core.lock();
             core.ep.decode().create(room, addr, Instant::now())?;
             let cell = core.add_cell(room);
-            shared.driver.after(&mut core);
+            shared.driver.after(core);
             cell
         };
         Ok(KvReceiver {
@@ -410,7 +410,7 @@ impl KvReceiver {
             dst_pages.len() as u64 * layout.page_bytes()
                 + aux_index.map_or(0, |_| layout.aux_bytes()),
         );
-        self.shared.driver.after(&mut core);
+        self.shared.driver.after(core);
         Ok(())
     }
 
@@ -438,7 +438,7 @@ impl KvReceiver {
         let fence = {
             let mut core = self.shared.driver.core.lock();
             let f = core.ep.decode().abort(self.room, Instant::now());
-            self.shared.driver.after(&mut core);
+            self.shared.driver.after(core);
             f
         };
         let limit = self.shared.cfg.abort_timeout;

@@ -8,8 +8,12 @@
 
 #include "check.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +63,7 @@ static void side_init(struct side *s, uint32_t role, uint8_t seed) {
     s->kv.num_buffers = LAYERS;
     s->kv.aux = &s->aux_buffer;
     s->kv.num_aux = 1;
+    s->kv.connect_timeout_ms = 1000;
 }
 
 static kvt_kv_manager *manager(const struct side *s) {
@@ -231,11 +236,49 @@ int main(void) {
     CHECK(strstr(reason, "127.0.0.1:1") != NULL);
     OK(kvt_kv_receiver_destroy(r));
 
-    /* Room handles keep their manager's state alive: destroying the manager first is safe. */
+    /* A listener that accepts and never answers: create and init return at once (the channel
+     * opens in the background) and the room fails later as a timeout while Bootstrapping. */
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(lfd >= 0);
+    struct sockaddr_in lsa;
+    memset(&lsa, 0, sizeof lsa);
+    lsa.sin_family = AF_INET;
+    lsa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof lsa;
+    CHECK(bind(lfd, (struct sockaddr *)&lsa, sizeof lsa) == 0);
+    CHECK(listen(lfd, 16) == 0);
+    CHECK(getsockname(lfd, (struct sockaddr *)&lsa, &sl) == 0);
+    char silent[32];
+    snprintf(silent, sizeof silent, "127.0.0.1:%u", (unsigned)ntohs(lsa.sin_port));
+    int32_t one_page = 1, kind = -1, in_state = -1;
+    double t0 = now_s();
+    OK(kvt_kv_receiver_create(decode, silent, 5, &r));
+    OK(kvt_kv_receiver_init(r, &one_page, 1, -1));
+    double took_ms = (now_s() - t0) * 1e3;
+    printf("create + init against a silent listener: %.3f ms\n", took_ms);
+    CHECK(took_ms < 50);
+    OK(kvt_kv_receiver_poll(r, &st));
+    CHECK(st == KVT_POLL_BOOTSTRAPPING);
+    OK(kvt_kv_receiver_failure(r, &kind, &in_state));
+    CHECK(kind == 0);
+    t0 = now_s();
+    CHECK(receiver_until_final(r) == KVT_POLL_FAILED);
+    OK(kvt_kv_receiver_failure(r, &kind, &in_state));
+    OK(kvt_kv_receiver_failure_reason(r, reason, sizeof reason));
+    printf("silent listener: kind %d while %d after %.0f ms: %s\n", kind, in_state,
+           (now_s() - t0) * 1e3, reason);
+    CHECK(kind == KVT_FAILURE_TIMEOUT && in_state == KVT_POLL_BOOTSTRAPPING);
+    OK(kvt_kv_receiver_destroy(r));
+    close(lfd);
+
+    /* Room handles keep their manager's state alive: destroying the manager first is safe,
+     * and fails the rooms it leaves behind as shut down. */
     OK(kvt_kv_sender_create(prefill, 4, &s));
     OK(kvt_kv_manager_destroy(prefill));
     OK(kvt_kv_sender_poll(s, &st));
-    CHECK(st == KVT_POLL_BOOTSTRAPPING);
+    CHECK(st == KVT_POLL_FAILED);
+    OK(kvt_kv_sender_failure(s, &kind, NULL));
+    CHECK(kind == KVT_FAILURE_SHUTDOWN);
     OK(kvt_kv_sender_destroy(s));
     OK(kvt_kv_manager_destroy(decode));
     OK(kvt_kv_manager_destroy(NULL));

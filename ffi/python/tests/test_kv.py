@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import weakref
 from enum import IntEnum
@@ -14,6 +19,7 @@ import pytest
 from kvtransfer import (
     DisaggregationMode,
     ErrorCode,
+    FailureKind,
     KVArgs,
     KVManager,
     KVPoll,
@@ -438,3 +444,119 @@ def test_sglang_0_5_23_signatures(sides):
     assert m.transfer_latency_s is not None and m.transfer_latency_s > 0
     for room in (r, s):
         room.clear()
+
+
+def test_a_silent_listener_costs_the_caller_nothing_and_fails_the_room_as_a_timeout(sides):
+    decode = sides("decode", 1, 8, 4096, connect_timeout_ms=500)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts in the kernel, never answers
+        addr = "%s:%d" % silent.getsockname()
+        started = time.monotonic()
+        r = KVReceiver(decode.mgr, addr, 9)
+        r.init([1])
+        took = time.monotonic() - started
+        decode.rooms.append(r)
+        assert took < 0.05, f"create + init took {took * 1e3:.1f} ms"
+        assert r.poll() == KVPoll.Bootstrapping
+        assert r.failure_kind() is None
+        assert wait_final(r, 10) == KVPoll.Failed
+        assert r.failure_kind() == FailureKind.Timeout
+        with pytest.raises(KVTransferError) as e:
+            r.failure_exception()
+        assert e.value.kind == FailureKind.Timeout, e.value
+        assert e.value.failed_in == KVPoll.Bootstrapping
+        assert "did not open within 500 ms" in e.value.message, e.value.message
+
+
+def test_layout_mismatch_is_a_kind_on_both_sides(sides):
+    prefill = sides("prefill", 2, 16, 4096)
+    decode = sides("decode", 2, 16, 8192)
+    s = prefill.sender(4)
+    r = decode.receiver(prefill, 4)
+    assert wait_final(r) == KVPoll.Failed and wait_final(s) == KVPoll.Failed
+    assert r.failure_kind() == s.failure_kind() == FailureKind.LayoutMismatch
+
+
+class StoppablePrefill:
+    """A prefill manager in a child process that the test can SIGSTOP and SIGCONT."""
+
+    def __init__(self, heartbeat_ms: int, rooms):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stoppable_prefill.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, script, str(heartbeat_ms), *map(str, rooms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addr = self.proc.stdout.readline().strip()
+        assert self.addr, "the prefill process did not start"
+
+    def expect(self, line: str) -> None:
+        got = self.proc.stdout.readline().strip()
+        assert got == line, f"prefill process said {got!r}, expected {line!r}"
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+HEARTBEAT_MS = 1500
+
+
+def test_a_stopped_prefill_fails_its_rooms_as_peer_lost_within_the_heartbeat_timeout(sides):
+    decode = sides("decode", 1, 8, 4096, heartbeat_timeout_ms=HEARTBEAT_MS)
+    child = StoppablePrefill(HEARTBEAT_MS, [1, 2])
+    try:
+        rooms = [KVReceiver(decode.mgr, child.addr, room) for room in (1, 2)]
+        decode.rooms.extend(rooms)
+        for k, r in enumerate(rooms):
+            r.init([2 * k, 2 * k + 1])
+        child.expect("ready")
+        for r in rooms:
+            wait_state(r, KVPoll.WaitingForInput)
+        child.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        for r in rooms:
+            assert wait_final(r, 3 * HEARTBEAT_MS / 1e3) == KVPoll.Failed
+        took = time.monotonic() - stopped
+        assert took < HEARTBEAT_MS / 1e3 + 0.5, f"noticed after {took:.2f} s"
+        for r in rooms:
+            assert r.failure_kind() == FailureKind.PeerLost, r.failure_reason()
+            assert "heartbeat" in r.failure_reason(), r.failure_reason()
+        assert decode.untouched()
+    finally:
+        child.close()
+
+
+def test_a_prefill_stopped_for_less_than_the_heartbeat_timeout_loses_nothing(sides):
+    decode = sides("decode", 1, 8, 4096, heartbeat_timeout_ms=HEARTBEAT_MS)
+    child = StoppablePrefill(HEARTBEAT_MS, [3, 4])
+    try:
+        rooms = [KVReceiver(decode.mgr, child.addr, room) for room in (3, 4)]
+        decode.rooms.extend(rooms)
+        for k, r in enumerate(rooms):
+            r.init([2 * k, 2 * k + 1])
+        child.expect("ready")
+        child.proc.send_signal(signal.SIGSTOP)
+        # Held stopped for half the timeout (the point of the test, not a synchronisation).
+        time.sleep(HEARTBEAT_MS / 2e3)
+        assert all(r.poll() == KVPoll.WaitingForInput for r in rooms)
+        child.proc.send_signal(signal.SIGCONT)
+        child.say("send")
+        child.expect("sent")
+        for r in rooms:
+            assert wait_final(r) == KVPoll.Success, r.failure_reason()
+        assert decode.mem[0, 0:4].any()
+    finally:
+        child.close()

@@ -90,6 +90,10 @@ pub(crate) struct ScaleArgs {
     /// Bytes of one page (scale mode: one page buffer, and one 64-byte aux slot per room).
     #[arg(long, value_name = "BYTES", default_value = "128", value_parser = page_size, requires = "kv")]
     page_bytes: usize,
+    /// Skip the warm-up (one room per prefill and decode pair before the burst), so control
+    /// channels and data paths open during the burst and count in its first rooms' bootstrap.
+    #[arg(long, requires = "kv")]
+    cold: bool,
     /// Internal: run as one worker process of scale mode.
     #[arg(long, value_enum, hide = true)]
     kv_scale_worker: Option<WorkerRole>,
@@ -622,6 +626,81 @@ fn wait_for_go() -> Result<bool> {
     }
 }
 
+/// Room ids of warm-up rooms: bit 63 set, then the decode index and the prefill index.
+fn warm_room(decode: usize, prefill: usize) -> u64 {
+    1 << 63 | (decode as u64) << 32 | prefill as u64
+}
+
+/// Longest a warm-up room may take.
+const WARM_LIMIT: Duration = Duration::from_secs(30);
+
+/// Decode worker `index`: one room from each prefill process, to Success, so the control
+/// channels and data paths are open before the burst (as in a server that has been up).
+fn warm_up_decode(mgr: &KvManager, peers: &[SocketAddr], index: usize) -> Result<()> {
+    let rooms: Vec<KvReceiver> = peers
+        .iter()
+        .enumerate()
+        .map(|(p, addr)| {
+            let rx = KvReceiver::new(mgr, *addr, warm_room(index, p))?;
+            rx.init(&[p as i32], None)?;
+            Ok(rx)
+        })
+        .collect::<Result<_>>()?;
+    let until = Instant::now() + WARM_LIMIT;
+    for rx in &rooms {
+        loop {
+            match rx.poll() {
+                KvPoll::Success => break,
+                KvPoll::Failed => {
+                    return Err(Error::RoomFailed {
+                        room: rx.room(),
+                        reason: format!("warm-up: {}", rx.failure_reason().unwrap_or_default()),
+                    });
+                }
+                _ if Instant::now() > until => {
+                    return Err(Error::Timeout {
+                        what: "warm-up room".into(),
+                        after_ms: WARM_LIMIT.as_millis() as u64,
+                    });
+                }
+                _ => std::thread::sleep(IDLE_PAUSE),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prefill worker `index`: a sender for each decode process's warm-up room.
+fn warm_senders(mgr: &KvManager, plan: &Plan, index: usize) -> Result<Vec<KvSender>> {
+    (0..plan.decode)
+        .map(|d| {
+            let tx = KvSender::new(mgr, warm_room(d, index))?;
+            tx.init(1, None)?;
+            Ok(tx)
+        })
+        .collect()
+}
+
+/// Sends each warm-up room's page once it is paired, until all are final (or the limit).
+fn drive_warm_senders(senders: &[KvSender]) {
+    let until = Instant::now() + WARM_LIMIT;
+    let mut sent = vec![false; senders.len()];
+    while Instant::now() < until {
+        let mut open = 0;
+        for (tx, sent) in senders.iter().zip(&mut sent) {
+            match tx.poll() {
+                KvPoll::WaitingForInput if !*sent => *sent = tx.send(&[0], true).is_ok(),
+                s if !s.is_final() => open += 1,
+                _ => {}
+            }
+        }
+        if open == 0 && sent.iter().all(|s| *s) {
+            return;
+        }
+        std::thread::sleep(IDLE_PAUSE);
+    }
+}
+
 /// One worker process: see the module docs.
 fn worker(a: &BenchArgs, k: &KvArgs, role: WorkerRole) -> Result<()> {
     let plan = Plan::new(k)?;
@@ -648,8 +727,23 @@ fn worker(a: &BenchArgs, k: &KvArgs, role: WorkerRole) -> Result<()> {
     if role == WorkerRole::Prefill {
         w.fill()?;
     }
+    let warm = !k.scale.cold;
+    if warm && role == WorkerRole::Decode {
+        warm_up_decode(&mgr, &w.peers, index)?;
+    }
+    let warm_senders = match (warm, role) {
+        (true, WorkerRole::Prefill) => warm_senders(&mgr, &plan, index)?,
+        _ => Vec::new(),
+    };
     say(&serde_json::json!({"ready": role.name(), "addr": mgr.bootstrap_addr().to_string()}))?;
-    if !wait_for_go()? {
+    let go = std::thread::scope(|s| {
+        if !warm_senders.is_empty() {
+            s.spawn(|| drive_warm_senders(&warm_senders));
+        }
+        wait_for_go()
+    })?;
+    drop(warm_senders);
+    if !go {
         return Ok(());
     }
     let report = run_worker(&mut w, index, a.no_verify)?;
@@ -977,6 +1071,8 @@ struct ScaleReport {
     rooms_per_s: f64,
     /// How the bootstrap latencies are measured.
     bootstrap_measure: &'static str,
+    /// "warm" (one room per prefill and decode pair ran before the burst) or "cold".
+    channels: &'static str,
     /// Bootstrap latency seen by the decode side.
     bootstrap_decode: Quantiles,
     /// Bootstrap latency seen by the prefill side.
@@ -1049,7 +1145,13 @@ fn process_rows(reports: &[WorkerReport]) -> Vec<ProcessRow> {
 }
 
 /// Builds the summary of a run of `plan` from the workers' reports.
-fn summarise(model: &str, plan: &Plan, reports: &[WorkerReport], verify: bool) -> ScaleReport {
+fn summarise(
+    model: &str,
+    plan: &Plan,
+    reports: &[WorkerReport],
+    verify: bool,
+    cold: bool,
+) -> ScaleReport {
     let rooms = join_rooms(reports);
     let (dec, pre, room) = latencies(&rooms);
     let failed = sorted(reports.iter().flat_map(|r| &r.failures));
@@ -1089,6 +1191,7 @@ fn summarise(model: &str, plan: &Plan, reports: &[WorkerReport], verify: bool) -
         seconds,
         rooms_per_s: succeeded as f64 / seconds.max(1e-9),
         bootstrap_measure: BOOTSTRAP_MEASURE,
+        channels: if cold { "cold" } else { "warm" },
         bootstrap_decode: Quantiles::of(dec),
         bootstrap_prefill: Quantiles::of(pre),
         room_latency: Quantiles::of(room),
@@ -1152,6 +1255,15 @@ fn print_text(r: &ScaleReport) {
     }
     println!("bootstrap: {}", r.bootstrap_measure);
     println!(
+        "channels: {} ({})",
+        r.channels,
+        if r.channels == "warm" {
+            "one room per prefill and decode pair ran before the burst"
+        } else {
+            "opened during the burst"
+        }
+    );
+    println!(
         "\n| process | rooms | create ms | threads start / peak / end | RSS MiB peak / end | HWM MiB |\n|---|---|---|---|---|---|"
     );
     for p in &r.processes {
@@ -1203,7 +1315,7 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
             .unwrap_or_default();
     let mut kids = start(&plan)?;
     let reports = collect(&mut kids)?;
-    let report = summarise(&model, &plan, &reports, !a.no_verify);
+    let report = summarise(&model, &plan, &reports, !a.no_verify, k.scale.cold);
     if a.json {
         println!("{}", serde_json::to_string(&report).expect("serialisable"));
     } else {

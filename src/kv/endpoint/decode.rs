@@ -651,6 +651,11 @@ impl DecodeEndpoint {
         self.transmits.pop_front()
     }
 
+    /// Whether actions wait for the driver.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// The next action for the driver.
     pub fn poll_action(&mut self) -> Option<DecodeAction> {
         self.actions.pop_front()

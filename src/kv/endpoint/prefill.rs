@@ -23,6 +23,8 @@ pub const MAX_PENDING_ROOMS: usize = 16_384;
 pub const MAX_PENDING_PAGES: u64 = 1 << 22;
 /// Most failures of unknown rooms remembered for a sender created later.
 pub const MAX_TOMBSTONES: usize = 65_536;
+/// Longest text a remembered failure keeps (a peer chooses it).
+pub const MAX_TOMBSTONE_TEXT: usize = 256;
 
 /// Work the prefill endpoint asks its driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -666,9 +668,16 @@ impl PrefillEndpoint {
         }
     }
 
-    fn tombstone(&mut self, room: u64, kind: FailureKind, text: String, now: Instant) {
+    fn tombstone(&mut self, room: u64, kind: FailureKind, mut text: String, now: Instant) {
         if self.tombstones.len() >= MAX_TOMBSTONES {
             return;
+        }
+        if text.len() > MAX_TOMBSTONE_TEXT {
+            let mut end = MAX_TOMBSTONE_TEXT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
         }
         let until = now + self.timing.room_timeout;
         self.tombstones
@@ -921,6 +930,11 @@ impl PrefillEndpoint {
     /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// Whether actions wait for the driver.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     /// The next action for the driver.

@@ -717,6 +717,36 @@ fn what_a_peer_can_park_is_bounded() {
     assert_eq!(rejected, 1);
 }
 
+#[test]
+fn what_unknown_rooms_leave_behind_is_bounded() {
+    let mut n = Net::new();
+    n.d.create(1, p_addr(), n.now).unwrap();
+    n.step();
+    let pc = *n.links.values().next().unwrap();
+    for room in 0..prefill::MAX_TOMBSTONES as u64 + 10 {
+        let msg = KvMessage::RoomAbort {
+            room: 1000 + room,
+            kind: 4,
+            reason: "é".repeat(2000),
+        };
+        n.p.handle(pc, msg, n.now);
+    }
+    assert_eq!(n.p.counts().3, prefill::MAX_TOMBSTONES);
+    n.p.create(1000, n.now).unwrap();
+    let f = n.p.failure(1000).unwrap();
+    assert_eq!(f.kind, FailureKind::AbortedByPeer);
+    assert!(
+        f.text.len() <= prefill::MAX_TOMBSTONE_TEXT,
+        "{}",
+        f.text.len()
+    );
+    // They expire with the room timeout (room 1 goes first, or its own timeout would leave
+    // a fresh one).
+    n.d.remove(1);
+    n.advance(n.timing.room_timeout);
+    assert_eq!(n.p.counts().3, 0);
+}
+
 /// A tiny deterministic generator for the interleaving test.
 struct Lcg(u64);
 impl Lcg {
