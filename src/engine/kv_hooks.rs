@@ -14,15 +14,10 @@ impl TransferEngine {
         self.inner.notifier.set_hook(hook);
     }
 
-    /// Opens a KV channel to the engine at `addr`: returns its hello and the stream (blocking,
-    /// up to `timeout` for the connect and for the handshake).
-    pub(crate) fn open_kv_channel(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<(Hello, TcpStream)> {
-        let e = &self.inner;
-        tcp::connect_one(addr, timeout, &e.hello(ConnPurpose::Kv, 0, None))
+    /// The encoded handshake that opens a KV channel to another engine (its reply is that
+    /// engine's hello; KV messages follow).
+    pub(crate) fn kv_hello(&self) -> Vec<u8> {
+        crate::wire::encode_hello(&self.inner.hello(ConnPurpose::Kv, 0, None))
     }
 
     /// The fences of rooms this engine receives.

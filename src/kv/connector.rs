@@ -1,7 +1,8 @@
-//! Connector threads: the blocking connects of a KV manager (a decode side's control
-//! channels, a prefill side's data paths) run here, never on a caller's thread or the
-//! driver's. At most [`MAX_CONNECTORS`] at once; idle ones leave after a second, so a manager
-//! that is not connecting holds none.
+//! Connector threads: the blocking connects of a prefill manager's data paths (an engine
+//! connect to each decode engine, which may set up RDMA) run here, never on a caller's thread
+//! or the driver's; control channels connect without blocking, in `wires`. At most
+//! [`MAX_CONNECTORS`] run at once and idle ones leave after 250 ms, so a manager that is not
+//! connecting holds none.
 
 use std::sync::Arc;
 use std::thread;
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 /// A blocking connect to run.
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
-/// Up to [`MAX_CONNECTORS`] threads that run blocking connects; idle ones leave after a second.
+/// Up to [`MAX_CONNECTORS`] threads that run blocking connects; idle ones leave after 250 ms.
 pub(crate) struct Connector {
     tx: Sender<Job>,
     rx: Receiver<Job>,
@@ -21,7 +22,9 @@ pub(crate) struct Connector {
 }
 
 /// Most connects in progress at once.
-const MAX_CONNECTORS: usize = 8;
+const MAX_CONNECTORS: usize = 4;
+/// How long an idle connector thread waits for more work before it leaves.
+const IDLE: Duration = Duration::from_millis(250);
 
 impl Connector {
     /// No thread until the first job.
@@ -56,7 +59,7 @@ impl Connector {
 fn connector(rx: Receiver<Job>, state: Arc<Mutex<(usize, usize)>>) {
     loop {
         state.lock().1 += 1;
-        let r = rx.recv_timeout(Duration::from_secs(1));
+        let r = rx.recv_timeout(IDLE);
         {
             let mut st = state.lock();
             st.1 -= 1;

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -215,11 +215,6 @@ enum Inbound {
         engine: (u64, u64),
         from: SocketAddr,
     },
-    Connected {
-        conn: ConnId,
-        stream: TcpStream,
-        engine: (u64, u64),
-    },
     ConnectFailed {
         conn: ConnId,
         why: String,
@@ -409,6 +404,7 @@ impl Loop {
         let mut events = vec![EpollEvent::empty(); 64];
         let mut inputs: Vec<(ConnId, KvMessage)> = Vec::new();
         let mut lost: Vec<(ConnId, String)> = Vec::new();
+        let mut shaken: Vec<(ConnId, (u64, u64))> = Vec::new();
         loop {
             let timeout = self.timeout(!lost.is_empty());
             let n = self
@@ -441,16 +437,14 @@ impl Loop {
                         | EpollFlags::EPOLLRDHUP,
                 );
                 let writable = flags.intersects(EpollFlags::EPOLLOUT);
-                let r = self
-                    .m
-                    .driver
-                    .wires
-                    .ready(conn, readable, writable, &mut inputs);
-                if let Err(why) = r {
-                    lost.push((conn, why));
+                let wires = &self.m.driver.wires;
+                match wires.ready(conn, readable, writable, &mut inputs) {
+                    Ok(Some(hello)) => shaken.push((conn, (hello.engine_id, hello.epoch))),
+                    Ok(None) => {}
+                    Err(why) => lost.push((conn, why)),
                 }
             }
-            lost = self.turn(&mut inputs, std::mem::take(&mut lost));
+            lost = self.turn(&mut inputs, &mut shaken, std::mem::take(&mut lost));
         }
         self.m.driver.wires.close_all();
     }
@@ -488,6 +482,7 @@ impl Loop {
     fn turn(
         &mut self,
         inputs: &mut Vec<(ConnId, KvMessage)>,
+        shaken: &mut Vec<(ConnId, (u64, u64))>,
         lost: Vec<(ConnId, String)>,
     ) -> Vec<(ConnId, String)> {
         let now = Instant::now();
@@ -499,6 +494,9 @@ impl Loop {
             let mut core = d.core.lock();
             for msg in inbox {
                 self.take(&mut core, msg, now);
+            }
+            for (conn, engine) in shaken.drain(..) {
+                core.ep.decode().connected(conn, engine, now);
             }
             for (conn, msg) in inputs.drain(..) {
                 core.ep.handle(conn, msg, now);
@@ -552,17 +550,6 @@ impl Loop {
                     core.ep.prefill().accepted(conn, engine, from, now);
                 }
             }
-            Inbound::Connected {
-                conn,
-                stream,
-                engine,
-            } => {
-                if wires.register(conn, stream) {
-                    core.ep.decode().connected(conn, engine, now);
-                } else {
-                    core.ep.closed(conn, "cannot watch the socket", now);
-                }
-            }
             Inbound::ConnectFailed { conn, why } | Inbound::Lost { conn, why } => {
                 wires.close(conn);
                 core.ep.closed(conn, &why, now);
@@ -584,10 +571,10 @@ impl Loop {
         let m = &self.m;
         match a {
             Action::Decode(DecodeAction::Connect { conn, addr }) => {
-                let weak = Arc::downgrade(m);
-                m.driver
-                    .connector
-                    .submit(Box::new(move || connect_channel(weak, conn, addr)));
+                let hello = m.engine.kv_hello();
+                if let Err(why) = m.driver.wires.connect(conn, addr, hello) {
+                    m.driver.post(Inbound::ConnectFailed { conn, why });
+                }
             }
             Action::Decode(DecodeAction::Close { conn })
             | Action::Prefill(PrefillAction::Close { conn }) => m.driver.wires.close(conn),
@@ -651,21 +638,4 @@ fn settle(core: &mut Core, now: Instant) {
     for room in done {
         core.ep.prefill().settled(room, now);
     }
-}
-
-/// Decode: opens the KV channel `conn` to the prefill manager at `addr` (a connector job).
-fn connect_channel(weak: Weak<Shared>, conn: ConnId, addr: SocketAddr) {
-    let Some(m) = weak.upgrade() else { return };
-    let msg = match m.engine.open_kv_channel(addr, m.cfg.connect_timeout) {
-        Ok((hello, stream)) => Inbound::Connected {
-            conn,
-            stream,
-            engine: (hello.engine_id, hello.epoch),
-        },
-        Err(e) => Inbound::ConnectFailed {
-            conn,
-            why: e.to_string(),
-        },
-    };
-    m.driver.post(msg);
 }

@@ -1,17 +1,20 @@
 //! The control channels' sockets: non-blocking, registered in the driver's epoll set, and
 //! shared by the driver thread (which reads them) and callers, which write a room's messages
-//! inline when the socket takes them instead of waking the driver for it.
+//! inline when the socket takes them instead of waking the driver for it. Channels this side
+//! opens connect and do the engine handshake here too, without blocking anyone.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use parking_lot::Mutex;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::endpoint::{ConnId, Transmit};
 use super::proto::KvMessage;
+use crate::wire::{self, Hello, PREAMBLE_LEN};
 
 /// Most bytes read from one channel per wake-up, so one busy channel cannot starve the rest.
 const READ_BUDGET: usize = 1 << 20;
@@ -23,6 +26,9 @@ struct Sock {
     tx: Vec<u8>,
     sent: usize,
     writing: bool,
+    /// Still connecting or in the engine handshake (a channel this side opened): the first
+    /// bytes to arrive are the peer engine's hello, not KV messages.
+    handshake: bool,
 }
 
 impl Sock {
@@ -31,7 +37,7 @@ impl Sock {
         &mut self,
         conn: ConnId,
         out: &mut Vec<(ConnId, KvMessage)>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<Option<Hello>, String> {
         let mut buf = [0u8; 64 << 10];
         let mut budget = READ_BUDGET;
         loop {
@@ -45,12 +51,32 @@ impl Sock {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.to_string()),
             }
-            self.parse(conn, out)?;
             if budget == 0 {
                 break;
             }
         }
-        self.parse(conn, out)
+        let hello = self.engine_hello()?;
+        if !self.handshake {
+            self.parse(conn, out)?;
+        }
+        Ok(hello)
+    }
+
+    /// While in the engine handshake: the peer engine's hello once all of it is here.
+    fn engine_hello(&mut self) -> std::result::Result<Option<Hello>, String> {
+        if !self.handshake || self.rx.len() < PREAMBLE_LEN {
+            return Ok(None);
+        }
+        let pre: [u8; PREAMBLE_LEN] = self.rx[..PREAMBLE_LEN].try_into().expect("length checked");
+        let body = wire::decode_preamble(&pre).map_err(|e| format!("engine handshake: {e}"))?;
+        if self.rx.len() < PREAMBLE_LEN + body {
+            return Ok(None);
+        }
+        let hello = wire::decode_hello_body(&self.rx[PREAMBLE_LEN..PREAMBLE_LEN + body])
+            .map_err(|e| format!("engine handshake: {e}"))?;
+        self.rx.drain(..PREAMBLE_LEN + body);
+        self.handshake = false;
+        Ok(Some(hello))
     }
 
     fn parse(
@@ -111,21 +137,56 @@ impl Wires {
         }
     }
 
-    /// Watches `stream` as channel `conn`; false if it cannot be.
+    /// Watches `stream`, a channel the peer opened, as channel `conn`; false if it cannot be.
     pub(crate) fn register(&self, conn: ConnId, stream: TcpStream) -> bool {
-        let ok = stream.set_nonblocking(true).is_ok()
-            && stream.set_nodelay(true).is_ok()
+        stream.set_nonblocking(true).is_ok() && self.add(conn, stream, Vec::new(), false)
+    }
+
+    /// Starts opening channel `conn` to the engine at `addr` without waiting: a non-blocking
+    /// connect, then our engine `hello` (encoded) as soon as it connects. [`ready`](Self::ready)
+    /// returns the peer engine's hello once the handshake is done. `Err` when even the
+    /// connect cannot start.
+    pub(crate) fn connect(
+        &self,
+        conn: ConnId,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+    ) -> Result<(), String> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| format!("socket: {e}"))?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let stream: TcpStream = socket.into();
+        if !self.add(conn, stream, hello, true) {
+            return Err("cannot watch the socket".into());
+        }
+        Ok(())
+    }
+
+    fn add(&self, conn: ConnId, stream: TcpStream, hello: Vec<u8>, handshake: bool) -> bool {
+        let writing = !hello.is_empty();
+        let flags = if writing {
+            READ | EpollFlags::EPOLLOUT
+        } else {
+            READ
+        };
+        let ok = stream.set_nodelay(true).is_ok()
             && self
                 .epoll
-                .add(stream.as_fd(), EpollEvent::new(READ, conn.0))
+                .add(stream.as_fd(), EpollEvent::new(flags, conn.0))
                 .is_ok();
         if ok {
             let sock = Sock {
                 stream,
                 rx: Vec::new(),
-                tx: Vec::new(),
+                tx: hello,
                 sent: 0,
-                writing: false,
+                writing,
+                handshake,
             };
             self.socks.lock().insert(conn, sock);
         }
@@ -149,25 +210,31 @@ impl Wires {
     }
 
     /// Reads what `conn` has (complete messages go to `out`) and, if `writable`, writes what
-    /// it has queued. `Err` ends the channel.
+    /// it has queued. Returns the peer engine's hello when this completes the engine
+    /// handshake of a channel we opened. `Err` ends the channel.
     pub(crate) fn ready(
         &self,
         conn: ConnId,
         readable: bool,
         writable: bool,
         out: &mut Vec<(ConnId, KvMessage)>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Hello>, String> {
         let mut socks = self.socks.lock();
         let Some(s) = socks.get_mut(&conn) else {
-            return Ok(());
+            return Ok(None);
         };
-        if writable && s.flush()? {
-            self.want_write(conn, s, false);
+        if writable {
+            if let Ok(Some(e)) | Err(e) = s.stream.take_error() {
+                return Err(format!("connect: {e}"));
+            }
+            if s.flush()? {
+                self.want_write(conn, s, false);
+            }
         }
         if readable {
-            s.read(conn, out)?;
+            return s.read(conn, out);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Queues messages, in order, behind what their channels already hold; returns the
