@@ -34,7 +34,7 @@ echo "miri: $(rustc +"$tc" -V)" >&2
 # Modules with no I/O, no clock and no threads of their own (or the unsafe helpers the
 # others stand on). Proptest needs the working directory (isolation off).
 modules=(
-  wire:: plan:: batch:: kv::session kv::proto kv::layout kv::pages
+  wire:: plan:: batch:: kv::session kv::proto kv::layout kv::pages kv::failure
   transport::rdma::outstanding transport::fence topology::matrix topology::rails
   memory:: ffi::pointers ffi::versioned ffi::boundary
 )
