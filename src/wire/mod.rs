@@ -22,8 +22,9 @@ pub(crate) use reader::*;
 
 /// First four bytes of every handshake message: `b"KVT1"` read as little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVT1");
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: KV rejections and aborts carry a failure kind,
+/// and KV channels carry heartbeats.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the handshake preamble: magic u32, version u16, flags u16, body length u32.
 pub const PREAMBLE_LEN: usize = 12;
 /// Largest handshake body accepted.

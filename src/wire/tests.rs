@@ -141,21 +141,23 @@ fn bad_magic() {
 
 #[test]
 fn wrong_version() {
-    let p = preamble(MAGIC, 2, 0, 10);
-    assert_eq!(
-        decode_preamble(&p),
-        Err(WireError::UnsupportedVersion {
-            got: 2,
-            supported: PROTOCOL_VERSION
-        })
-    );
+    for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let p = preamble(MAGIC, other, 0, 10);
+        assert_eq!(
+            decode_preamble(&p),
+            Err(WireError::UnsupportedVersion {
+                got: other,
+                supported: PROTOCOL_VERSION
+            })
+        );
+    }
     let mut msg = encode_hello(&sample_hello());
     msg[4..6].copy_from_slice(&0u16.to_le_bytes());
     assert_eq!(
         decode_hello(&msg),
         Err(WireError::UnsupportedVersion {
             got: 0,
-            supported: 1
+            supported: PROTOCOL_VERSION
         })
     );
 }
