@@ -3,7 +3,11 @@
 //! connects) leave once idle. The only test in its binary, so that the test harness starts
 //! no thread while it counts.
 
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{settle_threads, threads};
 
 use kvtransfer::kv::{KvConfig, KvManager, KvPoll, KvReceiver, KvRole, KvSender};
 use kvtransfer::{EngineConfig, TransportKind};
@@ -14,23 +18,6 @@ fn manager(role: KvRole) -> KvManager {
         .build()
         .unwrap();
     KvManager::with_owned_memory(cfg, KvConfig::new(role), &[(16, 4096)], &[]).unwrap()
-}
-
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
-/// Threads settle at `want` or fewer within 10 s (connector threads leave 250 ms after their
-/// last connect); returns what was last seen.
-fn settle(want: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = threads();
-        if now <= want || Instant::now() > deadline {
-            return now;
-        }
-        std::thread::yield_now();
-    }
 }
 
 fn until_final(poll: impl Fn() -> KvPoll) -> KvPoll {
@@ -84,7 +71,7 @@ fn rooms_to_many_peers_add_no_threads() {
             );
         }
     }
-    let after = settle(before);
+    let after = settle_threads(before);
     assert_eq!(
         after, before,
         "9 managers, 8 channels and 8 data paths: {before} threads before, {after} after"

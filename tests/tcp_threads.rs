@@ -2,8 +2,9 @@
 //! written by its send pool. The only test in its binary, so that the test harness starts no
 //! thread while it counts.
 
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{settle_threads, threads};
 use kvtransfer::{EngineConfig, Request, TransferEngine, TransportKind};
 
 fn engine() -> TransferEngine {
@@ -13,24 +14,6 @@ fn engine() -> TransferEngine {
         .build()
         .unwrap();
     TransferEngine::new(cfg).unwrap()
-}
-
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
-/// Threads settle at `want` or fewer (handshake threads exit once their connection is
-/// handed to the poller; an exited thread of an earlier test may still have been counted
-/// in `want`); returns what was last seen.
-fn settle(want: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = threads();
-        if now <= want || Instant::now() > deadline {
-            return now;
-        }
-        std::thread::yield_now();
-    }
 }
 
 #[test]
@@ -67,7 +50,7 @@ fn connected_peers_cost_no_threads() {
         )
         .unwrap();
     }
-    let after = settle(before);
+    let after = settle_threads(before);
     assert!(
         after <= before,
         "threads grew with 24 links: {before} -> {after}"

@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use super::KvPoll;
 use super::connector::Connector;
 use super::endpoint::{
-    ConnId, DecodeAction, DecodeEndpoint, PrefillAction, PrefillEndpoint, Transmit,
+    ConnId, DecodeAction, DecodeEndpoint, Polled, PrefillAction, PrefillEndpoint, Transmit,
 };
 use super::failure::{Failure, FailureKind};
 use super::manager::{DecodePeer, Shared, connect_decode};

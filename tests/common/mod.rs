@@ -1,5 +1,6 @@
 //! Shared by the integration tests: `kvtransfer bench --role target` as a separate process,
-//! and running CLI subcommands against the sysfs fixture trees.
+//! running CLI subcommands against the sysfs fixture trees, and counting this process's
+//! threads.
 
 #![allow(dead_code)] // each test file uses part of it
 
@@ -258,4 +259,23 @@ pub fn shutdown_while_reading(
         || reader.shutdown(),
         reuse,
     )
+}
+
+/// Threads of this process.
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Waits (up to 10 s) until this process has `want` threads or fewer; returns what it last
+/// saw. Threads that are about to exit (a handshake or connector thread whose work is done)
+/// still count for a moment.
+pub fn settle_threads(want: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = threads();
+        if now <= want || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::yield_now();
+    }
 }

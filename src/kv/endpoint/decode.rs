@@ -1,12 +1,12 @@
 //! The decode side's endpoint: receiving rooms, their slots, and channels to prefill managers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    Beat, ConnId, Identity, Liveness, TimerKey, Timers, Timing, Transmit, check_hello,
-    kind_from_wire, record_failure,
+    ConnId, Identity, Liveness, Polled, Queues, TimerKey, Timing, Transmit, check_hello,
+    kind_from_wire, record_failure, silence,
 };
 use crate::error::{Error, Result};
 use crate::kv::failure::{Failure, FailureKind};
@@ -100,10 +100,7 @@ pub struct DecodeEndpoint {
     rooms: HashMap<u64, Room>,
     slots: HashMap<u32, u64>,
     next_slot: u32,
-    timers: Timers,
-    transmits: VecDeque<Transmit>,
-    actions: VecDeque<DecodeAction>,
-    changed: Vec<u64>,
+    out: Queues<DecodeAction>,
 }
 
 fn refused(room: u64, r: Refusal) -> Error {
@@ -130,10 +127,7 @@ impl DecodeEndpoint {
             rooms: HashMap::new(),
             slots: HashMap::new(),
             next_slot: 0,
-            timers: Timers::default(),
-            transmits: VecDeque::new(),
-            actions: VecDeque::new(),
-            changed: Vec::new(),
+            out: Queues::default(),
         }
     }
 
@@ -168,7 +162,7 @@ impl DecodeEndpoint {
                 deadline,
             },
         );
-        self.timers.add(deadline, TimerKey::Room(room));
+        self.out.timers.add(deadline, TimerKey::Room(room));
         let c = self.conns.get_mut(&conn).expect("a mapped channel exists");
         c.rooms.insert(room);
         if let Phase::Open {
@@ -195,8 +189,10 @@ impl DecodeEndpoint {
             },
         );
         self.by_addr.insert(addr, conn);
-        self.timers.add(until, TimerKey::Conn(conn));
-        self.actions.push_back(DecodeAction::Connect { conn, addr });
+        self.out.timers.add(until, TimerKey::Conn(conn));
+        self.out
+            .actions
+            .push_back(DecodeAction::Connect { conn, addr });
         conn
     }
 
@@ -273,7 +269,7 @@ impl DecodeEndpoint {
         r.peer = Some(engine);
         r.quiet = false;
         c.live.said(now);
-        self.transmits.push_back(Transmit {
+        self.out.transmits.push_back(Transmit {
             conn,
             msg: KvMessage::RoomInit {
                 room,
@@ -295,9 +291,11 @@ impl DecodeEndpoint {
         if !record_failure(before, failed, &mut r.failure, kind, text.clone()) {
             return;
         }
-        self.changed.push(room);
+        self.out.changed.push(room);
         if let (Some(slot), Some(peer)) = (r.slot, r.peer) {
-            self.actions.push_back(DecodeAction::Fence { slot, peer });
+            self.out
+                .actions
+                .push_back(DecodeAction::Fence { slot, peer });
         }
         let open = r
             .conn
@@ -310,7 +308,7 @@ impl DecodeEndpoint {
             r.told = true;
             told_now = true;
             c.live.said(now);
-            self.transmits.push_back(Transmit {
+            self.out.transmits.push_back(Transmit {
                 conn,
                 msg: KvMessage::RoomAbort {
                     room,
@@ -325,7 +323,7 @@ impl DecodeEndpoint {
                 // flight any more.
                 let until = now + self.timing.abort_timeout;
                 r.ack_until = Some(until);
-                self.timers.add(until, TimerKey::Room(room));
+                self.out.timers.add(until, TimerKey::Room(room));
             } else if !self.needs_ack || r.conn.is_none() {
                 // TCP: the fence refuses late writes here.
                 r.quiet = true;
@@ -400,7 +398,7 @@ impl DecodeEndpoint {
             });
         }
         if after != before {
-            self.changed.push(room);
+            self.out.changed.push(room);
         }
         Some(room)
     }
@@ -408,13 +406,13 @@ impl DecodeEndpoint {
     /// The driver connected `conn` to engine `engine`: our hello goes out.
     pub fn connected(&mut self, conn: ConnId, engine: (u64, u64), now: Instant) {
         let Some(c) = self.conns.get_mut(&conn) else {
-            self.actions.push_back(DecodeAction::Close { conn });
+            self.out.actions.push_back(DecodeAction::Close { conn });
             return;
         };
         if let Phase::Connecting { until } = c.phase {
             c.phase = Phase::Hello { until, engine };
             c.live = Liveness::new(now);
-            self.transmits.push_back(Transmit {
+            self.out.transmits.push_back(Transmit {
                 conn,
                 msg: self.me.hello(),
             });
@@ -462,7 +460,9 @@ impl DecodeEndpoint {
             }
         }
         if let (true, Some(peer)) = (stop, announced_to) {
-            self.actions.push_back(DecodeAction::StopInbound { peer });
+            self.out
+                .actions
+                .push_back(DecodeAction::StopInbound { peer });
         }
     }
 
@@ -485,7 +485,7 @@ impl DecodeEndpoint {
             Ok(h) => h,
             Err(why) => {
                 let text = format!("KV handshake with {} failed: {why}", c.addr);
-                self.actions.push_back(DecodeAction::Close { conn });
+                self.out.actions.push_back(DecodeAction::Close { conn });
                 return self.drop_conn(conn, FailureKind::PeerLost, text, false, now);
             }
         };
@@ -499,7 +499,7 @@ impl DecodeEndpoint {
             pairing: pairing.clone(),
         };
         c.live = Liveness::new(now);
-        self.timers.add(now, TimerKey::Conn(conn));
+        self.out.timers.add(now, TimerKey::Conn(conn));
         let rooms: Vec<u64> = c.rooms.iter().copied().collect();
         for room in rooms {
             match &pairing {
@@ -525,7 +525,7 @@ impl DecodeEndpoint {
                 let before = r.session.state();
                 r.session.accepted();
                 if r.session.state() != before {
-                    self.changed.push(room);
+                    self.out.changed.push(room);
                 }
             }
             KvMessage::RoomRejected { kind, reason, .. } => {
@@ -547,7 +547,7 @@ impl DecodeEndpoint {
             KvMessage::RoomAbortAck { .. } => {
                 r.quiet = true;
                 r.ack_until = None;
-                self.changed.push(room);
+                self.out.changed.push(room);
             }
             _ => {}
         }
@@ -555,7 +555,7 @@ impl DecodeEndpoint {
 
     /// Fires the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for key in self.timers.due(now) {
+        for key in self.out.timers.due(now) {
             match key {
                 TimerKey::Room(room) => self.room_timer(room, now),
                 TimerKey::Conn(conn) => self.conn_timer(conn, now),
@@ -574,9 +574,11 @@ impl DecodeEndpoint {
             r.ack_until = None;
             r.quiet = true;
             if let Some(peer) = r.peer {
-                self.actions.push_back(DecodeAction::StopInbound { peer });
+                self.out
+                    .actions
+                    .push_back(DecodeAction::StopInbound { peer });
             }
-            self.changed.push(room);
+            self.out.changed.push(room);
         }
         let state = r.session.state();
         if !state.is_final() && now >= r.deadline {
@@ -600,29 +602,17 @@ impl DecodeEndpoint {
                     c.addr,
                     self.timing.connect_timeout.as_millis()
                 );
-                self.actions.push_back(DecodeAction::Close { conn });
+                self.out.actions.push_back(DecodeAction::Close { conn });
                 self.drop_conn(conn, FailureKind::Timeout, text, false, now);
             }
             Phase::Connecting { .. } | Phase::Hello { .. } => {}
-            Phase::Open { .. } => match c.live.check(now, &self.timing) {
-                Beat::Dead(silent) => {
-                    let text = format!(
-                        "peer lost: nothing from {} for {} ms (heartbeat timeout)",
-                        c.addr,
-                        silent.as_millis()
-                    );
-                    self.actions.push_back(DecodeAction::Close { conn });
+            Phase::Open { .. } => {
+                if let Some(silent) = self.out.beat(conn, &mut c.live, &self.timing, now) {
+                    let text = silence(c.addr, silent);
+                    self.out.actions.push_back(DecodeAction::Close { conn });
                     self.drop_conn(conn, FailureKind::PeerLost, text, true, now);
                 }
-                Beat::Send(next) => {
-                    self.transmits.push_back(Transmit {
-                        conn,
-                        msg: KvMessage::Heartbeat,
-                    });
-                    self.timers.add(next, TimerKey::Conn(conn));
-                }
-                Beat::Wait(next) => self.timers.add(next, TimerKey::Conn(conn)),
-            },
+            }
         }
     }
 
@@ -630,7 +620,7 @@ impl DecodeEndpoint {
     pub fn shutdown(&mut self, now: Instant) {
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
-            self.actions.push_back(DecodeAction::Close { conn });
+            self.out.actions.push_back(DecodeAction::Close { conn });
             self.drop_conn(
                 conn,
                 FailureKind::Shutdown,
@@ -641,33 +631,20 @@ impl DecodeEndpoint {
         }
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) wants to run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
-    }
-
-    /// The next message to send.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
-    }
-
-    /// Whether actions wait for the driver.
-    pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty()
-    }
-
-    /// The next action for the driver.
-    pub fn poll_action(&mut self) -> Option<DecodeAction> {
-        self.actions.pop_front()
-    }
-
-    /// Rooms whose state (or quietness) changed since the last call.
-    pub fn poll_changed(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.changed)
-    }
-
     /// Channels open or opening, and rooms held.
     pub fn counts(&self) -> (usize, usize) {
         (self.conns.len(), self.rooms.len())
+    }
+}
+
+impl Polled for DecodeEndpoint {
+    type Action = DecodeAction;
+
+    fn queues(&self) -> &Queues<DecodeAction> {
+        &self.out
+    }
+
+    fn queues_mut(&mut self) -> &mut Queues<DecodeAction> {
+        &mut self.out
     }
 }

@@ -14,7 +14,7 @@ pub mod prefill;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -241,4 +241,94 @@ pub(crate) fn record_failure(
 /// The kind a peer's message names, defaulting to "rejected" for a code this build does not know.
 pub(crate) fn kind_from_wire(code: u8) -> FailureKind {
     FailureKind::from_code(code as i32).unwrap_or(FailureKind::Rejected)
+}
+
+/// What an endpoint hands its driver: messages, actions, rooms whose state changed, and its
+/// timers.
+#[derive(Debug)]
+pub struct Queues<A> {
+    pub(crate) timers: Timers,
+    pub(crate) transmits: VecDeque<Transmit>,
+    pub(crate) actions: VecDeque<A>,
+    pub(crate) changed: Vec<u64>,
+}
+
+impl<A> Default for Queues<A> {
+    fn default() -> Self {
+        Queues {
+            timers: Timers::default(),
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            changed: Vec::new(),
+        }
+    }
+}
+
+impl<A> Queues<A> {
+    /// Runs channel `conn`'s heartbeat timer: a heartbeat goes out when due and the next check
+    /// is set. Returns how long the channel has been silent once that is past the timeout.
+    pub(crate) fn beat(
+        &mut self,
+        conn: ConnId,
+        live: &mut Liveness,
+        t: &Timing,
+        now: Instant,
+    ) -> Option<Duration> {
+        let next = match live.check(now, t) {
+            Beat::Dead(silent) => return Some(silent),
+            Beat::Send(next) => {
+                let msg = KvMessage::Heartbeat;
+                self.transmits.push_back(Transmit { conn, msg });
+                next
+            }
+            Beat::Wait(next) => next,
+        };
+        self.timers.add(next, TimerKey::Conn(conn));
+        None
+    }
+}
+
+/// The text of a peer lost to silence.
+pub(crate) fn silence(peer: SocketAddr, silent: Duration) -> String {
+    format!(
+        "peer lost: nothing from {peer} for {} ms (heartbeat timeout)",
+        silent.as_millis()
+    )
+}
+
+/// What a driver drains from an endpoint of either role.
+pub trait Polled {
+    /// The role's actions.
+    type Action;
+
+    /// The endpoint's queues.
+    fn queues(&self) -> &Queues<Self::Action>;
+
+    /// The endpoint's queues, to drain.
+    fn queues_mut(&mut self) -> &mut Queues<Self::Action>;
+
+    /// When `handle_timeout` wants to run next.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.queues().timers.next()
+    }
+
+    /// The next message to send.
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.queues_mut().transmits.pop_front()
+    }
+
+    /// Whether actions wait for the driver.
+    fn has_actions(&self) -> bool {
+        !self.queues().actions.is_empty()
+    }
+
+    /// The next action for the driver.
+    fn poll_action(&mut self) -> Option<Self::Action> {
+        self.queues_mut().actions.pop_front()
+    }
+
+    /// Rooms whose state (decode: or quietness) changed since the last call.
+    fn poll_changed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.queues_mut().changed)
+    }
 }

@@ -1,13 +1,13 @@
 //! The prefill side's endpoint: sending rooms, destinations that wait for their sender, and
 //! the channels decode managers opened to us.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    Beat, ConnId, Identity, Liveness, TimerKey, Timers, Timing, Transmit, check_hello,
-    kind_from_wire, record_failure,
+    ConnId, Identity, Liveness, Polled, Queues, TimerKey, Timing, Transmit, check_hello,
+    kind_from_wire, record_failure, silence,
 };
 use crate::error::{Error, Result};
 use crate::kv::KvPoll;
@@ -143,10 +143,7 @@ pub struct PrefillEndpoint {
     pending: HashMap<u64, Pending>,
     tombstones: HashMap<u64, Tombstone>,
     owing: HashSet<u64>,
-    timers: Timers,
-    transmits: VecDeque<Transmit>,
-    actions: VecDeque<PrefillAction>,
-    changed: Vec<u64>,
+    out: Queues<PrefillAction>,
 }
 
 fn refused(room: u64, r: Refusal) -> Error {
@@ -171,10 +168,7 @@ impl PrefillEndpoint {
             pending: HashMap::new(),
             tombstones: HashMap::new(),
             owing: HashSet::new(),
-            timers: Timers::default(),
-            transmits: VecDeque::new(),
-            actions: VecDeque::new(),
-            changed: Vec::new(),
+            out: Queues::default(),
         }
     }
 
@@ -186,7 +180,7 @@ impl PrefillEndpoint {
     fn transmit(&mut self, conn: ConnId, msg: KvMessage, now: Instant) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.live.said(now);
-            self.transmits.push_back(Transmit { conn, msg });
+            self.out.transmits.push_back(Transmit { conn, msg });
         }
     }
 
@@ -217,7 +211,7 @@ impl PrefillEndpoint {
                 pending_pages: 0,
             },
         );
-        self.timers.add(hello_until, TimerKey::Conn(conn));
+        self.out.timers.add(hello_until, TimerKey::Conn(conn));
     }
 
     /// Creates the sending room `room`. Its destination may be waiting already.
@@ -238,7 +232,7 @@ impl PrefillEndpoint {
                 deadline,
             },
         );
-        self.timers.add(deadline, TimerKey::Room(room));
+        self.out.timers.add(deadline, TimerKey::Room(room));
         if let Some(t) = self.tombstones.remove(&room) {
             self.fail(room, t.kind, t.text, now);
         } else if let Some(p) = self.pending.remove(&room) {
@@ -281,7 +275,7 @@ impl PrefillEndpoint {
                         state: before,
                         text: text.clone(),
                     });
-                    self.changed.push(room);
+                    self.out.changed.push(room);
                     self.tell(room, FailureKind::InvalidPages, text, now);
                 }
                 Err(refused(room, e))
@@ -314,7 +308,7 @@ impl PrefillEndpoint {
             _ => None,
         };
         r.posting += 1;
-        self.changed.push(room);
+        self.out.changed.push(room);
         Ok(Some(ChunkPlan {
             conn: d.conn,
             slot: d.slot,
@@ -351,7 +345,7 @@ impl PrefillEndpoint {
         r.session.chunk_settled(result);
         let after = r.session.state();
         if after != before {
-            self.changed.push(room);
+            self.out.changed.push(room);
         }
         if after == KvPoll::Failed && before != KvPoll::Failed {
             let text = r.session.reason().unwrap_or_default().to_string();
@@ -382,7 +376,7 @@ impl PrefillEndpoint {
         let before = r.session.state();
         let failed = r.session.fail(text.clone());
         if record_failure(before, failed, &mut r.failure, kind, text.clone()) {
-            self.changed.push(room);
+            self.out.changed.push(room);
             self.tell(room, kind, text, now);
         }
     }
@@ -497,7 +491,7 @@ impl PrefillEndpoint {
             Ok(h) => h,
             Err(_) => {
                 self.conns.remove(&conn);
-                self.actions.push_back(PrefillAction::Close { conn });
+                self.out.actions.push_back(PrefillAction::Close { conn });
                 return;
             }
         };
@@ -517,12 +511,14 @@ impl PrefillEndpoint {
                 "the decode manager at {} restarted (epoch {epoch:#x} → {:#x})",
                 hello.addr, hello.engine.1
             );
-            self.actions.push_back(PrefillAction::Close { conn: old });
+            self.out
+                .actions
+                .push_back(PrefillAction::Close { conn: old });
             self.drop_conn(old, FailureKind::PeerRestarted, text, now);
         }
         let data = match self.me.layout.check_pairs_with(&hello.layout) {
             Ok(()) => {
-                self.actions.push_back(PrefillAction::ConnectData {
+                self.out.actions.push_back(PrefillAction::ConnectData {
                     conn,
                     addr: hello.addr,
                     engine: hello.engine,
@@ -543,7 +539,7 @@ impl PrefillEndpoint {
         c.live = Liveness::new(now);
         let hello = self.me.hello();
         self.transmit(conn, hello, now);
-        self.timers.add(now, TimerKey::Conn(conn));
+        self.out.timers.add(now, TimerKey::Conn(conn));
     }
 
     /// The data path of `conn` is ready, or cannot be had.
@@ -654,7 +650,7 @@ impl PrefillEndpoint {
         c.pending_pages += pages;
         let until = now + self.timing.room_timeout;
         self.pending.insert(room, Pending { dest, until });
-        self.timers.add(until, TimerKey::Pending(room));
+        self.out.timers.add(until, TimerKey::Pending(room));
     }
 
     fn fail_or_tombstone(&mut self, room: u64, kind: FailureKind, text: String, now: Instant) {
@@ -682,7 +678,7 @@ impl PrefillEndpoint {
         let until = now + self.timing.room_timeout;
         self.tombstones
             .insert(room, Tombstone { kind, text, until });
-        self.timers.add(until, TimerKey::Pending(room));
+        self.out.timers.add(until, TimerKey::Pending(room));
     }
 
     /// Pairs the room with its destination: accepted once the data path is ready.
@@ -716,7 +712,7 @@ impl PrefillEndpoint {
                 let n = d.pages.len() as u64;
                 match r.session.peer_ready(n) {
                     Ok(()) => {
-                        self.changed.push(room);
+                        self.out.changed.push(room);
                         self.transmit(conn, KvMessage::RoomAccepted { room }, now);
                     }
                     Err(why) => {
@@ -727,7 +723,7 @@ impl PrefillEndpoint {
                             state: KvPoll::Bootstrapping,
                             text: why.clone(),
                         });
-                        self.changed.push(room);
+                        self.out.changed.push(room);
                         let e = Error::InvalidPages { room, reason: why };
                         self.reject(conn, room, &e, FailureKind::InvalidPages, now);
                     }
@@ -774,7 +770,7 @@ impl PrefillEndpoint {
                     let until = now + self.timing.abort_timeout;
                     r.ack_until = Some(until);
                     self.owing.insert(room);
-                    self.timers.add(until, TimerKey::Room(room));
+                    self.out.timers.add(until, TimerKey::Room(room));
                 }
             }
             Some(r) => {
@@ -819,14 +815,15 @@ impl PrefillEndpoint {
         if c.peer
             .is_some_and(|p| matches!(p.data, Data::Pending | Data::Ready))
         {
-            self.actions
+            self.out
+                .actions
                 .push_back(PrefillAction::DisconnectData { conn });
         }
     }
 
     /// Fires the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for key in self.timers.due(now) {
+        for key in self.out.timers.due(now) {
             match key {
                 TimerKey::Room(room) => self.room_timer(room, now),
                 TimerKey::Conn(conn) => self.conn_timer(conn, now),
@@ -862,28 +859,14 @@ impl PrefillEndpoint {
         if c.peer.is_none() {
             if now >= c.hello_until {
                 self.conns.remove(&conn);
-                self.actions.push_back(PrefillAction::Close { conn });
+                self.out.actions.push_back(PrefillAction::Close { conn });
             }
             return;
         }
-        match c.live.check(now, &self.timing) {
-            Beat::Dead(silent) => {
-                let text = format!(
-                    "peer lost: nothing from {} for {} ms (heartbeat timeout)",
-                    c.from,
-                    silent.as_millis()
-                );
-                self.actions.push_back(PrefillAction::Close { conn });
-                self.drop_conn(conn, FailureKind::PeerLost, text, now);
-            }
-            Beat::Send(next) => {
-                self.transmits.push_back(Transmit {
-                    conn,
-                    msg: KvMessage::Heartbeat,
-                });
-                self.timers.add(next, TimerKey::Conn(conn));
-            }
-            Beat::Wait(next) => self.timers.add(next, TimerKey::Conn(conn)),
+        if let Some(silent) = self.out.beat(conn, &mut c.live, &self.timing, now) {
+            let text = silence(c.from, silent);
+            self.out.actions.push_back(PrefillAction::Close { conn });
+            self.drop_conn(conn, FailureKind::PeerLost, text, now);
         }
     }
 
@@ -903,7 +886,7 @@ impl PrefillEndpoint {
     pub fn shutdown(&mut self, now: Instant) {
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
-            self.actions.push_back(PrefillAction::Close { conn });
+            self.out.actions.push_back(PrefillAction::Close { conn });
             self.drop_conn(
                 conn,
                 FailureKind::Shutdown,
@@ -922,31 +905,6 @@ impl PrefillEndpoint {
         }
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) wants to run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
-    }
-
-    /// The next message to send.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
-    }
-
-    /// Whether actions wait for the driver.
-    pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty()
-    }
-
-    /// The next action for the driver.
-    pub fn poll_action(&mut self) -> Option<PrefillAction> {
-        self.actions.pop_front()
-    }
-
-    /// Rooms whose state changed since the last call.
-    pub fn poll_changed(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.changed)
-    }
-
     /// Channels, rooms, parked destinations and tombstones held.
     pub fn counts(&self) -> (usize, usize, usize, usize) {
         (
@@ -955,5 +913,17 @@ impl PrefillEndpoint {
             self.pending.len(),
             self.tombstones.len(),
         )
+    }
+}
+
+impl Polled for PrefillEndpoint {
+    type Action = PrefillAction;
+
+    fn queues(&self) -> &Queues<PrefillAction> {
+        &self.out
+    }
+
+    fn queues_mut(&mut self) -> &mut Queues<PrefillAction> {
+        &mut self.out
     }
 }
