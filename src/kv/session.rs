@@ -14,6 +14,21 @@ pub enum Refusal {
     Pages(String),
 }
 
+impl Refusal {
+    /// The library error for this refusal of a call on room `room`.
+    pub fn into_error(self, room: u64) -> crate::error::Error {
+        use crate::error::Error;
+        match self {
+            Refusal::State(state, op) => Error::RoomState {
+                room,
+                state: state.as_str(),
+                op,
+            },
+            Refusal::Pages(reason) => Error::InvalidPages { room, reason },
+        }
+    }
+}
+
 /// One chunk the sender is about to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {

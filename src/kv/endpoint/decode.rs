@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::kv::failure::{Failure, FailureKind};
 use crate::kv::pages::{check_distinct, check_pages};
 use crate::kv::proto::KvMessage;
-use crate::kv::session::{ReceiverSession, Refusal};
+use crate::kv::session::ReceiverSession;
 use crate::kv::{KvPoll, MAX_SLOTS};
 
 /// Work the decode endpoint asks its driver to do.
@@ -101,17 +101,6 @@ pub struct DecodeEndpoint {
     slots: HashMap<u32, u64>,
     next_slot: u32,
     out: Queues<DecodeAction>,
-}
-
-fn refused(room: u64, r: Refusal) -> Error {
-    match r {
-        Refusal::State(state, op) => Error::RoomState {
-            room,
-            state: state.as_str(),
-            op,
-        },
-        Refusal::Pages(reason) => Error::InvalidPages { room, reason },
-    }
 }
 
 impl DecodeEndpoint {
@@ -229,7 +218,7 @@ impl DecodeEndpoint {
             .ok_or(Error::UnknownRoom { room })?;
         r.session
             .init(pages.len() as u64)
-            .map_err(|e| refused(room, e))?;
+            .map_err(|e| e.into_error(room))?;
         let slot = loop {
             let s = self.next_slot % MAX_SLOTS;
             self.next_slot = self.next_slot.wrapping_add(1);
@@ -582,11 +571,7 @@ impl DecodeEndpoint {
         }
         let state = r.session.state();
         if !state.is_final() && now >= r.deadline {
-            let text = format!(
-                "deadline of {} ms exceeded while {}",
-                self.timing.room_timeout.as_millis(),
-                state.as_str()
-            );
+            let text = self.timing.overdue(state);
             self.fail(room, FailureKind::Timeout, text, now);
         }
     }

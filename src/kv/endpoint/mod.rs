@@ -57,6 +57,17 @@ impl Default for Timing {
     }
 }
 
+impl Timing {
+    /// Why a room stuck in `state` failed at its deadline.
+    pub(crate) fn overdue(&self, state: KvPoll) -> String {
+        format!(
+            "deadline of {} ms exceeded while {}",
+            self.room_timeout.as_millis(),
+            state.as_str()
+        )
+    }
+}
+
 /// Who an endpoint is: what its hello says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

@@ -15,7 +15,7 @@ use crate::kv::failure::{Failure, FailureKind};
 use crate::kv::layout::KvLayout;
 use crate::kv::pages::check_pages;
 use crate::kv::proto::KvMessage;
-use crate::kv::session::{Refusal, SenderSession};
+use crate::kv::session::SenderSession;
 
 /// Most destinations one channel may park while they wait for their sender.
 pub const MAX_PENDING_ROOMS: usize = 16_384;
@@ -146,17 +146,6 @@ pub struct PrefillEndpoint {
     out: Queues<PrefillAction>,
 }
 
-fn refused(room: u64, r: Refusal) -> Error {
-    match r {
-        Refusal::State(state, op) => Error::RoomState {
-            room,
-            state: state.as_str(),
-            op,
-        },
-        Refusal::Pages(reason) => Error::InvalidPages { room, reason },
-    }
-}
-
 impl PrefillEndpoint {
     /// An endpoint for the manager `me`.
     pub fn new(me: Identity, timing: Timing) -> Self {
@@ -278,7 +267,7 @@ impl PrefillEndpoint {
                     self.out.changed.push(room);
                     self.tell(room, FailureKind::InvalidPages, text, now);
                 }
-                Err(refused(room, e))
+                Err(e.into_error(room))
             }
         }
     }
@@ -293,7 +282,7 @@ impl PrefillEndpoint {
         let Some(chunk) = r
             .session
             .begin_chunk(pages, last)
-            .map_err(|e| refused(room, e))?
+            .map_err(|e| e.into_error(room))?
         else {
             return Ok(None);
         };
@@ -843,11 +832,7 @@ impl PrefillEndpoint {
         let r = &self.rooms[&room];
         let state = r.session.state();
         if !state.is_final() && now >= r.deadline {
-            let text = format!(
-                "deadline of {} ms exceeded while {}",
-                self.timing.room_timeout.as_millis(),
-                state.as_str()
-            );
+            let text = self.timing.overdue(state);
             self.fail(room, FailureKind::Timeout, text, now);
         }
     }
