@@ -76,9 +76,17 @@ fn no_room_write_lands_after_the_decode_manager_is_dropped() {
         let fresh = common::map_anon(LEN, Some(mem));
         assert_eq!(fresh, mem);
         // The sender sees the end of the room (or it had finished just before the drop).
-        wait_for("the sender to finish", Duration::from_secs(30), || {
-            matches!(tx.poll(), KvPoll::Failed | KvPoll::Success)
-        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(tx.poll(), KvPoll::Failed | KvPoll::Success) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the sender is still {:?} ({:?}), the receiver {:?}",
+                tx.poll(),
+                tx.metrics(),
+                rx.poll()
+            );
+            std::thread::yield_now();
+        }
         drop(tx);
         drop(rx);
         if let Some(at) = common::first_nonzero(fresh, LEN) {

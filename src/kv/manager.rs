@@ -10,6 +10,7 @@ use super::driver::{Driver, Endpoint};
 use super::endpoint::{DecodeEndpoint, Identity, PrefillEndpoint, Timing};
 use super::layout::KvLayout;
 use super::pages::RemoteBuffer;
+use super::poster::Poster;
 use crate::config::{EngineConfig, parse_num};
 use crate::engine::{HostBuffer, PeerId, TransferEngine};
 use crate::error::{Error, Result};
@@ -135,6 +136,8 @@ pub(crate) struct Shared {
     pub(crate) owned: Vec<HostBuffer>,
     /// The room protocol and the thread that moves it.
     pub(crate) driver: Driver,
+    /// Prefill: the thread that posts chunks.
+    pub(crate) poster: Poster,
 }
 
 /// One per process and role: owns an engine with the KV layout registered, and the rooms.
@@ -245,8 +248,12 @@ impl KvManager {
             cfg: kv,
             layout,
             owned,
+            poster: Poster::new(),
         });
         Driver::start(&shared)?;
+        if shared.cfg.role == KvRole::Prefill {
+            shared.poster.start(Arc::downgrade(&shared))?;
+        }
         let weak = Arc::downgrade(&shared);
         match shared.cfg.role {
             KvRole::Prefill => {
@@ -338,6 +345,8 @@ impl Drop for KvManager {
         self.shared.engine.set_notify_hook(None);
         self.shared.driver.stop();
         self.shared.engine.shutdown();
+        // After the engine: a post waiting on a full queue ends when the engine does.
+        self.shared.poster.stop();
     }
 }
 

@@ -52,6 +52,7 @@ pub mod failure;
 pub mod layout;
 mod manager;
 pub mod pages;
+mod poster;
 pub mod proto;
 mod room;
 pub mod session;

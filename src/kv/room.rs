@@ -26,8 +26,9 @@ fn span(from: Option<Instant>, to: Option<Instant>) -> Option<Duration> {
 /// Longest a room's own wait (abort) goes past the abort timeout before it gives up.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// A sender's own bookkeeping, shared with the poster thread that posts its chunks.
 #[derive(Default)]
-struct SendLocal {
+pub(crate) struct SendLocal {
     /// Chunk batches not yet accounted in the endpoint.
     open: Vec<(BatchId, Arc<Batch>)>,
     /// Every chunk batch, for waiting until nothing is in flight.
@@ -52,7 +53,7 @@ pub struct KvSender {
     shared: Arc<Shared>,
     room: u64,
     cell: Arc<Cell>,
-    local: Mutex<SendLocal>,
+    local: Arc<Mutex<SendLocal>>,
 }
 
 impl std::fmt::Debug for KvSender {
@@ -89,7 +90,7 @@ impl KvSender {
             shared,
             room,
             cell,
-            local: Mutex::new(SendLocal::default()),
+            local: Arc::new(Mutex::new(SendLocal::default())),
         })
     }
 
@@ -112,7 +113,9 @@ impl KvSender {
 
     /// Sends `src_pages` (local page indices) to the next `src_pages.len()` destination pages
     /// of the room; `is_last` ends the room (aux goes with it). Nothing is written when the
-    /// pages or counts are wrong.
+    /// pages or counts are wrong. Never waits: the chunk's writes are planned here and posted
+    /// by the manager's poster thread (which alone waits when a peer's queues are full), so a
+    /// failure to post shows in `poll` and `failure`.
     pub fn send(&self, src_pages: &[i32], is_last: bool) -> Result<()> {
         let id = self.room;
         let start = Instant::now();
@@ -132,42 +135,44 @@ impl KvSender {
             (plan, dest)
         };
         local.first_send.get_or_insert(start);
-        let result = match dest {
-            Some(dest) => self.post(&mut local, &plan, &dest, src_pages),
+        let reqs = match dest {
+            Some(dest) => self.expand(&mut local, &plan, &dest, src_pages),
             None => Err(Error::RoomFailed {
                 room: id,
                 reason: "the receiver's data path is gone".into(),
             }),
         };
-        let mut core = self.shared.driver.core.lock();
-        let now = Instant::now();
-        match &result {
-            Ok((batch, b, bytes, slices)) => {
-                local.first_post.get_or_insert(now);
-                local.bytes += bytes;
-                local.slices += slices;
-                local.open.push((*batch, b.clone()));
-                local.all.push(b.clone());
-                core.batches.entry(id).or_default().push(b.clone());
-                core.ep.prefill().posted(id, Ok(()), now);
+        match reqs {
+            Ok((peer, reqs)) => {
+                drop(local);
+                self.shared.poster.submit(PostJob {
+                    room: id,
+                    local: self.local.clone(),
+                    peer,
+                    reqs,
+                    tag: chunk_tag(plan.slot, plan.seq, plan.last),
+                    seq: plan.seq,
+                });
+                Ok(())
             }
             Err(e) => {
+                let mut core = self.shared.driver.core.lock();
                 let text = format!("chunk {} not sent: {e}", plan.seq);
-                core.ep.prefill().posted(id, Err(text), now);
+                core.ep.prefill().posted(id, Err(text), Instant::now());
+                self.shared.driver.after(core);
+                Err(e)
             }
         }
-        self.shared.driver.after(core);
-        result.map(|_| ())
     }
 
-    /// Expands and posts one planned chunk: (batch, handle, bytes, writes).
-    fn post(
+    /// Expands one planned chunk into writes: (the peer, its requests).
+    fn expand(
         &self,
         local: &mut SendLocal,
         plan: &super::endpoint::ChunkPlan,
         dest: &super::manager::DecodePeer,
         src_pages: &[i32],
-    ) -> Result<(BatchId, Arc<Batch>, u64, u64)> {
+    ) -> Result<(crate::engine::PeerId, Vec<Request>)> {
         // An empty last chunk re-writes the last page (same bytes) so aux and the final
         // notification still follow data on the wire.
         let resend;
@@ -192,13 +197,7 @@ impl KvSender {
             return Err(Error::InvalidArgument("nothing to write".into()));
         }
         local.peer = Some(dest.peer);
-        let tag = chunk_tag(plan.slot, plan.seq, plan.last);
-        let timeout = self.shared.cfg.room_timeout;
-        let engine = &self.shared.engine;
-        let batch = engine.submit_notify(dest.peer, &reqs, timeout, tag)?;
-        let b = engine.batch_handle(batch)?;
-        let bytes = reqs.iter().map(|r| r.len).sum::<u64>();
-        Ok((batch, b, bytes, reqs.len() as u64))
+        Ok((dest.peer, reqs))
     }
 
     /// The room's state; never blocks (an atomic read, plus a look at its batches while it
@@ -283,12 +282,21 @@ impl KvSender {
         Ok(())
     }
 
-    /// Waits up to `limit` until none of the room's writes is in flight; true if none is.
+    /// Waits up to `limit` until none of the room's chunks waits for the poster and none of
+    /// its writes is in flight; true if none is.
     fn settle(&self, limit: Duration) -> bool {
-        let batches: Vec<Arc<Batch>> = self.local.lock().all.clone();
         let until = Instant::now() + limit;
         loop {
-            if batches.iter().all(|b| b.remaining() == 0) {
+            let posting = self
+                .shared
+                .driver
+                .core
+                .lock()
+                .ep
+                .prefill()
+                .posting(self.room);
+            let batches: Vec<Arc<Batch>> = self.local.lock().all.clone();
+            if posting == 0 && batches.iter().all(|b| b.remaining() == 0) {
                 return true;
             }
             if Instant::now() >= until {
@@ -490,4 +498,54 @@ impl Drop for KvReceiver {
         core.ep.decode().remove(self.room);
         core.forget(self.room);
     }
+}
+
+/// A planned chunk for the poster thread.
+pub(crate) struct PostJob {
+    room: u64,
+    local: Arc<Mutex<SendLocal>>,
+    peer: crate::engine::PeerId,
+    reqs: Vec<Request>,
+    tag: u32,
+    seq: u32,
+}
+
+/// Posts one chunk (on the poster thread) and tells the endpoint; a room that failed or went
+/// away meanwhile posts nothing.
+pub(crate) fn post_job(m: &Shared, job: PostJob) {
+    let live = {
+        let core = m.driver.core.lock();
+        core.ep.state(job.room).is_some_and(|s| !s.is_final())
+    };
+    let engine = &m.engine;
+    let posted = if live {
+        engine
+            .submit_notify(job.peer, &job.reqs, m.cfg.room_timeout, job.tag)
+            .and_then(|id| Ok((id, engine.batch_handle(id)?)))
+    } else {
+        Err(Error::RoomFailed {
+            room: job.room,
+            reason: "the room ended before its chunk was posted".into(),
+        })
+    };
+    let mut local = job.local.lock();
+    let mut core = m.driver.core.lock();
+    let now = Instant::now();
+    match posted {
+        Ok((id, b)) => {
+            local.first_post.get_or_insert(now);
+            local.bytes += job.reqs.iter().map(|r| r.len).sum::<u64>();
+            local.slices += job.reqs.len() as u64;
+            local.open.push((id, b.clone()));
+            local.all.push(b.clone());
+            core.batches.entry(job.room).or_default().push(b);
+            core.ep.prefill().posted(job.room, Ok(()), now);
+        }
+        Err(e) => {
+            let text = format!("chunk {} not sent: {e}", job.seq);
+            core.ep.prefill().posted(job.room, Err(text), now);
+        }
+    }
+    drop(local);
+    m.driver.after(core);
 }

@@ -560,3 +560,48 @@ def test_a_prefill_stopped_for_less_than_the_heartbeat_timeout_loses_nothing(sid
         assert decode.mem[0, 0:4].any()
     finally:
         child.close()
+
+
+def test_send_never_waits_for_a_peer_that_stopped_reading(sides):
+    # 8 rooms x 256 one-page chunks of 64 KiB = 128 MiB, far more than the sockets hold, to a
+    # decode process held stopped. Chunks this small used to be written by the caller, which
+    # then blocked on the full socket; now the poster thread waits instead.
+    rooms, pages, item = 8, 256, 64 << 10
+    prefill = sides("prefill", 1, pages, item, heartbeat_timeout_ms=60_000, abort_timeout_ms=500)
+    prefill.fill()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stoppable_decode.py")
+    child = subprocess.Popen(
+        [sys.executable, script, str(rooms), str(pages), str(item)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child.stdout.readline()
+        child.stdin.write(f"recv 100 {prefill.mgr.bootstrap_addr}\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "ready"
+        senders = [prefill.sender(100 + k) for k in range(rooms)]
+        for s in senders:
+            s.init(pages)
+        for s in senders:
+            wait_state(s, KVPoll.WaitingForInput)
+        child.send_signal(signal.SIGSTOP)
+        slowest = 0.0
+        for s in senders:
+            for p in range(pages):
+                started = time.monotonic()
+                s.send(np.array([p], dtype=np.int32), is_last=p == pages - 1)
+                slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.05, f"a send took {slowest * 1e3:.1f} ms"
+        for s in senders:
+            assert s.poll() in (KVPoll.Transferring, KVPoll.Failed)
+            s.abort()
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.stdin.close()
+        try:
+            child.wait(20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

@@ -315,8 +315,8 @@ impl PrefillEndpoint {
         };
         r.posting = r.posting.saturating_sub(1);
         if let Err(text) = result {
-            r.session.chunk_settled(Err(text.clone()));
-            self.fail(room, FailureKind::Transport, text, now);
+            // A chunk that was never posted has settled, as a failure.
+            self.chunk_settled(room, Err(text), now);
         }
     }
 
@@ -435,6 +435,11 @@ impl PrefillEndpoint {
     /// Why the room failed.
     pub fn failure(&self, room: u64) -> Option<&Failure> {
         self.rooms.get(&room)?.failure.as_ref()
+    }
+
+    /// Chunks of the room planned but not yet posted.
+    pub fn posting(&self, room: u64) -> u32 {
+        self.rooms.get(&room).map_or(0, |r| r.posting)
     }
 
     /// The channel whose data path the room writes over, once paired.

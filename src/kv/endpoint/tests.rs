@@ -681,6 +681,30 @@ fn a_data_path_that_cannot_be_had_fails_both_sides() {
 }
 
 #[test]
+fn a_chunk_that_cannot_be_posted_fails_both_sides_as_transport() {
+    let mut n = Net::new();
+    n.pair(1, 2);
+    let plan = n.p.send(1, 2, true).unwrap().unwrap();
+    assert_eq!(n.p.posting(1), 1);
+    n.p.poll_changed();
+    n.p.posted(
+        1,
+        Err(format!("chunk {} not sent: peer lost", plan.seq)),
+        n.now,
+    );
+    assert_eq!(n.p.posting(1), 0);
+    assert_eq!(
+        n.p.poll_changed(),
+        vec![1],
+        "the driver publishes the failure"
+    );
+    n.step();
+    let f = n.p.failure(1).unwrap();
+    assert_eq!((f.kind, f.state), (FailureKind::Transport, Transferring));
+    assert_eq!(n.d.failure(1).map(|f| f.kind), Some(FailureKind::Transport));
+}
+
+#[test]
 fn a_notification_from_another_engine_or_slot_changes_nothing() {
     let mut n = Net::new();
     n.pair(1, 1);
