@@ -40,10 +40,11 @@ impl Poster {
         Ok(())
     }
 
-    /// Queues a chunk; without a thread (stopped) the job is posted as a failure at once.
-    pub(crate) fn submit(&self, job: PostJob) {
-        if let Some(tx) = self.tx.lock().as_ref() {
-            let _ = tx.send(job);
+    /// Queues a chunk; gives it back when the poster has stopped (the manager is gone).
+    pub(crate) fn submit(&self, job: PostJob) -> std::result::Result<(), PostJob> {
+        match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(job).map_err(|e| e.into_inner()),
+            None => Err(job),
         }
     }
 

@@ -145,14 +145,18 @@ impl KvSender {
         match reqs {
             Ok((peer, reqs)) => {
                 drop(local);
-                self.shared.poster.submit(PostJob {
+                let job = PostJob {
                     room: id,
                     local: self.local.clone(),
                     peer,
                     reqs,
                     tag: chunk_tag(plan.slot, plan.seq, plan.last),
                     seq: plan.seq,
-                });
+                };
+                if let Err(job) = self.shared.poster.submit(job) {
+                    // The manager is gone: nothing will post it.
+                    post_job(&self.shared, job);
+                }
                 Ok(())
             }
             Err(e) => {
