@@ -1,29 +1,9 @@
 //! `kvtransfer bench --kv`: the CLI runs KV rooms end to end and reports sane JSON.
 
-use std::process::Command;
+mod common;
 
+use common::{bench, json_num as num};
 use serde_json::Value;
-
-/// Runs `kvtransfer bench` with `args` and returns its exit status, stdout and stderr.
-fn bench(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .arg("bench")
-        .args(args)
-        .env_remove("KVT_TRANSPORT")
-        .output()
-        .expect("run kvtransfer");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn num(v: &Value, field: &str) -> f64 {
-    v[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"))
-}
 
 #[test]
 fn deepseek_rooms_report_json_and_verify() {

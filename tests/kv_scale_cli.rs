@@ -3,36 +3,13 @@
 //! carries the latencies and every process's threads and memory. Speed goals live in the
 //! benchmark (README), not here.
 
-use std::process::Command;
+mod common;
 
+use common::{bench, json_num as num};
 use serde_json::Value;
 
 /// Rooms in flight in the test run.
 const ROOMS: u64 = 1024;
-
-/// Runs `kvtransfer bench` with `args`; returns its exit status, stdout and stderr.
-fn bench(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
-        .arg("bench")
-        .args(args)
-        .env_remove("KVT_TRANSPORT")
-        .output()
-        .expect("run kvtransfer");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Field `field` of `v` as a finite number; panics naming it otherwise.
-fn num(v: &Value, field: &str) -> f64 {
-    let x = v[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"));
-    assert!(x.is_finite(), "{field} = {x} in {v}");
-    x
-}
 
 /// Checks one p50/p99/max latency object.
 fn check_quantiles(v: &Value, field: &str) {

@@ -81,6 +81,26 @@ pub fn run_cli(subcommand: &str, args: &[&str]) -> Output {
         .expect("run kvtransfer")
 }
 
+/// Runs `kvtransfer bench <args>` (as [`run_cli`]); returns its exit status, stdout and
+/// stderr.
+pub fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = run_cli("bench", args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Field `field` of a JSON report as a finite number; panics naming it otherwise.
+pub fn json_num(v: &serde_json::Value, field: &str) -> f64 {
+    let x = v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"));
+    assert!(x.is_finite(), "{field} = {x} in {v}");
+    x
+}
+
 /// The stdout of a CLI run that must have succeeded without a panic.
 pub fn cli_stdout(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
