@@ -159,7 +159,7 @@ pub(crate) struct Core {
     cells: HashMap<u64, Arc<Cell>>,
     /// Prefill: each channel's data path, once connected.
     pub(crate) data: HashMap<ConnId, Arc<DecodePeer>>,
-    /// Prefill: every chunk batch of each room, for abort acknowledgements.
+    /// Prefill: every chunk batch of each room, for abort acknowledgements and aborts.
     pub(crate) batches: HashMap<u64, Vec<Arc<Batch>>>,
 }
 
@@ -456,7 +456,7 @@ impl Loop {
         let core = d.core.lock();
         let mut next = core.ep.poll_timeout();
         if let Endpoint::Prefill(p) = &core.ep
-            && !p.settle_watch().is_empty()
+            && p.owes_acks()
         {
             let soon = Instant::now() + Duration::from_millis(1);
             next = Some(next.map_or(soon, |t| t.min(soon)));

@@ -31,8 +31,6 @@ const GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct SendLocal {
     /// Chunk batches not yet accounted in the endpoint.
     open: Vec<(BatchId, Arc<Batch>)>,
-    /// Every chunk batch, for waiting until nothing is in flight.
-    all: Vec<Arc<Batch>>,
     /// The last (source, destination) page pair written.
     last_pair: Option<(i32, i32)>,
     runs: Vec<Run>,
@@ -291,16 +289,14 @@ impl KvSender {
     fn settle(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         loop {
-            let posting = self
-                .shared
-                .driver
-                .core
-                .lock()
-                .ep
-                .prefill()
-                .posting(self.room);
-            let batches: Vec<Arc<Batch>> = self.local.lock().all.clone();
-            if posting == 0 && batches.iter().all(|b| b.remaining() == 0) {
+            let settled = {
+                let mut core = self.shared.driver.core.lock();
+                let in_flight = |b: &Arc<Batch>| b.remaining() > 0;
+                let batches = core.batches.get(&self.room);
+                let posted_all = batches.is_none_or(|b| !b.iter().any(in_flight));
+                posted_all && core.ep.prefill().posting(self.room) == 0
+            };
+            if settled {
                 return true;
             }
             if Instant::now() >= until {
@@ -541,7 +537,6 @@ pub(crate) fn post_job(m: &Shared, job: PostJob) {
             local.bytes += job.reqs.iter().map(|r| r.len).sum::<u64>();
             local.slices += job.reqs.len() as u64;
             local.open.push((id, b.clone()));
-            local.all.push(b.clone());
             core.batches.entry(job.room).or_default().push(b);
             core.ep.prefill().posted(job.room, Ok(()), now);
         }

@@ -400,6 +400,12 @@ impl PrefillEndpoint {
             .collect()
     }
 
+    /// Whether some receiver waits for an abort acknowledgement (the driver then checks
+    /// [`settle_watch`](Self::settle_watch) often).
+    pub fn owes_acks(&self) -> bool {
+        !self.owing.is_empty()
+    }
+
     /// None of the room's writes is in flight: acknowledge the receiver's abort.
     pub fn settled(&mut self, room: u64, now: Instant) {
         if !self.owing.remove(&room) {
