@@ -18,6 +18,7 @@
 //! | `io_threads` | `KVT_IO_THREADS` | 2 (TCP I/O threads, and as many send threads) |
 //! | `gpu_mode` | `KVT_GPU_MODE` | `auto` (`auto`, `dmabuf`, `peermem`, `staging`) |
 //! | `rails_per_gpu` | `KVT_RAILS_PER_GPU` | 1 (nearest rails a GPU segment uses) |
+//! | `secret` | `KVT_SECRET`, or `KVT_SECRET_FILE` (a path) | none: peers are not authenticated |
 //!
 //! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
 //! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
@@ -150,6 +151,11 @@ pub struct EngineConfig {
     /// How many of the nearest rails a GPU segment is registered on and striped over
     /// ([`topology::rails_for`](crate::topology::rails_for)).
     pub rails_per_gpu: usize,
+    /// The cluster secret every engine of the deployment holds (at least 16 bytes). With one,
+    /// each connection starts with a mutual challenge–response proof of it, before anything
+    /// about either engine is revealed; a peer without it is refused
+    /// ([`Error::Unauthenticated`](crate::Error::Unauthenticated)). See `docs/security.md`.
+    pub secret: Option<crate::wire::Secret>,
 }
 
 impl Default for EngineConfig {
@@ -171,6 +177,7 @@ impl Default for EngineConfig {
             io_threads: 2,
             gpu_mode: GpuMode::Auto,
             rails_per_gpu: 1,
+            secret: None,
         }
     }
 }
@@ -318,6 +325,23 @@ impl EngineConfigBuilder {
         self
     }
 
+    /// The cluster secret (at least 16 bytes).
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        match crate::wire::Secret::new(secret) {
+            Ok(s) => self.config.secret = Some(s),
+            Err(e) => self.error = self.error.or(Some(invalid("secret", e))),
+        }
+        self
+    }
+    /// The cluster secret, read from a file (a trailing newline is not part of it).
+    pub fn secret_file(mut self, path: impl AsRef<std::path::Path>) -> Self {
+        match read_secret_file(path.as_ref()) {
+            Ok(s) => self.config.secret = Some(s),
+            Err(e) => self.error = self.error.or(Some(e)),
+        }
+        self
+    }
+
     /// Applies every `KVT_*` variable that is set (see the module docs).
     pub fn env_overrides(self) -> Self {
         self.overrides_from(|k| std::env::var(k).ok())
@@ -384,6 +408,14 @@ impl EngineConfigBuilder {
             if let Some(v) = get("KVT_RAILS_PER_GPU") {
                 c.rails_per_gpu = parse_num("KVT_RAILS_PER_GPU", &v)? as usize;
             }
+            if let Some(v) = get("KVT_SECRET_FILE").filter(|v| !v.is_empty()) {
+                c.secret = Some(read_secret_file(std::path::Path::new(&v))?);
+            }
+            if let Some(v) = get("KVT_SECRET").filter(|v| !v.is_empty()) {
+                c.secret = Some(
+                    crate::wire::Secret::new(v.as_bytes()).map_err(|e| invalid("KVT_SECRET", e))?,
+                );
+            }
             Ok(())
         };
         if let Err(e) = r() {
@@ -400,6 +432,13 @@ impl EngineConfigBuilder {
         self.config.validate()?;
         Ok(self.config)
     }
+}
+
+fn read_secret_file(path: &std::path::Path) -> Result<crate::wire::Secret> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| invalid("secret_file", format!("{}: {e}", path.display())))?;
+    crate::wire::Secret::from_file_contents(&bytes)
+        .map_err(|e| invalid("secret_file", format!("{}: {e}", path.display())))
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {

@@ -261,6 +261,15 @@ pub enum Error {
         /// The `CUresult` name (e.g. `CUDA_ERROR_INVALID_VALUE`).
         name: String,
     },
+    /// The peer and this engine do not share the cluster secret: one holds none, or they hold
+    /// different ones. Nothing about either engine was revealed to the other.
+    #[error("authentication with {peer} failed: {reason}")]
+    Unauthenticated {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -301,6 +310,7 @@ impl Error {
             Error::CudaUnavailable { .. } => 32,
             Error::Cuda { .. } => 33,
             Error::RemoteUnregistered { .. } => 34,
+            Error::Unauthenticated { .. } => 35,
         }
     }
 
@@ -408,6 +418,10 @@ mod tests {
                 name: "CUDA_ERROR_NO_DEVICE".into(),
             },
             Error::RemoteUnregistered { addr: 0, len: 1 },
+            Error::Unauthenticated {
+                peer: "p".into(),
+                reason: "r".into(),
+            },
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
         assert!(codes.iter().all(|c| *c > 0));
@@ -417,7 +431,7 @@ mod tests {
         assert_eq!(codes.len(), n, "every variant has its own code");
         assert_eq!(
             codes.last(),
-            Some(&34),
+            Some(&35),
             "codes are dense and appended at the end"
         );
     }

@@ -19,6 +19,7 @@ pub mod kv;
 pub mod memory;
 pub mod plan;
 pub mod probe;
+pub(crate) mod refusals;
 pub mod request;
 pub mod topology;
 pub(crate) mod transport;

@@ -14,10 +14,14 @@ impl TransferEngine {
         self.inner.notifier.set_hook(hook);
     }
 
-    /// The encoded handshake that opens a KV channel to another engine (its reply is that
-    /// engine's hello; KV messages follow).
-    pub(crate) fn kv_hello(&self) -> Vec<u8> {
-        crate::wire::encode_hello(&self.inner.hello(ConnPurpose::Kv, 0, None))
+    /// The handshake that opens a KV channel to another engine, and its first bytes (it ends
+    /// with that engine's hello; KV messages follow).
+    pub(crate) fn kv_hello(&self) -> (crate::wire::Initiator, Vec<u8>) {
+        crate::wire::Initiator::start(
+            self.inner.config.secret.clone(),
+            rand::random(),
+            self.inner.hello(ConnPurpose::Kv, 0, None),
+        )
     }
 
     /// The fences of rooms this engine receives.

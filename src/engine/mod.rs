@@ -237,6 +237,13 @@ impl TransferEngine {
         })
     }
 
+    /// Connections refused or closed in their handshake so far: wrong or missing secret,
+    /// malformed or oversized messages, handshake deadline, or one of the bounds on
+    /// connections (see `docs/security.md`).
+    pub fn refused_connections(&self) -> u64 {
+        self.inner.served.refusals.total()
+    }
+
     /// The bootstrap address peers connect to (with the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr

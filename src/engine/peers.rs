@@ -96,7 +96,7 @@ impl TransferEngine {
             .ok_or_else(|| Error::InvalidArgument("peer address resolves to nothing".into()))?;
         let timeout = timeout.unwrap_or(self.inner.config.connect_timeout);
         let hello = self.inner.hello(ConnPurpose::Probe, 0, None);
-        let (theirs, _stream) = tcp::connect_one(addr, timeout, &hello)?;
+        let (theirs, _stream) = tcp::connect_one(addr, timeout, &hello, self.inner.config.secret.as_ref())?;
         if theirs.purpose != ConnPurpose::Probe {
             return Err(Error::Handshake {
                 peer: addr.to_string(),
@@ -156,7 +156,7 @@ impl Engine {
             ConnPurpose::TcpData
         };
         let hello = self.hello(purpose, 0, offer.as_ref().map(|o| o.endpoint()));
-        let (theirs, first) = tcp::connect_one(addr, timeout, &hello)?;
+        let (theirs, first) = tcp::connect_one(addr, timeout, &hello, self.config.secret.as_ref())?;
         let answered = match offer {
             Some(o) => o.answered(&theirs)?,
             None => None,
@@ -180,6 +180,7 @@ impl Engine {
                         addr,
                         timeout,
                         &self.hello(ConnPurpose::TcpData, i as u16, None),
+                        self.config.secret.as_ref(),
                     )?;
                     if (h.engine_id, h.epoch) != (theirs.engine_id, theirs.epoch) {
                         return Err(Error::Handshake {

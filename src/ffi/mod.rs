@@ -115,6 +115,8 @@ pub const KVT_ERR_CUDA_UNAVAILABLE: i32 = -32;
 pub const KVT_ERR_CUDA: i32 = -33;
 /// No segment the peer registered covers the given peer address.
 pub const KVT_ERR_REMOTE_UNREGISTERED: i32 = -34;
+/// The peer does not share the cluster secret (one side holds none, or they differ).
+pub const KVT_ERR_UNAUTHENTICATED: i32 = -35;
 
 /// The version of the C ABI this library implements; compare it with the header's
 /// `KVT_ABI_VERSION` at start-up.
@@ -327,14 +329,21 @@ mod tests {
                 KVT_ERR_REMOTE_UNREGISTERED,
                 Error::RemoteUnregistered { addr: 0, len: 1 },
             ),
+            (
+                KVT_ERR_UNAUTHENTICATED,
+                Error::Unauthenticated {
+                    peer: "p".into(),
+                    reason: "r".into(),
+                },
+            ),
         ];
         for (status, e) in &pairs {
             assert_eq!(*status, -e.code(), "{e:?}");
         }
-        // One constant per code 1..=34, none left out.
+        // One constant per code 1..=35, none left out.
         let mut codes: Vec<i32> = pairs.iter().map(|(s, _)| -s).collect();
         codes.sort();
-        assert_eq!(codes, (1..=34).collect::<Vec<_>>());
+        assert_eq!(codes, (1..=35).collect::<Vec<_>>());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::endpoint::{ConnId, Transmit};
 use super::proto::KvMessage;
-use crate::wire::{self, Hello, PREAMBLE_LEN};
+use crate::wire::{self, Hello, Initiator, Step};
 
 /// Most bytes read from one channel per wake-up, so one busy channel cannot starve the rest.
 const READ_BUDGET: usize = 1 << 20;
@@ -27,8 +27,8 @@ struct Sock {
     sent: usize,
     writing: bool,
     /// Still connecting or in the engine handshake (a channel this side opened): the first
-    /// bytes to arrive are the peer engine's hello, not KV messages.
-    handshake: bool,
+    /// bytes to arrive are the handshake's, not KV messages.
+    handshake: Option<Initiator>,
 }
 
 impl Sock {
@@ -56,27 +56,41 @@ impl Sock {
             }
         }
         let hello = self.engine_hello()?;
-        if !self.handshake {
+        if self.handshake.is_none() {
             self.parse(conn, out)?;
         }
         Ok(hello)
     }
 
-    /// While in the engine handshake: the peer engine's hello once all of it is here.
+    /// While in the engine handshake: runs the messages that are here; the peer engine's
+    /// hello once the handshake is done.
     fn engine_hello(&mut self) -> std::result::Result<Option<Hello>, String> {
-        if !self.handshake || self.rx.len() < PREAMBLE_LEN {
-            return Ok(None);
+        while let Some(hs) = self.handshake.as_mut() {
+            let Some((kind, body, used)) =
+                wire::next_message(&self.rx, hs.expects(), wire::MAX_HELLO_BODY)
+                    .map_err(|e| format!("engine handshake: {e}"))?
+            else {
+                return Ok(None);
+            };
+            let step = hs.on_message(kind, body);
+            self.rx.drain(..used);
+            match step {
+                Ok(Step::Send(bytes)) => self.tx.extend_from_slice(&bytes),
+                Ok(Step::Done(hello)) => {
+                    self.handshake = None;
+                    return Ok(Some(hello));
+                }
+                Ok(Step::Refuse(bytes, e)) => {
+                    // Best effort: the peer learns why before the channel closes.
+                    self.tx.extend_from_slice(&bytes);
+                    let _ = self.flush();
+                    return Err(format!("engine handshake: {e}"));
+                }
+                Ok(Step::Answer(_)) => unreachable!("an initiator never answers"),
+                Err(e) => return Err(format!("engine handshake: {e}")),
+            }
         }
-        let pre: [u8; PREAMBLE_LEN] = self.rx[..PREAMBLE_LEN].try_into().expect("length checked");
-        let body = wire::decode_preamble(&pre).map_err(|e| format!("engine handshake: {e}"))?;
-        if self.rx.len() < PREAMBLE_LEN + body {
-            return Ok(None);
-        }
-        let hello = wire::decode_hello_body(&self.rx[PREAMBLE_LEN..PREAMBLE_LEN + body])
-            .map_err(|e| format!("engine handshake: {e}"))?;
-        self.rx.drain(..PREAMBLE_LEN + body);
-        self.handshake = false;
-        Ok(Some(hello))
+        Ok(None)
     }
 
     fn parse(
@@ -139,18 +153,18 @@ impl Wires {
 
     /// Watches `stream`, a channel the peer opened, as channel `conn`; false if it cannot be.
     pub(crate) fn register(&self, conn: ConnId, stream: TcpStream) -> bool {
-        stream.set_nonblocking(true).is_ok() && self.add(conn, stream, Vec::new(), false)
+        stream.set_nonblocking(true).is_ok() && self.add(conn, stream, Vec::new(), None)
     }
 
     /// Starts opening channel `conn` to the engine at `addr` without waiting: a non-blocking
-    /// connect, then our engine `hello` (encoded) as soon as it connects. [`ready`](Self::ready)
-    /// returns the peer engine's hello once the handshake is done. `Err` when even the
-    /// connect cannot start.
+    /// connect, then the engine handshake `hs` (whose first bytes are `first`) as the socket
+    /// allows. [`ready`](Self::ready) returns the peer engine's hello once the handshake is
+    /// done. `Err` when even the connect cannot start.
     pub(crate) fn connect(
         &self,
         conn: ConnId,
         addr: SocketAddr,
-        hello: Vec<u8>,
+        (hs, first): (Initiator, Vec<u8>),
     ) -> Result<(), String> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
@@ -161,13 +175,19 @@ impl Wires {
             Err(e) => return Err(e.to_string()),
         }
         let stream: TcpStream = socket.into();
-        if !self.add(conn, stream, hello, true) {
+        if !self.add(conn, stream, first, Some(hs)) {
             return Err("cannot watch the socket".into());
         }
         Ok(())
     }
 
-    fn add(&self, conn: ConnId, stream: TcpStream, hello: Vec<u8>, handshake: bool) -> bool {
+    fn add(
+        &self,
+        conn: ConnId,
+        stream: TcpStream,
+        hello: Vec<u8>,
+        handshake: Option<Initiator>,
+    ) -> bool {
         let writing = !hello.is_empty();
         let flags = if writing {
             READ | EpollFlags::EPOLLOUT
@@ -232,7 +252,12 @@ impl Wires {
             }
         }
         if readable {
-            return s.read(conn, out);
+            let hello = s.read(conn, out)?;
+            // The handshake may have queued its next message.
+            if !s.tx.is_empty() && !s.writing && !s.flush()? {
+                self.want_write(conn, s, true);
+            }
+            return Ok(hello);
         }
         Ok(None)
     }

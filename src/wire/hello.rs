@@ -92,16 +92,14 @@ pub fn encode_hello(hello: &Hello) -> Vec<u8> {
     }
 
     let mut msg = Vec::with_capacity(PREAMBLE_LEN + body.len());
-    msg.extend_from_slice(&MAGIC.to_le_bytes());
-    msg.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    msg.extend_from_slice(&0u16.to_le_bytes());
-    msg.extend_from_slice(&saturate_u32(body.len()).to_le_bytes());
+    msg.extend_from_slice(&preamble(MsgKind::Hello, body.len()));
     msg.extend_from_slice(&body);
     msg
 }
 
-/// Decodes a preamble; returns the body length that follows.
-pub fn decode_preamble(preamble: &[u8; PREAMBLE_LEN]) -> Result<usize, WireError> {
+/// Decodes a preamble; returns the message kind and the body length that follows (checked
+/// against the kind's cap, [`max_body`]).
+pub fn decode_preamble(preamble: &[u8; PREAMBLE_LEN]) -> Result<(MsgKind, usize), WireError> {
     let mut r = Reader::new(preamble);
     let magic = r.u32("preamble magic")?;
     if magic != MAGIC {
@@ -114,16 +112,15 @@ pub fn decode_preamble(preamble: &[u8; PREAMBLE_LEN]) -> Result<usize, WireError
             supported: PROTOCOL_VERSION,
         });
     }
-    let flags = r.u16("preamble flags")?;
-    if flags != 0 {
-        return Err(WireError::Malformed {
-            what: "preamble",
-            detail: format!("flags {flags:#06x} set (none are defined)"),
-        });
-    }
+    let kind = MsgKind::from_u16(r.u16("preamble kind")?)?;
     let body_len = r.u32("preamble body length")?;
-    check_max("handshake body", u64::from(body_len), MAX_HELLO_BODY as u64)?;
-    Ok(body_len as usize)
+    let what = if kind == MsgKind::Hello {
+        "handshake body"
+    } else {
+        "handshake message"
+    };
+    check_max(what, u64::from(body_len), max_body(kind) as u64)?;
+    Ok((kind, body_len as usize))
 }
 
 /// Decodes a handshake body (the bytes after the preamble), exactly.
@@ -155,7 +152,13 @@ pub fn decode_hello(msg: &[u8]) -> Result<Hello, WireError> {
             got: msg.len(),
         });
     };
-    let body_len = decode_preamble(preamble)?;
+    let (kind, body_len) = decode_preamble(preamble)?;
+    if kind != MsgKind::Hello {
+        return Err(WireError::Malformed {
+            what: "handshake",
+            detail: format!("a {kind:?} message where a hello was expected"),
+        });
+    }
     if body.len() < body_len {
         return Err(WireError::Truncated {
             what: "handshake body",

@@ -5,6 +5,7 @@
 //! All integers are little-endian.
 
 mod frame;
+mod handshake;
 mod hello;
 mod rdma;
 mod reader;
@@ -16,6 +17,7 @@ use std::collections::HashSet;
 use crate::memory::{MemoryKind, SegmentId, SegmentInfo};
 
 pub use frame::*;
+pub use handshake::*;
 pub use hello::*;
 pub use rdma::*;
 pub(crate) use reader::*;
@@ -23,9 +25,10 @@ pub(crate) use reader::*;
 /// First four bytes of every handshake message: `b"KVT1"` read as little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVT1");
 /// The protocol version this build speaks. 2: KV rejections and aborts carry a failure kind,
-/// and KV channels carry heartbeats.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Size of the handshake preamble: magic u32, version u16, flags u16, body length u32.
+/// and KV channels carry heartbeats. 3: the handshake exchanges nonces and proofs of the
+/// cluster secret before any hello ([`Initiator`], [`Responder`]).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Size of the handshake preamble: magic u32, version u16, kind u16, body length u32.
 pub const PREAMBLE_LEN: usize = 12;
 /// Largest handshake body accepted.
 pub const MAX_HELLO_BODY: usize = 4 << 20;

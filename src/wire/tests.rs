@@ -92,7 +92,8 @@ fn hello_round_trip() {
     let hello = sample_hello();
     let msg = encode_hello(&hello);
     assert_eq!(&msg[0..4], b"KVT1");
-    let body_len = decode_preamble(msg[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
+    let (kind, body_len) = decode_preamble(msg[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
+    assert_eq!(kind, MsgKind::Hello);
     assert_eq!(body_len, msg.len() - PREAMBLE_LEN);
     assert_eq!(decode_hello(&msg).unwrap(), hello);
     assert_eq!(decode_hello_body(&msg[PREAMBLE_LEN..]).unwrap(), hello);
@@ -163,30 +164,42 @@ fn wrong_version() {
 }
 
 #[test]
-fn preamble_flags_rejected() {
-    let p = preamble(MAGIC, PROTOCOL_VERSION, 1, 10);
-    assert!(matches!(
-        decode_preamble(&p),
-        Err(WireError::Malformed { .. })
-    ));
+fn preamble_unknown_kind_rejected() {
+    for kind in [0, 5, 0xffff] {
+        let p = preamble(MAGIC, PROTOCOL_VERSION, kind, 10);
+        assert!(matches!(
+            decode_preamble(&p),
+            Err(WireError::Malformed { .. })
+        ));
+    }
+}
+
+#[test]
+fn small_messages_are_capped_before_their_body() {
+    for kind in [MsgKind::Hi, MsgKind::Proof, MsgKind::Refuse] {
+        let ok = preamble(MAGIC, PROTOCOL_VERSION, kind as u16, MAX_SMALL_BODY as u32);
+        assert_eq!(decode_preamble(&ok), Ok((kind, MAX_SMALL_BODY)));
+        let big = preamble(MAGIC, PROTOCOL_VERSION, kind as u16, MAX_SMALL_BODY as u32 + 1);
+        assert!(matches!(decode_preamble(&big), Err(WireError::TooLarge { .. })));
+    }
 }
 
 #[test]
 fn oversized_body() {
     let max = MAX_HELLO_BODY as u32;
     assert_eq!(
-        decode_preamble(&preamble(MAGIC, PROTOCOL_VERSION, 0, max)),
-        Ok(MAX_HELLO_BODY)
+        decode_preamble(&preamble(MAGIC, PROTOCOL_VERSION, 3, max)),
+        Ok((MsgKind::Hello, MAX_HELLO_BODY))
     );
     assert_eq!(
-        decode_preamble(&preamble(MAGIC, PROTOCOL_VERSION, 0, max + 1)),
+        decode_preamble(&preamble(MAGIC, PROTOCOL_VERSION, 3, max + 1)),
         Err(WireError::TooLarge {
             what: "handshake body",
             len: u64::from(max) + 1,
             max: MAX_HELLO_BODY as u64
         })
     );
-    let msg = preamble(MAGIC, PROTOCOL_VERSION, 0, u32::MAX);
+    let msg = preamble(MAGIC, PROTOCOL_VERSION, 3, u32::MAX);
     assert!(matches!(
         decode_hello(&msg),
         Err(WireError::TooLarge { .. })
@@ -702,4 +715,152 @@ proptest! {
         }
         let _ = decode_hello_body(&msg[PREAMBLE_LEN..]);
     }
+}
+
+/// Runs a handshake between an initiator and a responder in memory, message by message, as
+/// two sockets would; returns what each side ended with.
+fn shake(
+    i_secret: Option<&[u8]>,
+    r_secret: Option<&[u8]>,
+) -> (Result<Hello, HandshakeError>, Result<Hello, HandshakeError>) {
+    let secret = |s: Option<&[u8]>| s.map(|b| Secret::new(b).unwrap());
+    let mine = sample_hello();
+    let mut theirs = sample_hello();
+    theirs.engine_id = 77;
+    let (mut ini, mut to_r) = Initiator::start(secret(i_secret), [1; NONCE_LEN], mine.clone());
+    let mut res = Responder::new(secret(r_secret), [2; NONCE_LEN]);
+    let mut r_result = None;
+    loop {
+        // Responder side: every whole message in `to_r`.
+        let mut to_i = Vec::new();
+        while let Some((kind, body, used)) =
+            next_message(&to_r, res.expects(), MAX_HELLO_BODY).unwrap()
+        {
+            let step = res.on_message(kind, body);
+            to_r.drain(..used);
+            match step {
+                Ok(Step::Send(b)) => to_i.extend_from_slice(&b),
+                Ok(Step::Answer(h)) => {
+                    to_i.extend_from_slice(&res.answer(&theirs));
+                    r_result = Some(Ok(h));
+                }
+                Ok(Step::Refuse(b, e)) => {
+                    to_i.extend_from_slice(&b);
+                    r_result = Some(Err(e));
+                }
+                Ok(Step::Done(_)) => unreachable!(),
+                Err(e) => r_result = Some(Err(e)),
+            }
+            if r_result.is_some() {
+                break;
+            }
+        }
+        // Initiator side.
+        let Some((kind, body, _)) = next_message(&to_i, ini.expects(), MAX_HELLO_BODY).unwrap()
+        else {
+            let r = r_result.expect("the responder ended");
+            return (Err(HandshakeError::Wire(WireError::Truncated { what: "eof", needed: 1, got: 0 })), r);
+        };
+        match ini.on_message(kind, body) {
+            Ok(Step::Send(b)) => to_r = b,
+            Ok(Step::Done(h)) => return (Ok(h), r_result.expect("answered")),
+            Ok(Step::Refuse(b, e)) => {
+                // The responder reads the refusal.
+                let (kind, body, _) = next_message(&b, res.expects(), MAX_HELLO_BODY)
+                    .unwrap()
+                    .unwrap();
+                let r = res.on_message(kind, body).map(|_| sample_hello());
+                return (Err(e), r);
+            }
+            Ok(Step::Answer(_)) => unreachable!(),
+            Err(e) => return (Err(e), r_result.unwrap_or_else(|| Ok(sample_hello()))),
+        }
+    }
+}
+
+fn refusal_code<T>(r: &Result<T, HandshakeError>) -> Option<RefuseCode> {
+    r.as_ref().err().and_then(|e| e.refusal()).map(|r| r.code)
+}
+
+#[test]
+fn handshake_with_and_without_a_shared_secret() {
+    for secret in [None, Some(&b"0123456789abcdef-cluster"[..])] {
+        let (i, r) = shake(secret, secret);
+        assert_eq!(i.unwrap().engine_id, 77, "the initiator has the responder's hello");
+        assert_eq!(r.unwrap(), sample_hello(), "the responder has the initiator's hello");
+    }
+}
+
+#[test]
+fn handshake_refuses_a_missing_or_different_secret_before_any_hello() {
+    let a = &b"0123456789abcdef-cluster-a"[..];
+    let b = &b"0123456789abcdef-cluster-b"[..];
+    // The responder requires a secret the initiator lacks.
+    let (i, r) = shake(None, Some(a));
+    assert_eq!(refusal_code(&i), Some(RefuseCode::AuthRequired));
+    assert_eq!(refusal_code(&r), Some(RefuseCode::AuthRequired));
+    // The initiator holds a secret the responder lacks: it sends no hello.
+    let (i, r) = shake(Some(a), None);
+    assert_eq!(refusal_code(&i), Some(RefuseCode::PeerUnauthenticated));
+    assert_eq!(refusal_code(&r), Some(RefuseCode::PeerUnauthenticated));
+    // Different secrets: the initiator sees the responder's proof fail first.
+    let (i, r) = shake(Some(a), Some(b));
+    assert_eq!(refusal_code(&i), Some(RefuseCode::AuthFailed));
+    assert_eq!(refusal_code(&r), Some(RefuseCode::AuthFailed));
+}
+
+#[test]
+fn proofs_bind_both_nonces_and_the_role() {
+    let s = Secret::new(b"0123456789abcdef").unwrap();
+    let (n1, n2) = ([1; NONCE_LEN], [2; NONCE_LEN]);
+    let p = s.prove(Role::Responder, &n1, &n2);
+    assert!(s.check(Role::Responder, &n1, &n2, &p));
+    // Reflected (the other role), replayed on other nonces, truncated or from another secret.
+    assert!(!s.check(Role::Initiator, &n1, &n2, &p));
+    assert!(!s.check(Role::Responder, &n2, &n1, &p));
+    assert!(!s.check(Role::Responder, &n1, &[3; NONCE_LEN], &p));
+    assert!(!s.check(Role::Responder, &n1, &n2, &p[..31]));
+    assert!(!s.check(Role::Responder, &n1, &n2, &[]));
+    let other = Secret::new(b"0123456789abcdeF").unwrap();
+    assert!(!other.check(Role::Responder, &n1, &n2, &p));
+    assert!(Secret::new(b"short").is_err());
+    assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    assert_eq!(
+        Secret::from_file_contents(b"0123456789abcdef\n").unwrap(),
+        s,
+        "a trailing newline is not part of a secret file"
+    );
+}
+
+#[test]
+fn a_responder_takes_only_small_messages_before_the_proof() {
+    let mut r = Responder::new(None, [2; NONCE_LEN]);
+    // A hello straight away: refused without being read.
+    let hello = encode_hello(&sample_hello());
+    assert!(next_message(&hello, r.expects(), MAX_SMALL_BODY).is_err());
+    // A Hi announcing a body over the small cap: refused on its preamble alone.
+    let mut big = preamble(MAGIC, PROTOCOL_VERSION, MsgKind::Hi as u16, 4 << 20).to_vec();
+    big.extend_from_slice(&[0; 16]);
+    assert!(matches!(
+        next_message(&big, r.expects(), MAX_HELLO_BODY),
+        Err(WireError::TooLarge { .. })
+    ));
+    // An initiator's Hi that carries a proof is malformed.
+    let hi = encode_hi(&Hi { auth: false, nonce: [1; NONCE_LEN], proof: vec![0; PROOF_LEN] });
+    let (kind, body, _) = next_message(&hi, r.expects(), MAX_SMALL_BODY).unwrap().unwrap();
+    assert!(matches!(r.on_message(kind, body), Ok(Step::Refuse(..))));
+}
+
+#[test]
+fn small_messages_round_trip() {
+    let hi = Hi { auth: true, nonce: [9; NONCE_LEN], proof: vec![5; PROOF_LEN] };
+    let bytes = encode_hi(&hi);
+    assert_eq!(decode_hi(&bytes[PREAMBLE_LEN..]).unwrap(), hi);
+    let r = Refusal { code: RefuseCode::Busy, text: "é".repeat(300) };
+    let bytes = encode_refusal(&r);
+    let back = decode_refusal(&bytes[PREAMBLE_LEN..]).unwrap();
+    assert_eq!(back.code, RefuseCode::Busy);
+    assert!(back.text.len() <= 256 && r.text.starts_with(&back.text));
+    assert_eq!(decode_proof(&encode_proof(&[7; PROOF_LEN])[PREAMBLE_LEN..]).unwrap(), vec![7; PROOF_LEN]);
+    assert!(decode_proof(&[3, 1, 2, 3]).is_err(), "a proof is 0 or 32 bytes");
 }

@@ -299,3 +299,56 @@ pub fn settle_threads(want: usize) -> usize {
         std::thread::yield_now();
     }
 }
+
+/// Runs the connecting side of the handshake over `s` by hand, as a peer speaking the
+/// protocol would (with `secret`, if any); returns the engine's hello or why it failed.
+pub fn raw_handshake(
+    s: &mut std::net::TcpStream,
+    hello: kvtransfer::wire::Hello,
+    secret: Option<&[u8]>,
+) -> Result<kvtransfer::wire::Hello, String> {
+    use kvtransfer::wire::{self, Initiator, Secret, Step};
+    use std::io::{Read, Write};
+    let secret = secret.map(|b| Secret::new(b).unwrap());
+    let (mut hs, first) = Initiator::start(secret, rand_nonce(), hello);
+    s.write_all(&first).map_err(|e| e.to_string())?;
+    let mut rx = Vec::new();
+    loop {
+        if let Some((kind, body, used)) =
+            wire::next_message(&rx, hs.expects(), wire::MAX_HELLO_BODY).map_err(|e| e.to_string())?
+        {
+            let step = hs.on_message(kind, body).map_err(|e| e.to_string())?;
+            rx.drain(..used);
+            match step {
+                Step::Send(b) => s.write_all(&b).map_err(|e| e.to_string())?,
+                Step::Done(h) => return Ok(h),
+                Step::Refuse(b, e) => {
+                    let _ = s.write_all(&b);
+                    return Err(e.to_string());
+                }
+                Step::Answer(_) => unreachable!(),
+            }
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => return Err("end of stream".into()),
+            Ok(n) => rx.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A nonce good enough for tests (time and a counter).
+fn rand_nonce() -> [u8; 32] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut n = [0u8; 32];
+    n[..8].copy_from_slice(&t.to_le_bytes());
+    n[8..16].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    n
+}

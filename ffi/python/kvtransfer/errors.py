@@ -43,6 +43,7 @@ class ErrorCode(IntEnum):
     CudaUnavailable = 32
     Cuda = 33
     RemoteUnregistered = 34
+    Unauthenticated = 35
 
 
 class FailureKind(IntEnum):

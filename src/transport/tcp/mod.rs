@@ -27,24 +27,74 @@ pub(crate) use target::{ServeContext, ServedConn};
 use crate::error::{Error, Result};
 use crate::plan::Slice;
 use crate::transport::{Work, units_of};
-use crate::wire::{self, Hello, PREAMBLE_LEN};
+use crate::wire::{
+    self, HandshakeError, Hello, Initiator, MsgKind, PREAMBLE_LEN, Secret, Step,
+};
 
-/// Reads one handshake message from a blocking socket (whose read timeout bounds the wait).
-pub(crate) fn read_hello(s: &mut TcpStream, peer: &str) -> Result<Hello> {
+/// Reads one handshake message of a kind in `expect` from a blocking socket (whose read
+/// timeout bounds the wait). The body buffer grows as bytes arrive, never by the length field.
+fn read_message(s: &mut TcpStream, expect: &[MsgKind], peer: &str) -> Result<(MsgKind, Vec<u8>)> {
     let mut pre = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut pre)
         .map_err(|e| handshake_io(peer, "reading the handshake preamble", e))?;
-    let body_len = wire::decode_preamble(&pre)?;
-    let mut body = vec![0u8; body_len];
-    s.read_exact(&mut body)
-        .map_err(|e| handshake_io(peer, "reading the handshake body", e))?;
-    Ok(wire::decode_hello_body(&body)?)
+    // Checks the preamble (magic, version, kind, size) before reading any of the body.
+    wire::next_message(&pre, expect, wire::MAX_HELLO_BODY)?;
+    let (kind, len) = wire::decode_preamble(&pre)?;
+    let mut body = Vec::new();
+    s.take(len as u64)
+        .read_to_end(&mut body)
+        .map_err(|e| handshake_io(peer, "reading a handshake message", e))?;
+    if body.len() < len {
+        return Err(handshake_io(
+            peer,
+            "reading a handshake message",
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
+    Ok((kind, body))
 }
 
-/// Writes one handshake message.
-pub(crate) fn write_hello(s: &mut TcpStream, hello: &Hello, peer: &str) -> Result<()> {
-    io::send_all(s, &wire::encode_hello(hello))
-        .map_err(|e| handshake_io(peer, "sending the handshake", e))
+/// Runs the connecting side of the handshake on a blocking socket: proves the cluster secret
+/// (when there is one) and checks the peer's proof before `hello` is sent; returns the peer's
+/// hello.
+pub(crate) fn handshake(
+    s: &mut TcpStream,
+    secret: Option<Secret>,
+    hello: Hello,
+    peer: &str,
+) -> Result<Hello> {
+    let (mut hs, first) = Initiator::start(secret, rand::random(), hello);
+    io::send_all(s, &first).map_err(|e| handshake_io(peer, "sending the handshake", e))?;
+    loop {
+        let (kind, body) = read_message(s, hs.expects(), peer)?;
+        match hs.on_message(kind, &body) {
+            Ok(Step::Send(bytes)) => io::send_all(s, &bytes)
+                .map_err(|e| handshake_io(peer, "sending the handshake", e))?,
+            Ok(Step::Done(theirs)) => return Ok(theirs),
+            Ok(Step::Refuse(bytes, e)) => {
+                // Best effort: the peer learns why before the connection closes.
+                let _ = io::send_all(s, &bytes);
+                return Err(handshake_error(peer, e));
+            }
+            Ok(Step::Answer(_)) => unreachable!("an initiator never answers"),
+            Err(e) => return Err(handshake_error(peer, e)),
+        }
+    }
+}
+
+/// The crate error for a failed handshake: authentication refusals get their own code.
+pub(crate) fn handshake_error(peer: &str, e: HandshakeError) -> Error {
+    match &e {
+        HandshakeError::Wire(w) => Error::Protocol(w.clone()),
+        _ if e.refusal().is_some_and(|r| r.code.is_auth()) => Error::Unauthenticated {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        },
+        _ => Error::Handshake {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        },
+    }
 }
 
 fn handshake_io(peer: &str, doing: &str, e: std::io::Error) -> Error {
@@ -54,12 +104,13 @@ fn handshake_io(peer: &str, doing: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Opens one connection to `addr` and exchanges handshakes; returns the peer's hello and the
+/// Opens one connection to `addr` and runs the handshake; returns the peer's hello and the
 /// socket (blocking, with `timeout` as its read/write timeout).
 pub(crate) fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
     hello: &Hello,
+    secret: Option<&Secret>,
 ) -> Result<(Hello, TcpStream)> {
     let peer = addr.to_string();
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io("connect", e))?;
@@ -69,8 +120,7 @@ pub(crate) fn connect_one(
         .map_err(|e| Error::io("setsockopt", e))?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| Error::io("setsockopt", e))?;
-    write_hello(&mut s, hello, &peer)?;
-    let theirs = read_hello(&mut s, &peer)?;
+    let theirs = handshake(&mut s, secret.cloned(), hello.clone(), &peer)?;
     Ok((theirs, s))
 }
 

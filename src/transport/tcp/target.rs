@@ -53,6 +53,8 @@ struct Rx {
 /// (replies) until it closes, errs or the engine shuts down.
 pub(crate) struct ServedConn {
     peer: String,
+    /// The peer engine's id, from its hello.
+    peer_engine: u64,
     /// The one handle on the socket, shared with the replies.
     socket: Arc<TcpStream>,
     rx: Mutex<Rx>,
@@ -103,6 +105,7 @@ impl ServedConn {
         };
         let conn = Arc::new(ServedConn {
             peer: ctx.peer,
+            peer_engine: ctx.peer_engine,
             socket,
             rx: Mutex::new(Rx {
                 reader: FrameReader::new(),
@@ -118,6 +121,11 @@ impl ServedConn {
         let token = io.poller.register(conn.clone())?;
         let _ = conn.replies.token.set(token);
         Ok(conn)
+    }
+
+    /// The peer engine's id, from its hello.
+    pub(crate) fn peer_engine(&self) -> u64 {
+        self.peer_engine
     }
 
     /// Whether the connection has ended.

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Fuzzes every target in fuzz/fuzz_targets/ for a short time (the test command's fuzz step).
+#
+#   bash scripts/fuzz.sh            # FUZZ_SECONDS=30 per target, FUZZ_JOBS=nproc at once
+#
+# 1. `cargo check` of the fuzz crate (all its bins), with the ordinary flags.
+# 2. Builds every target found by globbing fuzz/fuzz_targets/*.rs (a new file needs its
+#    [[bin]] in fuzz/Cargo.toml, else the build names it) with the flags `cargo fuzz build -a`
+#    passes -- no cargo-fuzz install needed: SanitizerCoverage (inline 8-bit counters, PC table,
+#    compare tracing, stack depth), AddressSanitizer, `--cfg fuzzing`, debug assertions, one
+#    codegen unit -- for the host triple named explicitly, so build scripts and proc macros are
+#    built without them. RUSTC_BOOTSTRAP=1 lets the stable toolchain take -Zsanitizer. Its own
+#    target dir (fuzz/target) keeps the main build's cache intact.
+# 3. Runs each target for FUZZ_SECONDS (-max_total_time) on its corpus fuzz/corpus/<target>
+#    (kept between runs, ignored by git); a crash, leak, timeout or failed assertion fails the
+#    script, with the input saved under fuzz/artifacts/<target>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CARGO_TERM_COLOR=never
+
+secs=${FUZZ_SECONDS:-30}
+jobs=${FUZZ_JOBS:-$(nproc)}
+manifest=fuzz/Cargo.toml
+triple=$(rustc -vV | sed -n 's/^host: //p')
+say() { echo "fuzz: $*" >&2; }
+
+targets=()
+for f in fuzz/fuzz_targets/*.rs; do
+  [ -e "$f" ] && targets+=("$(basename "$f" .rs)")
+done
+[ ${#targets[@]} -gt 0 ] || { say "no targets in fuzz/fuzz_targets"; exit 1; }
+
+say "cargo check --bins"
+cargo check --quiet --manifest-path "$manifest" --bins
+
+bins=()
+for t in "${targets[@]}"; do bins+=(--bin "$t"); done
+say "building ${targets[*]} for $triple"
+RUSTC_BOOTSTRAP=1 \
+RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-simplifycfg-branch-fold-threshold=0 \
+--cfg fuzzing -Clink-dead-code -Zsanitizer=address -Cllvm-args=-sanitizer-coverage-stack-depth \
+-Cdebug-assertions -Ccodegen-units=1" \
+  cargo build --quiet --manifest-path "$manifest" --target "$triple" --release \
+    --config profile.release.debug=true "${bins[@]}"
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_odr_violation=0
+
+run_target() {
+  local t=$1
+  mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  "fuzz/target/$triple/release/$t" -max_total_time="$secs" -timeout=10 \
+    -artifact_prefix="fuzz/artifacts/$t/" "fuzz/corpus/$t" >"$logs/$t.log" 2>&1
+}
+
+say "running each target for $secs s, $jobs at a time"
+declare -A pid_of=()
+failed=()
+finish() { # reaps one target; its status decides
+  local pid rc=0 t
+  wait -n -p pid || rc=$?
+  for t in "${!pid_of[@]}"; do
+    [ "${pid_of[$t]}" = "$pid" ] || continue
+    unset "pid_of[$t]"
+    # libFuzzer's closing line: "Done N runs in S second(s)"; the last status line has cov/corp.
+    local done_line stats
+    done_line=$(grep -a '^Done [0-9]* runs' "$logs/$t.log" | tail -n 1 || true)
+    stats=$(grep -a '^#[0-9]' "$logs/$t.log" | tail -n 1 | grep -o 'cov: [0-9]* ft: [0-9]* corp: [0-9]*/[^ ]*' || true)
+    if [ "$rc" -ne 0 ] || [ -z "$done_line" ]; then
+      say "$t FAILED (exit $rc); the end of its log:"
+      tail -n 40 "$logs/$t.log" >&2
+      failed+=("$t")
+    else
+      say "$t ok: $done_line; $stats"
+    fi
+  done
+}
+for t in "${targets[@]}"; do
+  [ ${#pid_of[@]} -lt "$jobs" ] || finish
+  run_target "$t" &
+  pid_of[$t]=$!
+done
+while [ ${#pid_of[@]} -gt 0 ]; do finish; done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  say "failed: ${failed[*]} (inputs under fuzz/artifacts/)"
+  exit 1
+fi
+say "${#targets[@]} targets, $secs s each: no crash"
