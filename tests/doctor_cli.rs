@@ -58,6 +58,7 @@ fn every_check_has_a_status_and_a_fix_when_not_ok() {
             "link layer",
             "active MTU",
             "RoCEv2 GID",
+            "authentication",
             "ulimit -l",
             "nvidia-peermem",
             "dmabuf",
@@ -329,4 +330,37 @@ fn a_missing_sysfs_root_is_an_error() {
     let out = doctor(&["--sysfs", "/no/such/tree"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+}
+
+/// `doctor --json` with these environment variables (and no secret inherited).
+fn json_env(env: &[(&str, &str)]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+        .args(["doctor", "--json", "--sysfs", &fixture("empty")])
+        .env_remove("KVT_SECRET")
+        .env_remove("KVT_SECRET_FILE")
+        .env_remove("KVT_LISTEN")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run kvtransfer");
+    serde_json::from_str(&stdout(&out)).expect("one JSON object")
+}
+
+#[test]
+fn doctor_reports_the_authentication_state() {
+    let open = json_env(&[("KVT_LISTEN", "0.0.0.0:0")]);
+    let c = check(&open, "authentication");
+    assert_eq!(c["status"], "warn", "{c:#}");
+    assert!(c["found"].as_str().unwrap().contains("no cluster secret"), "{c:#}");
+    assert!(c["fix"].as_str().unwrap().contains("KVT_SECRET"), "{c:#}");
+
+    let local = json_env(&[]);
+    assert_eq!(check(&local, "authentication")["status"], "ok");
+
+    let secret = json_env(&[
+        ("KVT_LISTEN", "0.0.0.0:0"),
+        ("KVT_SECRET", "sixteen bytes at least"),
+    ]);
+    let c = check(&secret, "authentication");
+    assert_eq!(c["status"], "ok", "{c:#}");
+    assert!(c["found"].as_str().unwrap().contains("cluster secret set"), "{c:#}");
 }

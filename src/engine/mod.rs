@@ -229,7 +229,14 @@ impl TransferEngine {
                 return Err(Error::io("spawn", err));
             }
         };
-        tracing::info!(addr = %local_addr, epoch = format_args!("{:#x}", inner.epoch), transport = transport.as_str(), "engine started");
+        tracing::info!(addr = %local_addr, epoch = format_args!("{:#x}", inner.epoch), transport = transport.as_str(),
+            authenticated = inner.config.secret.is_some(), "engine started");
+        if inner.config.secret.is_none() && !local_addr.ip().is_loopback() {
+            tracing::warn!(addr = %local_addr,
+                "UNAUTHENTICATED: this engine listens beyond loopback without a cluster secret; \
+                 anyone who can reach the port can read and write its registered memory. Set \
+                 KVT_SECRET or KVT_SECRET_FILE on every engine (docs/security.md)");
+        }
         Ok(TransferEngine {
             inner,
             accept: Mutex::new(Some(accept)),

@@ -43,6 +43,14 @@ pub struct kvt_engine_config {
     pub batch_timeout_ms: u64,
     /// RDMA device allow-list such as `"mlx5_0,mlx5_3"`; NULL: `KVT_DEVICES`, else all.
     pub devices: *const c_char,
+    /// The cluster secret (at least 16 bytes) every engine of the deployment holds; peers
+    /// prove it to each other before anything is revealed. NULL: `KVT_SECRET` /
+    /// `KVT_SECRET_FILE`, else none. (Added later: callers compiled without it leave it out of
+    /// `struct_size`.)
+    pub secret: *const c_char,
+    /// A file holding the cluster secret (a trailing newline is not part of it); NULL: as for
+    /// `secret`. `secret` wins when both are set. (Added later.)
+    pub secret_file: *const c_char,
 }
 
 impl Versioned for kvt_engine_config {
@@ -55,11 +63,13 @@ impl Versioned for kvt_engine_config {
             connections_per_peer: 0,
             batch_timeout_ms: 0,
             devices: std::ptr::null(),
+            secret: std::ptr::null(),
+            secret_file: std::ptr::null(),
         }
     }
     fn fields() -> Vec<(usize, usize)> {
         field_spans!(kvt_engine_config; struct_size, listen, transport,
-            connections_per_peer, batch_timeout_ms, devices)
+            connections_per_peer, batch_timeout_ms, devices, secret, secret_file)
     }
 }
 
@@ -113,6 +123,14 @@ pub(crate) unsafe fn engine_config(cfg: *const kvt_engine_config) -> Result<Engi
         if !list.is_empty() {
             b = b.devices(list);
         }
+    }
+    // SAFETY: as for listen.
+    if let Some(path) = unsafe { opt_c_str(c.secret_file, "cfg->secret_file") }? {
+        b = b.secret_file(path);
+    }
+    // SAFETY: as for listen.
+    if let Some(secret) = unsafe { opt_c_str(c.secret, "cfg->secret") }? {
+        b = b.secret(secret);
     }
     b.build()
 }
@@ -507,8 +525,18 @@ mod tests {
         c.connections_per_peer = 3;
         c.batch_timeout_ms = 1234;
         c.devices = c"mlx5_0, mlx5_3:1".as_ptr();
+        c.secret = c"a cluster secret of 32 bytes....".as_ptr();
         // SAFETY: a live config with NUL-terminated strings.
         let got = unsafe { engine_config(&c) }.unwrap();
+        assert_eq!(
+            got.secret,
+            Some(crate::wire::Secret::new("a cluster secret of 32 bytes....").unwrap())
+        );
+        c.secret = c"too short".as_ptr();
+        // SAFETY: as above.
+        let short = unsafe { engine_config(&c) }.unwrap_err();
+        assert!(short.to_string().contains("at least 16 bytes"), "{short}");
+        c.secret = std::ptr::null();
         assert_eq!(got.transport, TransportKind::Tcp);
         assert_eq!(got.connections_per_peer, 3);
         assert_eq!(got.batch_timeout, Duration::from_millis(1234));

@@ -42,7 +42,11 @@ impl Sock {
         let mut budget = READ_BUDGET;
         loop {
             match self.stream.read(&mut buf) {
-                Ok(0) => return Err("end of stream".into()),
+                Ok(0) => {
+                    // A refusal may have come just before the end: say that, not "end".
+                    self.engine_hello()?;
+                    return Err("end of stream".into());
+                }
                 Ok(n) => {
                     self.rx.extend_from_slice(&buf[..n]);
                     budget = budget.saturating_sub(n);

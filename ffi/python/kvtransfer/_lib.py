@@ -68,6 +68,8 @@ class EngineConfig(Structure):
         ("connections_per_peer", c_uint32),
         ("batch_timeout_ms", c_uint64),
         ("devices", c_char_p),
+        ("secret", c_char_p),
+        ("secret_file", c_char_p),
     ]
 
 

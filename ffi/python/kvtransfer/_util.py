@@ -34,8 +34,11 @@ def engine_config(
     connections_per_peer: int = 0,
     batch_timeout_ms: int = 0,
     devices: Union[str, list, tuple, None] = None,
+    secret: Union[str, bytes, None] = None,
+    secret_file: Optional[str] = None,
 ) -> _lib.EngineConfig:
-    """A ``kvt_engine_config``; zero/None fields take the library's defaults (and KVT_* env)."""
+    """A ``kvt_engine_config``; zero/None fields take the library's defaults (and KVT_* env).
+    ``secret`` (at least 16 bytes) or ``secret_file`` is the cluster secret peers must share."""
     if devices is not None and not isinstance(devices, str):
         devices = ",".join(devices)
     if connections_per_peer < 0 or batch_timeout_ms < 0:
@@ -48,6 +51,12 @@ def engine_config(
     cfg.connections_per_peer = connections_per_peer
     cfg.batch_timeout_ms = batch_timeout_ms
     cfg.devices = devices.encode() if devices else None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if secret is not None and b"\0" in secret:
+        raise ValueError("secret must not contain NUL bytes")
+    cfg.secret = secret or None
+    cfg.secret_file = secret_file.encode() if secret_file else None
     return cfg
 
 

@@ -56,10 +56,14 @@ class TransferEngine(Handle):
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
         devices: Union[str, Sequence[str], None] = None,
+        secret: Union[str, bytes, None] = None,
+        secret_file: Optional[str] = None,
     ):
         self._handle: Optional[c_void_p] = None
         self._lib = _lib.lib()
-        cfg = engine_config(listen, transport, connections_per_peer, batch_timeout_ms, devices)
+        cfg = engine_config(
+            listen, transport, connections_per_peer, batch_timeout_ms, devices, secret, secret_file
+        )
         out = c_void_p()
         check(self._lib.kvt_engine_create(byref(cfg), byref(out)))
         self._handle = out

@@ -152,6 +152,8 @@ class KVManager(Handle):
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
         devices: Union[str, Sequence[str], None] = None,
+        secret: Union[str, bytes, None] = None,
+        secret_file: Optional[str] = None,
         keepalive: Any = None,
     ):
         self._handle: Optional[c_void_p] = None
@@ -176,7 +178,15 @@ class KVManager(Handle):
         kv.num_buffers = nbufs
         kv.aux = ctypes.cast(aux, ctypes.POINTER(_lib.KvBuffer)) if naux else None
         kv.num_aux = naux
-        eng = engine_config(listen, transport, connections_per_peer, batch_timeout_ms, devices or args.ib_device)
+        eng = engine_config(
+            listen,
+            transport,
+            connections_per_peer,
+            batch_timeout_ms,
+            devices or args.ib_device,
+            secret,
+            secret_file,
+        )
         out = c_void_p()
         check(self._lib.kvt_kv_manager_create(byref(eng), byref(kv), byref(out)))
         self._handle = out

@@ -134,6 +134,7 @@ pub(crate) fn run(a: DoctorArgs) -> Result<()> {
     checks.push(peermem(&a.sysfs, &host.pci));
     checks.push(dmabuf(&a.sysfs, &host.pci));
     checks.push(libcuda(&host.pci));
+    checks.push(authentication(&config));
     let map = Map::new(&host, s.rails_per_gpu);
     checks.push(map.check(&host));
 
@@ -187,6 +188,33 @@ fn clone_error(e: &Error) -> Error {
         other => Error::NoRdmaDevice {
             reason: other.to_string(),
         },
+    }
+}
+
+/// Whether peers must prove the cluster secret, and whether the listen address needs one.
+fn authentication(config: &EngineConfig) -> Check {
+    let listen = config.listen;
+    match (&config.secret, listen.ip().is_loopback()) {
+        (Some(_), _) => check(
+            "authentication",
+            Status::Ok,
+            format!("cluster secret set: peers prove it before anything is revealed (listen {listen})"),
+        ),
+        (None, true) => check(
+            "authentication",
+            Status::Ok,
+            format!("no cluster secret; listen {listen} is loopback only"),
+        )
+        .fix("set KVT_SECRET or KVT_SECRET_FILE on every engine before listening beyond loopback"),
+        (None, false) => check(
+            "authentication",
+            Status::Warn,
+            format!(
+                "no cluster secret and listen {listen} is reachable from the network: anyone who \
+                 can reach the port can read and write registered memory"
+            ),
+        )
+        .fix("set KVT_SECRET (at least 16 bytes) or KVT_SECRET_FILE to the same secret on every engine"),
     }
 }
 
