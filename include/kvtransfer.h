@@ -213,6 +213,11 @@
 #define KVT_ERR_REMOTE_UNREGISTERED -34
 
 /**
+ * The peer does not share the cluster secret (one side holds none, or they differ).
+ */
+#define KVT_ERR_UNAUTHENTICATED -35
+
+/**
  * `kvt_engine_config.transport`: RDMA where usable on both ends, else TCP (the default).
  */
 #define KVT_TRANSPORT_AUTO 0
@@ -407,6 +412,18 @@ typedef struct kvt_engine_config {
      * RDMA device allow-list such as `"mlx5_0,mlx5_3"`; NULL: `KVT_DEVICES`, else all.
      */
     const char *devices;
+    /**
+     * The cluster secret (at least 16 bytes) every engine of the deployment holds; peers
+     * prove it to each other before anything is revealed. NULL: `KVT_SECRET` /
+     * `KVT_SECRET_FILE`, else none. (Added later: callers compiled without it leave it out of
+     * `struct_size`.)
+     */
+    const char *secret;
+    /**
+     * A file holding the cluster secret (a trailing newline is not part of it); NULL: as for
+     * `secret`. `secret` wins when both are set. (Added later.)
+     */
+    const char *secret_file;
 } kvt_engine_config;
 
 /**

@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use kvtransfer::kv::{FailureKind, KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender};
+use kvtransfer::kv::{FailureKind, KvPoll, KvReceiver, KvRole, KvSender};
 use kvtransfer::wire::{ConnPurpose, Endpoint, Hello, TransportId};
 use kvtransfer::{EngineConfig, Error, Request, TransferEngine, TransportKind};
 
@@ -47,22 +47,35 @@ fn engines_that_share_the_secret_move_bytes() {
     src.write(0, &data);
     let peer = initiator.connect(target.local_addr()).unwrap();
     initiator
-        .transfer_sync(peer, &[Request::write(src.addr(), 1 << 20, dst.segment(), 0)])
+        .transfer_sync(
+            peer,
+            &[Request::write(src.addr(), 1 << 20, dst.segment(), 0)],
+        )
         .unwrap();
     let mut out = vec![0u8; 1 << 20];
     dst.read(0, &mut out);
     assert!(out == data, "every byte arrived");
     assert_eq!(target.refused_connections(), 0);
-    assert_eq!(initiator.probe(target.local_addr(), None).unwrap().epoch, target.epoch());
+    assert_eq!(
+        initiator.probe(target.local_addr(), None).unwrap().epoch,
+        target.epoch()
+    );
 }
 
 #[test]
 fn a_missing_or_different_secret_is_refused_with_code_35_on_both_ends() {
-    for (mine, theirs) in [(None, Some(SECRET)), (Some(SECRET), None), (Some(OTHER), Some(SECRET))] {
+    for (mine, theirs) in [
+        (None, Some(SECRET)),
+        (Some(SECRET), None),
+        (Some(OTHER), Some(SECRET)),
+    ] {
         let target = engine(theirs);
         let initiator = engine(mine);
         let e = initiator.connect(target.local_addr()).unwrap_err();
-        assert!(matches!(e, Error::Unauthenticated { .. }), "{mine:?} -> {theirs:?}: {e}");
+        assert!(
+            matches!(e, Error::Unauthenticated { .. }),
+            "{mine:?} -> {theirs:?}: {e}"
+        );
         assert_eq!(e.code(), 35);
         assert!(initiator.peers().is_empty());
         // The target saw it too (a refusal it sent, or one it was sent).
@@ -81,6 +94,7 @@ fn a_stranger_without_the_secret_learns_no_segment() {
         epoch: 2,
         purpose: ConnPurpose::TcpData,
         conn_index: 0,
+        token: 0,
         segments: Vec::new(),
         endpoints: vec![Endpoint {
             transport: TransportId::Tcp,
@@ -100,25 +114,6 @@ fn a_stranger_without_the_secret_learns_no_segment() {
     assert_eq!(theirs.segments.len(), 1);
 }
 
-/// A manager over 4 pages of 4 KiB.
-fn manager(role: KvRole, secret: Option<&str>, mem: &mut [u8]) -> KvManager {
-    let layout = KvLayout::new(
-        vec![KvBuffer {
-            addr: mem.as_mut_ptr() as u64,
-            len: mem.len() as u64,
-            item_len: 4096,
-        }],
-        Vec::new(),
-    )
-    .unwrap();
-    let cfg = KvConfig {
-        connect_timeout: Duration::from_secs(2),
-        ..KvConfig::new(role)
-    };
-    // SAFETY: the callers keep `mem` alive and unmoved until the manager is dropped.
-    unsafe { KvManager::new(config(secret), cfg, layout).unwrap() }
-}
-
 #[test]
 fn kv_rooms_need_the_secret_when_the_prefill_holds_one() {
     let mut src = vec![0u8; 4 * 4096];
@@ -127,17 +122,21 @@ fn kv_rooms_need_the_secret_when_the_prefill_holds_one() {
     }
     let mut dst = vec![0u8; 4 * 4096];
     let mut stranger_mem = vec![0u8; 4 * 4096];
-    let prefill = manager(KvRole::Prefill, Some(SECRET), &mut src);
-    let decode = manager(KvRole::Decode, Some(SECRET), &mut dst);
-    let stranger = manager(KvRole::Decode, None, &mut stranger_mem);
+    let prefill = common::kv_manager(KvRole::Prefill, Some(SECRET), &mut src);
+    let decode = common::kv_manager(KvRole::Decode, Some(SECRET), &mut dst);
+    let stranger = common::kv_manager(KvRole::Decode, None, &mut stranger_mem);
 
     let sender = KvSender::new(&prefill, 7).unwrap();
     let receiver = KvReceiver::new(&decode, prefill.bootstrap_addr(), 7).unwrap();
     receiver.init(&[3, 2, 1, 0], None).unwrap();
-    wait_for("the sender to pair", || sender.poll() == KvPoll::WaitingForInput);
+    wait_for("the sender to pair", || {
+        sender.poll() == KvPoll::WaitingForInput
+    });
     sender.init(4, None).unwrap();
     sender.send(&[0, 1, 2, 3], true).unwrap();
-    wait_for("success", || receiver.poll() == KvPoll::Success && sender.poll() == KvPoll::Success);
+    wait_for("success", || {
+        receiver.poll() == KvPoll::Success && sender.poll() == KvPoll::Success
+    });
     for (d, s) in [(3, 0), (2, 1), (1, 2), (0, 3)] {
         assert!(dst[d * 4096..(d + 1) * 4096] == src[s * 4096..(s + 1) * 4096]);
     }
@@ -149,6 +148,9 @@ fn kv_rooms_need_the_secret_when_the_prefill_holds_one() {
     wait_for("the stranger's room to fail", || r.poll() == KvPoll::Failed);
     let f = r.failure().unwrap();
     assert!(f.text.contains("AuthRequired"), "{f:?}");
-    assert!(matches!(f.kind, FailureKind::PeerLost | FailureKind::Rejected), "{f:?}");
+    assert!(
+        matches!(f.kind, FailureKind::PeerLost | FailureKind::Rejected),
+        "{f:?}"
+    );
     assert!(stranger_mem.iter().all(|b| *b == 0));
 }

@@ -350,7 +350,10 @@ fn doctor_reports_the_authentication_state() {
     let open = json_env(&[("KVT_LISTEN", "0.0.0.0:0")]);
     let c = check(&open, "authentication");
     assert_eq!(c["status"], "warn", "{c:#}");
-    assert!(c["found"].as_str().unwrap().contains("no cluster secret"), "{c:#}");
+    assert!(
+        c["found"].as_str().unwrap().contains("no cluster secret"),
+        "{c:#}"
+    );
     assert!(c["fix"].as_str().unwrap().contains("KVT_SECRET"), "{c:#}");
 
     let local = json_env(&[]);
@@ -362,5 +365,8 @@ fn doctor_reports_the_authentication_state() {
     ]);
     let c = check(&secret, "authentication");
     assert_eq!(c["status"], "ok", "{c:#}");
-    assert!(c["found"].as_str().unwrap().contains("cluster secret set"), "{c:#}");
+    assert!(
+        c["found"].as_str().unwrap().contains("cluster secret set"),
+        "{c:#}"
+    );
 }

@@ -50,6 +50,7 @@ fn a_hello(purpose: ConnPurpose) -> Hello {
         epoch: 9,
         purpose,
         conn_index: 0,
+        token: 0,
         segments: Vec::new(),
         endpoints: vec![Endpoint {
             transport: TransportId::Tcp,
@@ -93,7 +94,11 @@ fn held_half_open_connections_cost_no_thread_and_lock_no_peer_out() {
     let broken = 2 * n / 5;
     let deadline = Instant::now() + Duration::from_secs(30);
     while target.refused_connections() < broken as u64 {
-        assert!(Instant::now() < deadline, "{} refused", target.refused_connections());
+        assert!(
+            Instant::now() < deadline,
+            "{} refused",
+            target.refused_connections()
+        );
         let mut fds: Vec<PollFd<'_>> = held
             .iter()
             .skip(3)
@@ -136,12 +141,19 @@ fn held_half_open_connections_cost_no_thread_and_lock_no_peer_out() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(30);
     while target.refused_connections() < n as u64 {
-        assert!(Instant::now() < deadline, "{} refused", target.refused_connections());
+        assert!(
+            Instant::now() < deadline,
+            "{} refused",
+            target.refused_connections()
+        );
         std::thread::yield_now();
     }
     let rss_after = rss_kib();
     eprintln!("after they closed: RSS {rss_after} KiB");
-    assert!(rss_after < rss_before + 16 * 1024, "RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
     a_handshake_stalled_past_its_deadline_is_closed();
 }
 
@@ -169,11 +181,19 @@ fn a_handshake_stalled_past_its_deadline_is_closed() {
     }
     let waited = t.elapsed();
     eprintln!("closed after {waited:?}, having sent {} bytes", rx.len());
-    assert!(waited >= Duration::from_millis(250), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
-    let (kind, body, _) = wire::next_message(&rx, &[MsgKind::Hi], 512).unwrap().unwrap();
+    let (kind, body, _) = wire::next_message(&rx, &[MsgKind::Hi], 512)
+        .unwrap()
+        .unwrap();
     assert_eq!(kind, MsgKind::Hi);
-    assert!(wire::decode_hi(body).unwrap().proof.is_empty(), "no secret, no proof");
+    assert!(
+        wire::decode_hi(body).unwrap().proof.is_empty(),
+        "no secret, no proof"
+    );
 }
 
 /// A peer that sends read requests and does not read the replies: the engine stops reading

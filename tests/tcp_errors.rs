@@ -236,25 +236,40 @@ fn registration_rules() {
     e.unregister_memory(b.id).unwrap();
 }
 
+/// Reads a whole refusal and the end of stream after it; returns its text.
+fn refusal(s: &mut TcpStream) -> String {
+    use kvtransfer::wire::{MsgKind, decode_refusal, next_message};
+    let mut rx = Vec::new();
+    s.read_to_end(&mut rx).unwrap();
+    let (kind, body, used) = next_message(&rx, &[MsgKind::Refuse], 512).unwrap().unwrap();
+    assert_eq!(
+        (kind, used),
+        (MsgKind::Refuse, rx.len()),
+        "a refusal, then the end"
+    );
+    decode_refusal(body).unwrap().text
+}
+
 #[test]
 fn malformed_handshake_from_a_client_is_rejected_and_the_engine_keeps_serving() {
     let p = pair();
     let mut s = TcpStream::connect(p.target.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut buf = [0u8; 64];
-    // The engine closes the connection without answering.
-    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    // The engine answers with a refusal that says why, then closes.
+    let why = refusal(&mut s);
+    assert!(why.contains("bad magic"), "{why}");
     // A correct handshake but another protocol version is refused too.
     let mut s = TcpStream::connect(p.target.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut pre = Vec::new();
     pre.extend_from_slice(&kvtransfer::wire::MAGIC.to_le_bytes());
     pre.extend_from_slice(&(kvtransfer::wire::PROTOCOL_VERSION + 1).to_le_bytes());
-    pre.extend_from_slice(&0u16.to_le_bytes());
+    pre.extend_from_slice(&1u16.to_le_bytes());
     pre.extend_from_slice(&0u32.to_le_bytes());
     s.write_all(&pre).unwrap();
-    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    let why = refusal(&mut s);
+    assert!(why.contains("unsupported protocol version"), "{why}");
     // Existing peers still work.
     p.initiator
         .transfer_sync(

@@ -9,6 +9,12 @@ impl TransferEngine {
         *self.inner.kv_acceptor.write() = acceptor;
     }
 
+    /// Connects to the engine at `addr` presenting the link token `link` on every connection
+    /// (the decode side then accepts a KV room's completions only over them).
+    pub(crate) fn connect_linked(&self, addr: SocketAddr, link: u64) -> Result<PeerId> {
+        self.inner.connect(addr, link)
+    }
+
     /// Installs the consumer that sees complete notifications before `notifications()`.
     pub(crate) fn set_notify_hook(&self, hook: Option<crate::transport::notify::NotifyHook>) {
         self.inner.notifier.set_hook(hook);

@@ -12,7 +12,7 @@ impl TransferEngine {
             .map_err(|e| Error::InvalidArgument(format!("peer address: {e}")))?
             .next()
             .ok_or_else(|| Error::InvalidArgument("peer address resolves to nothing".into()))?;
-        self.inner.connect(addr)
+        self.inner.connect(addr, 0)
     }
 
     /// What is known about `peer`.
@@ -96,7 +96,8 @@ impl TransferEngine {
             .ok_or_else(|| Error::InvalidArgument("peer address resolves to nothing".into()))?;
         let timeout = timeout.unwrap_or(self.inner.config.connect_timeout);
         let hello = self.inner.hello(ConnPurpose::Probe, 0, None);
-        let (theirs, _stream) = tcp::connect_one(addr, timeout, &hello, self.inner.config.secret.as_ref())?;
+        let (theirs, _stream) =
+            tcp::connect_one(addr, timeout, &hello, self.inner.config.secret.as_ref())?;
         if theirs.purpose != ConnPurpose::Probe {
             return Err(Error::Handshake {
                 peer: addr.to_string(),
@@ -136,12 +137,14 @@ impl Engine {
             epoch: self.epoch,
             purpose,
             conn_index,
+            token: 0,
             segments,
             endpoints,
         }
     }
 
-    pub(super) fn connect(&self, addr: SocketAddr) -> Result<PeerId> {
+    /// Connects to the engine at `addr`, presenting the link `token` on every connection.
+    pub(super) fn connect(&self, addr: SocketAddr, token: u64) -> Result<PeerId> {
         let peer = addr.to_string();
         let timeout = self.config.connect_timeout;
         let stall = self.config.batch_timeout;
@@ -155,7 +158,10 @@ impl Engine {
         } else {
             ConnPurpose::TcpData
         };
-        let hello = self.hello(purpose, 0, offer.as_ref().map(|o| o.endpoint()));
+        let hello = Hello {
+            token,
+            ..self.hello(purpose, 0, offer.as_ref().map(|o| o.endpoint()))
+        };
         let (theirs, first) = tcp::connect_one(addr, timeout, &hello, self.config.secret.as_ref())?;
         let answered = match offer {
             Some(o) => o.answered(&theirs)?,
@@ -179,7 +185,10 @@ impl Engine {
                     let (h, s) = tcp::connect_one(
                         addr,
                         timeout,
-                        &self.hello(ConnPurpose::TcpData, i as u16, None),
+                        &Hello {
+                            token,
+                            ..self.hello(ConnPurpose::TcpData, i as u16, None)
+                        },
                         self.config.secret.as_ref(),
                     )?;
                     if (h.engine_id, h.epoch) != (theirs.engine_id, theirs.epoch) {

@@ -206,7 +206,11 @@ impl Engine {
                 .find(|(_, p)| p.from.ip() == from.ip())
                 .map(|(id, _)| *id);
             if let Some(id) = oldest {
-                self.evict(hs, id, "its address has too many connections in their handshake");
+                self.evict(
+                    hs,
+                    id,
+                    "its address has too many connections in their handshake",
+                );
             }
         }
         if hs.pending.len() >= MAX_HANDSHAKES
@@ -214,21 +218,20 @@ impl Engine {
         {
             self.evict(hs, id, "too many connections are in their handshake");
         }
-        let setup = s
-            .set_nonblocking(true)
-            .and_then(|()| s.set_nodelay(true));
+        let setup = s.set_nonblocking(true).and_then(|()| s.set_nodelay(true));
         if let Err(e) = setup {
-            self.served
-                .refusals
-                .refuse("a connection", &format_args!("from {from}: setsockopt: {e}"));
+            self.served.refusals.refuse(
+                "a connection",
+                &format_args!("from {from}: setsockopt: {e}"),
+            );
             return;
         }
         let id = hs.next;
         hs.next += 1;
-        if let Err(e) = hs
-            .epoll
-            .add(&s, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, id))
-        {
+        if let Err(e) = hs.epoll.add(
+            &s,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, id),
+        ) {
             self.served
                 .refusals
                 .refuse("a connection", &format_args!("from {from}: epoll_ctl: {e}"));
@@ -254,9 +257,10 @@ impl Engine {
 
     fn evict(&self, hs: &mut Handshakes, id: u64, why: &str) {
         if let Some(p) = hs.remove(id) {
-            self.served
-                .refusals
-                .refuse("a connection", &format_args!("from {}: closed: {why}", p.from));
+            self.served.refusals.refuse(
+                "a connection",
+                &format_args!("from {}: closed: {why}", p.from),
+            );
         }
     }
 
@@ -338,8 +342,7 @@ impl Engine {
         if p.then.is_some() {
             return Ok(true);
         }
-        if events.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
-        {
+        if events.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
             return Err("the peer closed the connection in its handshake".into());
         }
         Ok(false)
@@ -469,15 +472,13 @@ impl Engine {
         }
         let mut keep: Option<Box<dyn Send>> = None;
         let answer = match &self.rdma {
-            Some(r) if theirs.purpose == ConnPurpose::Control => {
-                match rdma::answer(r, &theirs) {
-                    Ok(a) => a.map(|(answer, qps)| {
-                        keep = Some(Box::new(qps));
-                        answer
-                    }),
-                    Err(e) => return Err(format!("{peer}: cannot answer its RDMA offer: {e}")),
-                }
-            }
+            Some(r) if theirs.purpose == ConnPurpose::Control => match rdma::answer(r, &theirs) {
+                Ok(a) => a.map(|(answer, qps)| {
+                    keep = Some(Box::new(qps));
+                    answer
+                }),
+                Err(e) => return Err(format!("{peer}: cannot answer its RDMA offer: {e}")),
+            },
             _ => None,
         };
         let ours = self.hello(theirs.purpose, theirs.conn_index, answer.as_ref());
@@ -497,10 +498,10 @@ impl Engine {
             let acceptor = self.kv_acceptor.read().clone();
             match acceptor {
                 Some(a) => a(s, &h, from),
-                None => self
-                    .served
-                    .refusals
-                    .refuse("a KV channel", &format_args!("from {peer}: no KV manager here")),
+                None => self.served.refusals.refuse(
+                    "a KV channel",
+                    &format_args!("from {peer}: no KV manager here"),
+                ),
             }
             return;
         }
@@ -519,6 +520,7 @@ impl Engine {
             peer,
             peer_engine: h.engine_id,
             peer_epoch: h.epoch,
+            peer_token: h.token,
             // The control connection's end is the end of the peer's QPs here.
             keep,
         };

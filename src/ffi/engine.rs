@@ -536,7 +536,6 @@ mod tests {
         // SAFETY: as above.
         let short = unsafe { engine_config(&c) }.unwrap_err();
         assert!(short.to_string().contains("at least 16 bytes"), "{short}");
-        c.secret = std::ptr::null();
         assert_eq!(got.transport, TransportKind::Tcp);
         assert_eq!(got.connections_per_peer, 3);
         assert_eq!(got.batch_timeout, Duration::from_millis(1234));
@@ -603,7 +602,7 @@ mod tests {
         let e = unsafe { engine_config(&c) }.unwrap_err();
         assert_eq!(e.code(), 2);
         assert!(
-            e.to_string().contains("sizeof(kvt_engine_config) = 40"),
+            e.to_string().contains("sizeof(kvt_engine_config) = 56"),
             "{e}"
         );
     }

@@ -246,6 +246,8 @@ pub(crate) struct Driver {
     wires: Wires,
     /// When the driver thread wakes next by itself (`None`: only when kicked).
     sleep_until: Mutex<Option<Instant>>,
+    /// Refused peer input, for the log.
+    pub(crate) refusals: crate::refusals::Refusals,
 }
 
 impl std::fmt::Debug for Driver {
@@ -283,6 +285,7 @@ impl Driver {
             connector: Connector::new(),
             wires: Wires::new(epoll),
             sleep_until: Mutex::new(None),
+            refusals: Default::default(),
         })
     }
 
@@ -490,13 +493,16 @@ impl Loop {
         let d = &m.driver;
         let inbox = std::mem::take(&mut *d.inbox.lock());
         let mut actions = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
         let failed = {
             let mut core = d.core.lock();
             for msg in inbox {
                 self.take(&mut core, msg, now);
             }
             for (conn, engine) in shaken.drain(..) {
-                core.ep.decode().connected(conn, engine, now);
+                // Unguessable and never 0 (0 is "no token").
+                let link = rand::random::<u64>() | 1;
+                core.ep.decode().connected(conn, engine, link, now);
             }
             for (conn, msg) in inputs.drain(..) {
                 core.ep.handle(conn, msg, now);
@@ -512,11 +518,13 @@ impl Loop {
                     while let Some(a) = e.poll_action() {
                         actions.push(Action::Decode(a));
                     }
+                    refused.extend(std::iter::from_fn(|| e.poll_refusal()));
                 }
                 Endpoint::Prefill(e) => {
                     while let Some(a) = e.poll_action() {
                         actions.push(Action::Prefill(a));
                     }
+                    refused.extend(std::iter::from_fn(|| e.poll_refusal()));
                 }
             }
             // Queued under the lock, so messages leave in the endpoint's order even when a
@@ -530,6 +538,9 @@ impl Loop {
             touched
         };
         let failed = d.wires.flush(failed);
+        for why in refused {
+            d.refusals.refuse("KV input", &why);
+        }
         for a in actions {
             self.act(a);
         }
@@ -591,11 +602,12 @@ impl Loop {
                 addr,
                 engine,
                 layout,
+                link,
             }) => {
                 let weak = Arc::downgrade(m);
                 m.driver.connector.submit(Box::new(move || {
                     let Some(m) = weak.upgrade() else { return };
-                    let result = connect_decode(&m, addr, engine, &layout).map_err(|e| {
+                    let result = connect_decode(&m, addr, engine, &layout, link).map_err(|e| {
                         let kind = match e {
                             Error::LayoutMismatch { .. } => FailureKind::LayoutMismatch,
                             _ => FailureKind::Transport,

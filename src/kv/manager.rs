@@ -359,7 +359,7 @@ impl Shared {
         let room = core
             .ep
             .decode()
-            .on_chunk(slot, seq, last, (n.engine_id, n.epoch));
+            .on_chunk(slot, seq, last, (n.engine_id, n.epoch), n.link);
         let Some(room) = room else {
             tracing::debug!(slot, seq, "notification for no live room");
             return false;
@@ -380,16 +380,18 @@ impl Shared {
     }
 }
 
-/// Prefill side: connects the engine to the decode engine `engine` at `addr` and maps the
-/// buffers of its `layout` (on a connector thread).
+/// Prefill side: connects the engine to the decode engine `engine` at `addr`, presenting the
+/// `link` token its KV channel handed us, and maps the buffers of its `layout` (on a
+/// connector thread).
 pub(crate) fn connect_decode(
     m: &Shared,
     addr: SocketAddr,
     engine: (u64, u64),
     layout: &KvLayout,
+    link: u64,
 ) -> Result<Arc<DecodePeer>> {
     m.layout.check_pairs_with(layout)?;
-    let peer = m.engine.connect(addr)?;
+    let peer = m.engine.connect_linked(addr, link)?;
     let info = m.engine.peer_info(peer)?;
     if (info.engine_id, info.epoch) != engine {
         let _ = m.engine.disconnect(peer);

@@ -30,6 +30,10 @@ pub enum KvMessage {
         engine_addr: String,
         /// Its layout.
         layout: KvLayout,
+        /// Decode → prefill: the link token the prefill's data path must present to the
+        /// decode engine; completions that come over connections without it finish no room
+        /// (0 from a prefill).
+        link: u64,
     },
     /// Receiver → sender: the room's destination.
     RoomInit {
@@ -110,6 +114,7 @@ impl KvMessage {
                 epoch,
                 engine_addr,
                 layout,
+                link,
             } => {
                 out.push(HELLO);
                 out.extend_from_slice(&engine_id.to_le_bytes());
@@ -117,6 +122,7 @@ impl KvMessage {
                 put_text(&mut out, engine_addr);
                 put_buffers(&mut out, &layout.buffers);
                 put_buffers(&mut out, &layout.aux);
+                out.extend_from_slice(&link.to_le_bytes());
             }
             KvMessage::RoomInit {
                 room,
@@ -198,6 +204,7 @@ impl KvMessage {
                         detail: e.to_string(),
                     })?
                 },
+                link: r.u64("link")?,
             },
             ROOM_INIT => {
                 let room = r.u64("room")?;
@@ -312,6 +319,7 @@ mod tests {
                 epoch: 2,
                 engine_addr: "10.0.0.1:4000".into(),
                 layout: layout(),
+                link: 0xfeed_beef,
             },
             KvMessage::RoomInit {
                 room: 9,
@@ -385,6 +393,7 @@ mod tests {
             epoch: 1,
             engine_addr: "x".into(),
             layout: layout(),
+            link: 0,
         }
         .encode();
         let item_len_at = 4 + 1 + 16 + 2 + 1 + 4 + 16;

@@ -14,6 +14,8 @@ pub struct Notification {
     pub engine_id: u64,
     /// The sending engine's epoch.
     pub epoch: u64,
+    /// The link token the sender's connection presented in its handshake (0: none).
+    pub link: u64,
     /// The tag given to `submit_with_notify` (24 bits).
     pub tag: u32,
 }
@@ -22,7 +24,7 @@ pub struct Notification {
 /// once all parts are in (each part follows its lane's data, so all data has landed).
 #[derive(Default)]
 pub(crate) struct Notifier {
-    parts: Mutex<HashMap<(u64, u64, u32), u32>>,
+    parts: Mutex<HashMap<(u64, u64, u64, u32), u32>>,
     ready: Mutex<Vec<Notification>>,
     /// Sees each complete notification first; `true` = consumed (KV rooms).
     hook: RwLock<Option<NotifyHook>>,
@@ -40,17 +42,19 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    /// Records one part of `tag`'s notification, of `total` parts.
-    pub(crate) fn part(&self, engine_id: u64, epoch: u64, tag: u32, total: u32) {
+    /// Records one part of `tag`'s notification, of `total` parts, from a connection of engine
+    /// `(engine_id, epoch)` that presented `link`.
+    pub(crate) fn part(&self, engine_id: u64, epoch: u64, link: u64, tag: u32, total: u32) {
         let mut parts = self.parts.lock();
-        let n = parts.entry((engine_id, epoch, tag)).or_insert(0);
+        let n = parts.entry((engine_id, epoch, link, tag)).or_insert(0);
         *n += 1;
         if *n >= total {
-            parts.remove(&(engine_id, epoch, tag));
+            parts.remove(&(engine_id, epoch, link, tag));
             drop(parts);
             let n = Notification {
                 engine_id,
                 epoch,
+                link,
                 tag,
             };
             let hook = self.hook.read().clone();

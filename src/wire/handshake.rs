@@ -141,8 +141,14 @@ impl Secret {
         Secret::new(b)
     }
 
-    fn mac(&self, label: &[u8], nonce_i: &[u8; NONCE_LEN], nonce_r: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+    fn mac(
+        &self,
+        label: &[u8],
+        nonce_i: &[u8; NONCE_LEN],
+        nonce_r: &[u8; NONCE_LEN],
+    ) -> Hmac<Sha256> {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(label);
         m.update(nonce_i);
         m.update(nonce_r);
@@ -150,8 +156,16 @@ impl Secret {
     }
 
     /// The proof of the side `role` over both nonces.
-    pub fn prove(&self, role: Role, nonce_i: &[u8; NONCE_LEN], nonce_r: &[u8; NONCE_LEN]) -> [u8; PROOF_LEN] {
-        self.mac(role.label(), nonce_i, nonce_r).finalize().into_bytes().into()
+    pub fn prove(
+        &self,
+        role: Role,
+        nonce_i: &[u8; NONCE_LEN],
+        nonce_r: &[u8; NONCE_LEN],
+    ) -> [u8; PROOF_LEN] {
+        self.mac(role.label(), nonce_i, nonce_r)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// Whether `proof` is the proof of `role` over both nonces (compared in constant time).
@@ -162,7 +176,9 @@ impl Secret {
         nonce_r: &[u8; NONCE_LEN],
         proof: &[u8],
     ) -> bool {
-        self.mac(role.label(), nonce_i, nonce_r).verify_slice(proof).is_ok()
+        self.mac(role.label(), nonce_i, nonce_r)
+            .verify_slice(proof)
+            .is_ok()
     }
 }
 
@@ -322,6 +338,9 @@ pub fn decode_refusal(body: &[u8]) -> Result<Refusal, WireError> {
     Ok(Refusal { code, text })
 }
 
+/// A whole handshake message found in a buffer: its kind, its body and the bytes it took.
+pub type Message<'a> = (MsgKind, &'a [u8], usize);
+
 /// The next whole message at the start of `buf`, if all of it is there: its kind, its body
 /// and the bytes it took. A preamble that is wrong, of a kind not in `expect`, or announcing
 /// more than `max` (or the kind's cap) is an error as soon as its 12 bytes are in: nothing is
@@ -330,7 +349,7 @@ pub fn next_message<'a>(
     buf: &'a [u8],
     expect: &[MsgKind],
     max: usize,
-) -> Result<Option<(MsgKind, &'a [u8], usize)>, WireError> {
+) -> Result<Option<Message<'a>>, WireError> {
     let Some(pre) = buf.first_chunk::<PREAMBLE_LEN>() else {
         return Ok(None);
     };
@@ -341,7 +360,11 @@ pub fn next_message<'a>(
             detail: format!("a {kind:?} message where {expect:?} was expected"),
         });
     }
-    check_max("handshake message", len as u64, max.min(max_body(kind)) as u64)?;
+    check_max(
+        "handshake message",
+        len as u64,
+        max.min(max_body(kind)) as u64,
+    )?;
     let end = PREAMBLE_LEN + len;
     Ok((buf.len() >= end).then(|| (kind, &buf[PREAMBLE_LEN..end], end)))
 }
@@ -504,7 +527,12 @@ impl Responder {
             MsgKind::Hi => {
                 let hi = match decode_hi(body) {
                     Ok(h) if h.proof.is_empty() => h,
-                    Ok(_) => return Ok(refuse(RefuseCode::Malformed, "an initiator's hi carries no proof")),
+                    Ok(_) => {
+                        return Ok(refuse(
+                            RefuseCode::Malformed,
+                            "an initiator's hi carries no proof",
+                        ));
+                    }
                     Err(e) => return Ok(refuse(RefuseCode::Malformed, &e.to_string())),
                 };
                 let proof = match (&self.secret, hi.auth) {

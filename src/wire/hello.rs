@@ -65,6 +65,10 @@ pub struct Hello {
     pub purpose: ConnPurpose,
     /// Index of this connection among the sender's connections to the peer.
     pub conn_index: u16,
+    /// A link token the connecting side presents (0: none): a KV prefill's data path carries
+    /// the one its decode peer handed it over their KV channel, and the decode side accepts
+    /// that room's completions only from connections that present it.
+    pub token: u64,
     /// The sender's registered segments.
     pub segments: Vec<SegmentDesc>,
     /// The sender's transport endpoints.
@@ -83,6 +87,7 @@ pub fn encode_hello(hello: &Hello) -> Vec<u8> {
     body.extend_from_slice(&hello.epoch.to_le_bytes());
     body.push(hello.purpose as u8);
     body.extend_from_slice(&hello.conn_index.to_le_bytes());
+    body.extend_from_slice(&hello.token.to_le_bytes());
     encode_segments(&hello.segments, &mut body);
     body.extend_from_slice(&saturate_u16(hello.endpoints.len()).to_le_bytes());
     for ep in &hello.endpoints {
@@ -130,6 +135,7 @@ pub fn decode_hello_body(body: &[u8]) -> Result<Hello, WireError> {
     let epoch = r.u64("hello epoch")?;
     let purpose = conn_purpose_from_u8(r.u8("hello purpose")?)?;
     let conn_index = r.u16("hello connection index")?;
+    let token = r.u64("hello token")?;
     let segments = read_segments(&mut r)?;
     let endpoints = read_endpoints(&mut r)?;
     r.finish("handshake body")?;
@@ -138,6 +144,7 @@ pub fn decode_hello_body(body: &[u8]) -> Result<Hello, WireError> {
         epoch,
         purpose,
         conn_index,
+        token,
         segments,
         endpoints,
     })
@@ -219,6 +226,7 @@ pub(super) fn hello_body_size_hint(hello: &Hello) -> usize {
     8 + 8
         + 1
         + 2
+        + 8
         + 4
         + hello
             .segments

@@ -24,6 +24,7 @@ fn sample_hello() -> Hello {
         epoch: 42,
         purpose: ConnPurpose::TcpData,
         conn_index: 3,
+        token: 0x5eed,
         segments: vec![
             seg(
                 0,
@@ -106,11 +107,12 @@ fn empty_hello_round_trip() {
         epoch: 0,
         purpose: ConnPurpose::Control,
         conn_index: 0,
+        token: 0,
         segments: vec![],
         endpoints: vec![],
     };
     let msg = encode_hello(&hello);
-    assert_eq!(msg.len(), PREAMBLE_LEN + 8 + 8 + 1 + 2 + 4 + 2);
+    assert_eq!(msg.len(), PREAMBLE_LEN + 8 + 8 + 1 + 2 + 8 + 4 + 2);
     assert_eq!(decode_hello(&msg).unwrap(), hello);
 }
 
@@ -179,8 +181,16 @@ fn small_messages_are_capped_before_their_body() {
     for kind in [MsgKind::Hi, MsgKind::Proof, MsgKind::Refuse] {
         let ok = preamble(MAGIC, PROTOCOL_VERSION, kind as u16, MAX_SMALL_BODY as u32);
         assert_eq!(decode_preamble(&ok), Ok((kind, MAX_SMALL_BODY)));
-        let big = preamble(MAGIC, PROTOCOL_VERSION, kind as u16, MAX_SMALL_BODY as u32 + 1);
-        assert!(matches!(decode_preamble(&big), Err(WireError::TooLarge { .. })));
+        let big = preamble(
+            MAGIC,
+            PROTOCOL_VERSION,
+            kind as u16,
+            MAX_SMALL_BODY as u32 + 1,
+        );
+        assert!(matches!(
+            decode_preamble(&big),
+            Err(WireError::TooLarge { .. })
+        ));
     }
 }
 
@@ -321,7 +331,7 @@ fn unknown_enum_values() {
         ..sample_hello()
     };
     let mut body = body_of(&hello);
-    let at = 8 + 8 + 1 + 2 + 4 + 2;
+    let at = 8 + 8 + 1 + 2 + 8 + 4 + 2;
     assert_eq!(body[at], TransportId::Tcp as u8);
     body[at] = 0;
     assert!(matches!(
@@ -410,6 +420,7 @@ fn huge_counts_in_tiny_input() {
     let mut body = vec![0u8; 16];
     body.push(ConnPurpose::Control as u8);
     body.extend_from_slice(&0u16.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
     body.extend_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes());
     body.push(0);
     assert!(matches!(
@@ -621,6 +632,7 @@ fn arb_hello() -> impl Strategy<Value = Hello> {
                     ConnPurpose::TcpData
                 },
                 conn_index,
+                token: engine_id ^ epoch,
                 segments,
                 endpoints,
             },
@@ -759,7 +771,14 @@ fn shake(
         let Some((kind, body, _)) = next_message(&to_i, ini.expects(), MAX_HELLO_BODY).unwrap()
         else {
             let r = r_result.expect("the responder ended");
-            return (Err(HandshakeError::Wire(WireError::Truncated { what: "eof", needed: 1, got: 0 })), r);
+            return (
+                Err(HandshakeError::Wire(WireError::Truncated {
+                    what: "eof",
+                    needed: 1,
+                    got: 0,
+                })),
+                r,
+            );
         };
         match ini.on_message(kind, body) {
             Ok(Step::Send(b)) => to_r = b,
@@ -786,8 +805,16 @@ fn refusal_code<T>(r: &Result<T, HandshakeError>) -> Option<RefuseCode> {
 fn handshake_with_and_without_a_shared_secret() {
     for secret in [None, Some(&b"0123456789abcdef-cluster"[..])] {
         let (i, r) = shake(secret, secret);
-        assert_eq!(i.unwrap().engine_id, 77, "the initiator has the responder's hello");
-        assert_eq!(r.unwrap(), sample_hello(), "the responder has the initiator's hello");
+        assert_eq!(
+            i.unwrap().engine_id,
+            77,
+            "the initiator has the responder's hello"
+        );
+        assert_eq!(
+            r.unwrap(),
+            sample_hello(),
+            "the responder has the initiator's hello"
+        );
     }
 }
 
@@ -846,21 +873,40 @@ fn a_responder_takes_only_small_messages_before_the_proof() {
         Err(WireError::TooLarge { .. })
     ));
     // An initiator's Hi that carries a proof is malformed.
-    let hi = encode_hi(&Hi { auth: false, nonce: [1; NONCE_LEN], proof: vec![0; PROOF_LEN] });
-    let (kind, body, _) = next_message(&hi, r.expects(), MAX_SMALL_BODY).unwrap().unwrap();
+    let hi = encode_hi(&Hi {
+        auth: false,
+        nonce: [1; NONCE_LEN],
+        proof: vec![0; PROOF_LEN],
+    });
+    let (kind, body, _) = next_message(&hi, r.expects(), MAX_SMALL_BODY)
+        .unwrap()
+        .unwrap();
     assert!(matches!(r.on_message(kind, body), Ok(Step::Refuse(..))));
 }
 
 #[test]
 fn small_messages_round_trip() {
-    let hi = Hi { auth: true, nonce: [9; NONCE_LEN], proof: vec![5; PROOF_LEN] };
+    let hi = Hi {
+        auth: true,
+        nonce: [9; NONCE_LEN],
+        proof: vec![5; PROOF_LEN],
+    };
     let bytes = encode_hi(&hi);
     assert_eq!(decode_hi(&bytes[PREAMBLE_LEN..]).unwrap(), hi);
-    let r = Refusal { code: RefuseCode::Busy, text: "é".repeat(300) };
+    let r = Refusal {
+        code: RefuseCode::Busy,
+        text: "é".repeat(300),
+    };
     let bytes = encode_refusal(&r);
     let back = decode_refusal(&bytes[PREAMBLE_LEN..]).unwrap();
     assert_eq!(back.code, RefuseCode::Busy);
     assert!(back.text.len() <= 256 && r.text.starts_with(&back.text));
-    assert_eq!(decode_proof(&encode_proof(&[7; PROOF_LEN])[PREAMBLE_LEN..]).unwrap(), vec![7; PROOF_LEN]);
-    assert!(decode_proof(&[3, 1, 2, 3]).is_err(), "a proof is 0 or 32 bytes");
+    assert_eq!(
+        decode_proof(&encode_proof(&[7; PROOF_LEN])[PREAMBLE_LEN..]).unwrap(),
+        vec![7; PROOF_LEN]
+    );
+    assert!(
+        decode_proof(&[3, 1, 2, 3]).is_err(),
+        "a proof is 0 or 32 bytes"
+    );
 }

@@ -315,7 +315,8 @@ pub fn raw_handshake(
     let mut rx = Vec::new();
     loop {
         if let Some((kind, body, used)) =
-            wire::next_message(&rx, hs.expects(), wire::MAX_HELLO_BODY).map_err(|e| e.to_string())?
+            wire::next_message(&rx, hs.expects(), wire::MAX_HELLO_BODY)
+                .map_err(|e| e.to_string())?
         {
             let step = hs.on_message(kind, body).map_err(|e| e.to_string())?;
             rx.drain(..used);
@@ -351,4 +352,37 @@ fn rand_nonce() -> [u8; 32] {
     n[..8].copy_from_slice(&t.to_le_bytes());
     n[8..16].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     n
+}
+
+/// A KV manager over `mem` as one buffer of 4 KiB pages, on TCP, with `secret` if any and a
+/// 2 s connect timeout.
+///
+/// The caller keeps `mem` alive and unmoved until the manager is dropped.
+pub fn kv_manager(
+    role: kvtransfer::kv::KvRole,
+    secret: Option<&str>,
+    mem: &mut [u8],
+) -> kvtransfer::kv::KvManager {
+    use kvtransfer::kv::{KvBuffer, KvConfig, KvLayout, KvManager};
+    use kvtransfer::{EngineConfig, TransportKind};
+    kvtransfer::init_logging("error");
+    let layout = KvLayout::new(
+        vec![KvBuffer {
+            addr: mem.as_mut_ptr() as u64,
+            len: mem.len() as u64,
+            item_len: 4096,
+        }],
+        Vec::new(),
+    )
+    .unwrap();
+    let cfg = KvConfig {
+        connect_timeout: std::time::Duration::from_secs(2),
+        ..KvConfig::new(role)
+    };
+    let mut b = EngineConfig::builder().transport(TransportKind::Tcp);
+    if let Some(s) = secret {
+        b = b.secret(s);
+    }
+    // SAFETY: the caller keeps `mem` alive and unmoved until the manager is dropped.
+    unsafe { KvManager::new(b.build().unwrap(), cfg, layout).unwrap() }
 }

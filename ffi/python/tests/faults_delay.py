@@ -8,7 +8,7 @@ batch verdict (NFQNL_MSG_VERDICT_BATCH accepts every queued id up to the one giv
 grow in arrival order, so releasing the oldest first is exact).
 
 Prints ``ready`` once the queue is bound, and at the end of stdin (after releasing what it
-still holds) one JSON line: packets held, and the least, mean and largest hold in ms.
+still holds) one JSON line: packets held, and the least, median, 99th percentile and largest hold in ms.
 """
 from __future__ import annotations
 
@@ -128,9 +128,10 @@ def main() -> None:
             holds.append(now - arrived)
         if last is not None:
             q.accept_up_to(last)
-    ms = [h * 1e3 for h in holds]
-    stats = {"packets": len(ms), "min_ms": min(ms, default=0), "max_ms": max(ms, default=0),
-             "mean_ms": sum(ms) / len(ms) if ms else 0}
+    ms = sorted(h * 1e3 for h in holds)
+    stats = {"packets": len(ms)}
+    if ms:
+        stats.update(min_ms=ms[0], median_ms=ms[len(ms) // 2], p99_ms=ms[len(ms) * 99 // 100], max_ms=ms[-1])
     print(json.dumps(stats), flush=True)
 
 

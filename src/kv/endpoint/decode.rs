@@ -63,6 +63,9 @@ enum Phase {
 struct Conn {
     addr: SocketAddr,
     phase: Phase,
+    /// The link token handed to the prefill in our hello: its data path presents it, and
+    /// completions for rooms of this channel count only from connections that did.
+    link: u64,
     rooms: HashSet<u64>,
     live: Liveness,
 }
@@ -75,8 +78,9 @@ struct Room {
     slot: Option<u32>,
     /// Destination pages and aux slot, until announced.
     dest: Option<(Vec<i32>, Option<u32>)>,
-    /// The engine the room was announced to (it may write into the slot).
-    peer: Option<(u64, u64)>,
+    /// The engine the room was announced to (it may write into the slot), and the link
+    /// token its data path presents.
+    peer: Option<((u64, u64), u64)>,
     /// We told the sender the room failed.
     told: bool,
     /// No write of the room can land any more (never announced, acknowledged, or cut off).
@@ -173,6 +177,7 @@ impl DecodeEndpoint {
             Conn {
                 addr,
                 phase: Phase::Connecting { until },
+                link: 0,
                 rooms: HashSet::new(),
                 live: Liveness::new(now),
             },
@@ -255,7 +260,7 @@ impl DecodeEndpoint {
         let (Some(slot), Some((pages, aux_index))) = (r.slot, r.dest.take()) else {
             return;
         };
-        r.peer = Some(engine);
+        r.peer = Some((engine, c.link));
         r.quiet = false;
         c.live.said(now);
         self.out.transmits.push_back(Transmit {
@@ -281,7 +286,7 @@ impl DecodeEndpoint {
             return;
         }
         self.out.changed.push(room);
-        if let (Some(slot), Some(peer)) = (r.slot, r.peer) {
+        if let (Some(slot), Some(peer)) = (r.slot, r.peer.map(|(e, _)| e)) {
             self.out
                 .actions
                 .push_back(DecodeAction::Fence { slot, peer });
@@ -335,7 +340,7 @@ impl DecodeEndpoint {
             now,
         );
         let r = self.rooms.get(&room)?;
-        Some((r.slot?, r.peer?))
+        Some((r.slot?, r.peer?.0))
     }
 
     /// Whether no write of the room can land any more (or it succeeded); true for an
@@ -370,10 +375,24 @@ impl DecodeEndpoint {
 
     /// Chunk `seq` (the last one if `last`) of the room in `slot` was notified by engine
     /// `engine`. Returns the room when it belonged to a live one.
-    pub fn on_chunk(&mut self, slot: u32, seq: u32, last: bool, engine: (u64, u64)) -> Option<u64> {
+    pub fn on_chunk(
+        &mut self,
+        slot: u32,
+        seq: u32,
+        last: bool,
+        engine: (u64, u64),
+        link: u64,
+    ) -> Option<u64> {
         let &room = self.slots.get(&slot)?;
         let r = self.rooms.get_mut(&room)?;
-        if r.peer != Some(engine) {
+        if r.peer != Some((engine, link)) {
+            if r.peer.is_some_and(|(e, l)| e == engine && l != link) {
+                self.out.refuse(format!(
+                    "a completion for room {room} from engine {:#x} over a connection without \
+                     the room's link token",
+                    engine.0
+                ));
+            }
             return None;
         }
         let before = r.session.state();
@@ -392,8 +411,9 @@ impl DecodeEndpoint {
         Some(room)
     }
 
-    /// The driver connected `conn` to engine `engine`: our hello goes out.
-    pub fn connected(&mut self, conn: ConnId, engine: (u64, u64), now: Instant) {
+    /// The driver connected `conn` to engine `engine`: our hello goes out, handing the
+    /// prefill `link`, an unguessable token its data path must present (the driver draws it).
+    pub fn connected(&mut self, conn: ConnId, engine: (u64, u64), link: u64, now: Instant) {
         let Some(c) = self.conns.get_mut(&conn) else {
             self.out.actions.push_back(DecodeAction::Close { conn });
             return;
@@ -401,9 +421,10 @@ impl DecodeEndpoint {
         if let Phase::Connecting { until } = c.phase {
             c.phase = Phase::Hello { until, engine };
             c.live = Liveness::new(now);
+            c.link = link;
             self.out.transmits.push_back(Transmit {
                 conn,
-                msg: self.me.hello(),
+                msg: self.me.hello(link),
             });
         }
     }
@@ -442,7 +463,7 @@ impl DecodeEndpoint {
             if let Some(r) = self.rooms.get_mut(&room) {
                 r.conn = None;
                 if !r.quiet {
-                    announced_to = r.peer;
+                    announced_to = r.peer.map(|(e, _)| e);
                 }
                 r.quiet = true;
                 r.ack_until = None;
@@ -474,6 +495,7 @@ impl DecodeEndpoint {
             Ok(h) => h,
             Err(why) => {
                 let text = format!("KV handshake with {} failed: {why}", c.addr);
+                self.out.refuse(text.clone());
                 self.out.actions.push_back(DecodeAction::Close { conn });
                 return self.drop_conn(conn, FailureKind::PeerLost, text, false, now);
             }
@@ -562,7 +584,7 @@ impl DecodeEndpoint {
         {
             r.ack_until = None;
             r.quiet = true;
-            if let Some(peer) = r.peer {
+            if let Some((peer, _)) = r.peer {
                 self.out
                     .actions
                     .push_back(DecodeAction::StopInbound { peer });

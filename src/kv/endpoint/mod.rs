@@ -82,12 +82,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    fn hello(&self) -> KvMessage {
+    fn hello(&self, link: u64) -> KvMessage {
         KvMessage::Hello {
             engine_id: self.engine_id,
             epoch: self.epoch,
             engine_addr: self.engine_addr.to_string(),
             layout: self.layout.clone(),
+            link,
         }
     }
 }
@@ -105,12 +106,14 @@ pub struct Transmit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PeerHello {
     pub(crate) engine: (u64, u64),
+    pub(crate) link: u64,
     pub(crate) addr: SocketAddr,
     pub(crate) layout: KvLayout,
 }
 
-/// Checks a hello against the engine the channel's handshake named. An unspecified ip in the
-/// hello's address means the address the channel comes from (`from`).
+/// Checks a hello against the engine the channel's handshake named. Its address may name a
+/// port only: its ip must be unspecified or the one the channel comes from (`from`), so a
+/// hello can never make this engine dial another host (the data path connects there).
 pub(crate) fn check_hello(
     msg: KvMessage,
     engine: (u64, u64),
@@ -121,6 +124,7 @@ pub(crate) fn check_hello(
         epoch,
         engine_addr,
         layout,
+        link,
     } = msg
     else {
         return Err("the KV channel did not start with a hello".into());
@@ -134,8 +138,19 @@ pub(crate) fn check_hello(
     if addr.ip().is_unspecified() {
         addr.set_ip(from.ip());
     }
+    if addr.ip().to_canonical() != from.ip().to_canonical() {
+        return Err(format!(
+            "the KV hello names engine address {addr}, but the channel comes from {}: a hello \
+             may only name a port of its own host",
+            from.ip()
+        ));
+    }
+    if addr.port() == 0 {
+        return Err("the KV hello names port 0".into());
+    }
     Ok(PeerHello {
         engine: (engine_id, epoch),
+        link,
         addr,
         layout,
     })
@@ -262,7 +277,14 @@ pub struct Queues<A> {
     pub(crate) transmits: VecDeque<Transmit>,
     pub(crate) actions: VecDeque<A>,
     pub(crate) changed: Vec<u64>,
+    /// Peer input refused, with its reason, for the driver's (rate-limited) log; at most
+    /// [`MAX_REFUSALS`] wait, the rest are counted.
+    pub(crate) refusals: VecDeque<String>,
+    pub(crate) refusals_dropped: u64,
 }
+
+/// Most refusal texts an endpoint keeps for its driver.
+pub(crate) const MAX_REFUSALS: usize = 64;
 
 impl<A> Default for Queues<A> {
     fn default() -> Self {
@@ -271,11 +293,22 @@ impl<A> Default for Queues<A> {
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             changed: Vec::new(),
+            refusals: VecDeque::new(),
+            refusals_dropped: 0,
         }
     }
 }
 
 impl<A> Queues<A> {
+    /// Records refused peer input and why, for the log.
+    pub(crate) fn refuse(&mut self, text: String) {
+        if self.refusals.len() >= MAX_REFUSALS {
+            self.refusals_dropped += 1;
+        } else {
+            self.refusals.push_back(text);
+        }
+    }
+
     /// Runs channel `conn`'s heartbeat timer: a heartbeat goes out when due and the next check
     /// is set. Returns how long the channel has been silent once that is past the timeout.
     pub(crate) fn beat(
@@ -341,5 +374,10 @@ pub trait Polled {
     /// Rooms whose state (decode: or quietness) changed since the last call.
     fn poll_changed(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.queues_mut().changed)
+    }
+
+    /// The next refused peer input, with its reason (for a rate-limited log).
+    fn poll_refusal(&mut self) -> Option<String> {
+        self.queues_mut().refusals.pop_front()
     }
 }

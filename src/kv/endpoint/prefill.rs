@@ -40,6 +40,8 @@ pub enum PrefillAction {
         engine: (u64, u64),
         /// The layout its hello announced.
         layout: KvLayout,
+        /// The link token its hello handed us: the data path presents it.
+        link: u64,
     },
     /// Drop the data path of `conn` (what its rooms still have in flight fails).
     DisconnectData {
@@ -174,6 +176,10 @@ impl PrefillEndpoint {
     }
 
     fn reject(&mut self, conn: ConnId, room: u64, e: &Error, kind: FailureKind, now: Instant) {
+        if let Some(c) = self.conns.get(&conn) {
+            let text = format!("room {room} from the decode manager at {}: {e}", c.from);
+            self.out.refuse(text);
+        }
         let msg = KvMessage::RoomRejected {
             room,
             code: e.code() as u16,
@@ -489,7 +495,9 @@ impl PrefillEndpoint {
         let c = &self.conns[&conn];
         let hello = match check_hello(msg, c.engine, c.from) {
             Ok(h) => h,
-            Err(_) => {
+            Err(why) => {
+                let text = format!("a KV channel from {}: {why}", c.from);
+                self.out.refuse(text);
                 self.conns.remove(&conn);
                 self.out.actions.push_back(PrefillAction::Close { conn });
                 return;
@@ -523,6 +531,7 @@ impl PrefillEndpoint {
                     addr: hello.addr,
                     engine: hello.engine,
                     layout: hello.layout.clone(),
+                    link: hello.link,
                 });
                 Data::Pending
             }
@@ -537,7 +546,7 @@ impl PrefillEndpoint {
             data,
         });
         c.live = Liveness::new(now);
-        let hello = self.me.hello();
+        let hello = self.me.hello(0);
         self.transmit(conn, hello, now);
         self.out.timers.add(now, TimerKey::Conn(conn));
     }

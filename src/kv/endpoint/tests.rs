@@ -62,6 +62,8 @@ struct Net {
     held: Vec<(ConnId, KvMessage)>,
     /// Chunks posted and not landed yet.
     flying: Vec<(u64, ChunkPlan)>,
+    /// The link token the prefill's data path presents (what its ConnectData said).
+    data_link: u64,
     log: Vec<String>,
 }
 
@@ -105,6 +107,7 @@ impl Net {
             stopped: false,
             held: Vec::new(),
             flying: Vec::new(),
+            data_link: 0,
             log: Vec::new(),
         }
     }
@@ -165,7 +168,9 @@ impl Net {
                         self.links.insert(conn, pc);
                         self.p
                             .accepted(pc, (D_ENGINE.0, self.d_epoch), d_addr(), self.now);
-                        self.d.connected(conn, P_ENGINE, self.now);
+                        // A fresh token per channel, as the driver draws one.
+                        self.d
+                            .connected(conn, P_ENGINE, 0x1111 * conn.0 + 7, self.now);
                     }
                     Listen::Refuse => self.d.closed(conn, "connection refused", self.now),
                     Listen::Hang => {}
@@ -186,9 +191,15 @@ impl Net {
         self.log.push(format!("{a:?}"));
         match a {
             PrefillAction::ConnectData {
-                conn, addr, engine, ..
+                conn,
+                addr,
+                engine,
+                link,
+                ..
             } => {
                 assert_eq!((addr, engine), (d_addr(), (D_ENGINE.0, self.d_epoch)));
+                assert_ne!(link, 0, "the decode handed a link token");
+                self.data_link = link;
                 let r = if self.data_fails {
                     Err((FailureKind::PeerLost, "no route".to_string()))
                 } else {
@@ -257,7 +268,8 @@ impl Net {
     /// Every chunk in flight lands and completes.
     fn land(&mut self) {
         for (room, plan) in std::mem::take(&mut self.flying) {
-            self.d.on_chunk(plan.slot, plan.seq, plan.last, P_ENGINE);
+            self.d
+                .on_chunk(plan.slot, plan.seq, plan.last, P_ENGINE, self.data_link);
             self.p.chunk_settled(room, Ok(()), self.now);
         }
         self.step();
@@ -705,15 +717,75 @@ fn a_chunk_that_cannot_be_posted_fails_both_sides_as_transport() {
 }
 
 #[test]
-fn a_notification_from_another_engine_or_slot_changes_nothing() {
+fn a_notification_from_another_engine_slot_or_connection_changes_nothing() {
     let mut n = Net::new();
     n.pair(1, 1);
     let plan = n.p.send(1, 1, true).unwrap().unwrap();
-    assert!(n.d.on_chunk(plan.slot, 0, true, (9, 9)).is_none());
-    assert!(n.d.on_chunk(plan.slot + 1, 0, true, P_ENGINE).is_none());
+    let link = n.data_link;
+    assert!(n.d.on_chunk(plan.slot, 0, true, (9, 9), link).is_none());
+    assert!(
+        n.d.on_chunk(plan.slot + 1, 0, true, P_ENGINE, link)
+            .is_none()
+    );
+    // The right engine id and epoch (anyone can learn them) over a connection that did not
+    // present the channel's link token: a forged completion, refused and logged.
+    assert!(n.d.on_chunk(plan.slot, 0, true, P_ENGINE, 0).is_none());
+    assert!(
+        n.d.on_chunk(plan.slot, 0, true, P_ENGINE, link ^ 1)
+            .is_none()
+    );
+    assert_eq!(
+        n.d.poll_refusal().map(|t| t.contains("link token")),
+        Some(true)
+    );
     assert_eq!(n.d.state(1), Some(WaitingForInput));
-    assert_eq!(n.d.on_chunk(plan.slot, 0, true, P_ENGINE), Some(1));
+    assert_eq!(n.d.on_chunk(plan.slot, 0, true, P_ENGINE, link), Some(1));
     assert_eq!(n.d.state(1), Some(Success));
+}
+
+#[test]
+fn a_hello_can_name_only_a_port_of_its_own_host() {
+    let from: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+    let hello = |addr: &str| KvMessage::Hello {
+        engine_id: D_ENGINE.0,
+        epoch: D_ENGINE.1,
+        engine_addr: addr.into(),
+        layout: layout(4096),
+        link: 5,
+    };
+    let ok = |addr: &str| check_hello(hello(addr), D_ENGINE, from).map(|h| h.addr);
+    assert_eq!(ok("0.0.0.0:7000"), Ok("10.0.0.2:7000".parse().unwrap()));
+    assert_eq!(ok("10.0.0.2:7001"), Ok("10.0.0.2:7001".parse().unwrap()));
+    assert!(
+        ok("[::ffff:10.0.0.2]:7001").is_ok(),
+        "the same host, IPv4-mapped"
+    );
+    for bad in ["10.0.0.9:7000", "127.0.0.1:22", "[::1]:7000", "10.0.0.2:0"] {
+        assert!(ok(bad).is_err(), "{bad}");
+    }
+    // At the prefill: the channel is closed, nothing is dialled, and the refusal is logged.
+    let mut p = PrefillEndpoint::new(
+        Identity {
+            engine_id: P_ENGINE.0,
+            epoch: P_ENGINE.1,
+            engine_addr: p_addr(),
+            layout: layout(4096),
+        },
+        Timing::default(),
+    );
+    let now = Instant::now();
+    p.accepted(ConnId(1), D_ENGINE, from, now);
+    p.handle(ConnId(1), hello("10.0.0.9:7000"), now);
+    let actions: Vec<PrefillAction> = std::iter::from_fn(|| p.poll_action()).collect();
+    assert!(
+        matches!(actions[..], [PrefillAction::Close { conn: ConnId(1) }]),
+        "{actions:?}"
+    );
+    assert!(
+        p.poll_refusal()
+            .unwrap()
+            .contains("only name a port of its own host")
+    );
 }
 
 #[test]
@@ -875,4 +947,75 @@ fn many_rooms_interleaved_all_end_as_their_callers_meant() {
         assert_eq!(n.d.counts().1, 0);
         assert_eq!(n.p.counts().1, 0);
     }
+}
+
+#[test]
+fn a_room_stays_with_the_decode_engine_that_claimed_it() {
+    let mut n = Net::new();
+    n.pair(1, 2); // decode A claims room 1
+    assert_eq!(n.states(1), (Some(WaitingForInput), Some(WaitingForInput)));
+    // Decode B (another engine, another host) opens its own channel to the prefill.
+    let b = ConnId(999);
+    let b_engine = (7, 77);
+    let b_from: SocketAddr = "10.0.0.3:40000".parse().unwrap();
+    n.p.accepted(b, b_engine, b_from, n.now);
+    n.p.handle(
+        b,
+        KvMessage::Hello {
+            engine_id: b_engine.0,
+            epoch: b_engine.1,
+            engine_addr: "10.0.0.3:7000".into(),
+            layout: layout(4096),
+            link: 42,
+        },
+        n.now,
+    );
+    while let Some(a) = n.p.poll_action() {
+        assert!(
+            matches!(a, PrefillAction::ConnectData { conn, .. } if conn == b),
+            "{a:?}"
+        );
+    }
+    n.p.data_ready(b, Ok(()), n.now);
+    // B claims the same room, then aborts it: refused and acknowledged, nothing else.
+    n.p.handle(
+        b,
+        KvMessage::RoomInit {
+            room: 1,
+            slot: 5,
+            aux_index: None,
+            pages: vec![0, 1],
+        },
+        n.now,
+    );
+    n.p.handle(
+        b,
+        KvMessage::RoomAbort {
+            room: 1,
+            kind: FailureKind::Aborted.code() as u8,
+            reason: "mine now".into(),
+        },
+        n.now,
+    );
+    let to_b: Vec<KvMessage> = std::iter::from_fn(|| n.p.poll_transmit())
+        .filter(|t| t.conn == b)
+        .map(|t| t.msg)
+        .collect();
+    assert!(
+        matches!(
+            &to_b[..],
+            [
+                KvMessage::Hello { .. },
+                KvMessage::RoomRejected { room: 1, .. },
+                KvMessage::RoomAbortAck { room: 1 }
+            ]
+        ),
+        "{to_b:?}"
+    );
+    assert!(n.p.poll_refusal().is_some_and(|t| t.contains("room 1")));
+    assert!(n.p.room_conn(1).is_some_and(|c| c != b), "still A's");
+    // A's room goes on to success, over A's data path.
+    n.send(1, 2, true);
+    n.land();
+    assert_eq!(n.states(1), (Some(Success), Some(Success)));
 }

@@ -89,6 +89,6 @@ pub(crate) fn answer(
     let Some(offer) = endpoint_in(theirs)? else {
         return Ok(None);
     };
-    let (answer, qps) = t.accept(&offer, theirs.engine_id, theirs.epoch)?;
+    let (answer, qps) = t.accept(&offer, theirs.engine_id, theirs.epoch, theirs.token)?;
     Ok(Some((wire(&answer), qps)))
 }

@@ -48,6 +48,8 @@ struct TargetQp {
     qp: Arc<Qp>,
     engine_id: u64,
     epoch: u64,
+    /// The link token the peer presented when these QPs were set up.
+    token: u64,
 }
 
 /// The engine's RDMA state.
@@ -252,6 +254,7 @@ impl RdmaTransport {
         theirs: &RdmaEndpoint,
         engine_id: u64,
         epoch: u64,
+        token: u64,
     ) -> Result<(RdmaEndpoint, AcceptedQps)> {
         let mut answer = RdmaEndpoint {
             rails: self.rail_infos(),
@@ -290,6 +293,7 @@ impl RdmaTransport {
                     qp: qp.clone(),
                     engine_id,
                     epoch,
+                    token,
                 },
             );
             keys.push(key);
@@ -359,13 +363,18 @@ impl RdmaTransport {
                     );
                     continue;
                 }
-                parts.push((t.qp.clone(), (t.engine_id, t.epoch), c.wr_id, c.imm));
+                parts.push((
+                    t.qp.clone(),
+                    (t.engine_id, t.epoch, t.token),
+                    c.wr_id,
+                    c.imm,
+                ));
             }
         }
         for (qp, who, key, imm) in parts {
             if let Some(imm) = imm {
                 let (tag, n) = imm_decode(imm);
-                self.notifier.part(who.0, who.1, tag, n);
+                self.notifier.part(who.0, who.1, who.2, tag, n);
             }
             if let Err(e) = qp.post_recvs(1, key) {
                 tracing::warn!("cannot replenish receive WR: {e}");

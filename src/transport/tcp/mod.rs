@@ -27,9 +27,7 @@ pub(crate) use target::{ServeContext, ServedConn};
 use crate::error::{Error, Result};
 use crate::plan::Slice;
 use crate::transport::{Work, units_of};
-use crate::wire::{
-    self, HandshakeError, Hello, Initiator, MsgKind, PREAMBLE_LEN, Secret, Step,
-};
+use crate::wire::{self, HandshakeError, Hello, Initiator, MsgKind, PREAMBLE_LEN, Secret, Step};
 
 /// Reads one handshake message of a kind in `expect` from a blocking socket (whose read
 /// timeout bounds the wait). The body buffer grows as bytes arrive, never by the length field.

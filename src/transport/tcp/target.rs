@@ -36,6 +36,8 @@ pub(crate) struct ServeContext {
     pub(crate) peer: String,
     pub(crate) peer_engine: u64,
     pub(crate) peer_epoch: u64,
+    /// The link token the peer presented in its hello.
+    pub(crate) peer_token: u64,
     /// Kept for as long as the connection lives (an RDMA control connection's accepted QPs).
     pub(crate) keep: Option<Box<dyn Send>>,
 }
@@ -100,6 +102,7 @@ impl ServedConn {
             landing: None,
             peer_engine: ctx.peer_engine,
             peer_epoch: ctx.peer_epoch,
+            peer_token: ctx.peer_token,
             replies: replies.clone(),
             errors: HashMap::new(),
         };
@@ -458,6 +461,7 @@ struct Target {
     landing: Option<Landing>,
     peer_engine: u64,
     peer_epoch: u64,
+    peer_token: u64,
     replies: Arc<Replies>,
     /// First error code per batch on this connection, reported in its ack.
     errors: HashMap<u64, u16>,
@@ -702,8 +706,13 @@ impl FrameHandler for Target {
                 if self.fences.enter(key).is_none() {
                     return Ok(());
                 }
-                self.notifier
-                    .part(self.peer_engine, self.peer_epoch, tag, parts);
+                self.notifier.part(
+                    self.peer_engine,
+                    self.peer_epoch,
+                    self.peer_token,
+                    tag,
+                    parts,
+                );
                 Ok(())
             }
             FrameOp::SegmentsRequest => {
