@@ -23,6 +23,12 @@ pub const MAX_PENDING_ROOMS: usize = 16_384;
 pub const MAX_PENDING_PAGES: u64 = 1 << 22;
 /// Most failures of unknown rooms remembered for a sender created later.
 pub const MAX_TOMBSTONES: usize = 65_536;
+/// Most destination pages parked over every channel together (64 MiB of page numbers).
+pub const MAX_PENDING_PAGES_TOTAL: u64 = 1 << 24;
+/// Most KV channels open at once.
+pub const MAX_CHANNELS: usize = 1024;
+/// Most KV channels open at once from one host (IP address).
+pub const MAX_CHANNELS_PER_HOST: usize = 64;
 /// Longest text a remembered failure keeps (a peer chooses it).
 pub const MAX_TOMBSTONE_TEXT: usize = 256;
 
@@ -191,7 +197,22 @@ impl PrefillEndpoint {
 
     /// A decode manager's channel `conn` arrived from `from`; its engine handshake named
     /// engine `engine`. Its hello is due within the connect timeout.
+    /// Beyond [`MAX_CHANNELS`], or [`MAX_CHANNELS_PER_HOST`] from its host, it is closed.
     pub fn accepted(&mut self, conn: ConnId, engine: (u64, u64), from: SocketAddr, now: Instant) {
+        let same_host = self
+            .conns
+            .values()
+            .filter(|c| c.from.ip() == from.ip())
+            .count();
+        if self.conns.len() >= MAX_CHANNELS || same_host >= MAX_CHANNELS_PER_HOST {
+            self.out.refuse(format!(
+                "a KV channel from {from}: {} channels open ({same_host} from its host; at most \
+                 {MAX_CHANNELS}, {MAX_CHANNELS_PER_HOST} per host)",
+                self.conns.len()
+            ));
+            self.out.actions.push_back(PrefillAction::Close { conn });
+            return;
+        }
         let hello_until = now + self.timing.connect_timeout;
         self.conns.insert(
             conn,
@@ -655,6 +676,15 @@ impl PrefillEndpoint {
             ));
             return self.reject(conn, room, &e, FailureKind::Rejected, now);
         }
+        let parked: u64 = self.conns.values().map(|c| c.pending_pages).sum();
+        if parked + pages > MAX_PENDING_PAGES_TOTAL {
+            let e = Error::InvalidArgument(format!(
+                "too many destinations wait for their sender here ({parked} pages from every \
+                 peer; at most {MAX_PENDING_PAGES_TOTAL})"
+            ));
+            return self.reject(conn, room, &e, FailureKind::Rejected, now);
+        }
+        let c = self.conns.get_mut(&conn).expect("checked");
         c.pending_rooms += 1;
         c.pending_pages += pages;
         let until = now + self.timing.room_timeout;

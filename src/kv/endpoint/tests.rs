@@ -1019,3 +1019,40 @@ fn a_room_stays_with_the_decode_engine_that_claimed_it() {
     n.land();
     assert_eq!(n.states(1), (Some(Success), Some(Success)));
 }
+
+#[test]
+fn channels_per_host_and_in_all_are_bounded() {
+    let mut p = PrefillEndpoint::new(
+        Identity {
+            engine_id: P_ENGINE.0,
+            epoch: P_ENGINE.1,
+            engine_addr: p_addr(),
+            layout: layout(4096),
+        },
+        Timing::default(),
+    );
+    let now = Instant::now();
+    let host =
+        |h: u32, port: u16| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + h), port));
+    let mut id = 0;
+    let mut closed = 0;
+    // One host opens one channel more than its share.
+    for i in 0..=prefill::MAX_CHANNELS_PER_HOST {
+        id += 1;
+        p.accepted(ConnId(id), (id, 1), host(1, 1000 + i as u16), now);
+    }
+    while let Some(a) = p.poll_action() {
+        closed += matches!(a, PrefillAction::Close { .. }) as usize;
+    }
+    assert_eq!(closed, 1);
+    assert!(p.poll_refusal().unwrap().contains("per host"));
+    // Many hosts: the total is bounded too.
+    for h in 2..200 {
+        for i in 0..prefill::MAX_CHANNELS_PER_HOST / 4 {
+            id += 1;
+            p.accepted(ConnId(id), (id, 1), host(h, i as u16), now);
+        }
+    }
+    let open = id as usize - std::iter::from_fn(|| p.poll_action()).count() - closed;
+    assert_eq!(open, prefill::MAX_CHANNELS);
+}
