@@ -31,15 +31,18 @@ say() { echo "faults: $*" >&2; }
 
 [ "$(uname -s)" = Linux ] || cannot "needs Linux (network namespaces)"
 [ "$(id -u)" -eq 0 ] || cannot "needs root (network namespaces, iptables)"
-command -v apt-get >/dev/null && command -v dpkg >/dev/null || cannot "apt-get/dpkg unavailable (needs a Debian-like host)"
+{ command -v apt-get && command -v dpkg; } >/dev/null || cannot "apt-get/dpkg unavailable (needs a Debian-like host)"
 bash scripts/setup.sh iproute2 iptables python3 python3-venv
 
 # --- two namespaces and a veth --------------------------------------------------------------
 nsd=kvt-faults-decode-$$ nsp=kvt-faults-prefill-$$
 ifd=kvtfd$$ ifp=kvtfp$$ # interface names: at most 15 bytes
 ipd=10.213.0.1 ipp=10.213.0.2
+tests_pid="" work=""
 cleanup() {
   local ns pid
+  [ -z "$tests_pid" ] || kill -TERM "$tests_pid" 2>/dev/null || true
+  [ -z "$work" ] || rm -rf "$work"
   for ns in "$nsd" "$nsp"; do
     [ -e "/run/netns/$ns" ] || continue
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
@@ -110,6 +113,10 @@ export KVT_FAULTS_IP_DECODE=$ipd KVT_FAULTS_IP_PREFILL=$ipp KVT_FAULTS_IPTABLES=
 export KVT_FAULTS_LOSS=$loss KVT_FAULTS_DELAY=$delay
 unset KVTRANSFER_LIB
 tests=$(pwd)/ffi/python/tests
-cd "$(mktemp -d)"
+work=$(mktemp -d)
+cd "$work"
 # -s: the tests print what they measured (failure latencies, the round trip, the loss).
-timeout 240 "$OLDPWD/$venv/bin/pytest" "$tests/test_faults.py" -q -s -p no:cacheprovider --rootdir "$tests" "$@"
+# In the background, so that a signal to this script reaches the trap at once.
+timeout 240 "$OLDPWD/$venv/bin/pytest" "$tests/test_faults.py" -q -s -p no:cacheprovider --rootdir "$tests" "$@" &
+tests_pid=$!
+wait "$tests_pid"

@@ -21,6 +21,8 @@ export CARGO_TERM_COLOR=never
 
 secs=${FUZZ_SECONDS:-30}
 jobs=${FUZZ_JOBS:-$(nproc)}
+# -max_total_time=0 would mean "no limit".
+[[ $secs =~ ^[1-9][0-9]*$ && $jobs =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: FUZZ_SECONDS and FUZZ_JOBS must be positive integers" >&2; exit 2; }
 manifest=fuzz/Cargo.toml
 triple=$(rustc -vV | sed -n 's/^host: //p')
 say() { echo "fuzz: $*" >&2; }
@@ -47,18 +49,24 @@ RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
     --config profile.release.debug=true "${bins[@]}"
 
 logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+declare -A pid_of=() # target -> pid of its running fuzzer
+stop() {
+  [ ${#pid_of[@]} -eq 0 ] || kill "${pid_of[@]}" 2>/dev/null || true
+  rm -rf "$logs"
+}
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_odr_violation=0
 
-run_target() {
+run_target() { # in a background subshell, which the fuzzer replaces (so its pid is the fuzzer's)
   local t=$1
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
-  "fuzz/target/$triple/release/$t" -max_total_time="$secs" -timeout=10 \
+  exec "fuzz/target/$triple/release/$t" -max_total_time="$secs" -timeout=10 \
     -artifact_prefix="fuzz/artifacts/$t/" "fuzz/corpus/$t" >"$logs/$t.log" 2>&1
 }
 
 say "running each target for $secs s, $jobs at a time"
-declare -A pid_of=()
 failed=()
 finish() { # reaps one target; its status decides
   local pid rc=0 t

@@ -40,6 +40,8 @@ cargo run --release --quiet --example write_read
 step "GPU check (says so and stops where there is no GPU)"
 bash scripts/gpu-check.sh
 
+step "fuzz targets, ${FUZZ_SECONDS:-30} s each (libFuzzer, AddressSanitizer)"; bash scripts/fuzz.sh
+step "TCP under network faults: a partition, then 1% loss + 5 ms delay (two network namespaces)"; bash scripts/faults.sh
 step "RDMA verbs suite (Soft-RoCE guest)"
 bash scripts/rdma-tests.sh
 

@@ -18,6 +18,8 @@ use crate::wire::{self, Hello, Initiator, Step};
 
 /// Most bytes read from one channel per wake-up, so one busy channel cannot starve the rest.
 const READ_BUDGET: usize = 1 << 20;
+/// Receive buffer a channel keeps between messages.
+const RX_KEEP: usize = 256 << 10;
 
 /// One control channel's socket and buffers.
 struct Sock {
@@ -120,6 +122,11 @@ impl Sock {
             at += 4 + len;
         }
         self.rx.drain(..at);
+        // A large message is gone: give its buffer back rather than hold it for the
+        // channel's life.
+        if self.rx.capacity() > RX_KEEP && self.rx.len() <= RX_KEEP / 2 {
+            self.rx.shrink_to(RX_KEEP);
+        }
         Ok(())
     }
 

@@ -337,3 +337,30 @@ def test_paged_transfers_expand_pages_in_the_library(pair):
     with pytest.raises(ValueError):
         initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, [0, 1], [0])
     assert all(np.array_equal(a, b) for a, b in zip(dst, before))
+
+
+def test_cluster_secret_is_proven_or_the_connection_is_refused(tmp_path):
+    secret = "the cluster secret, 32 bytes...."
+    path = tmp_path / "secret"
+    path.write_text(secret + "\n")
+    target = TransferEngine(transport="tcp", secret=secret)
+    same = TransferEngine(transport="tcp", secret_file=str(path))
+    other = TransferEngine(transport="tcp", secret=b"another secret of 32 bytes......")
+    none = TransferEngine(transport="tcp")
+    try:
+        dst = np.zeros(MiB, dtype=np.uint8)
+        src = pattern(MiB, 3)
+        target.register(dst)
+        same.register(src)
+        assert same.transfer_sync_write(target.local_addr, src.ctypes.data, dst.ctypes.data, MiB) == 0
+        assert np.array_equal(dst, src)
+        for stranger in (other, none):
+            with pytest.raises(KVTransferError) as e:
+                stranger.connect(target.local_addr)
+            assert e.value.code == ErrorCode.Unauthenticated, e.value
+        with pytest.raises(KVTransferError) as e:
+            TransferEngine(transport="tcp", secret="short")
+        assert e.value.code == ErrorCode.InvalidConfig and "16 bytes" in str(e.value)
+    finally:
+        for e in (target, same, other, none):
+            e.close()

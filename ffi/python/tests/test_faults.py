@@ -41,9 +41,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS, ITEM, ROOM_PAGES, SLOTS = 2, 64 << 10, 16, 10  # 2 MiB per room, 10 rooms' pages
 POOL = ROOM_PAGES * SLOTS
 AUX_SLOTS = 64
-# Slot k of the pool: ROOM_PAGES scattered, partly contiguous pages (different at each end).
-DST_SLOTS = [scattered(POOL, POOL, 5)[k * ROOM_PAGES:(k + 1) * ROOM_PAGES] for k in range(SLOTS)]
-SRC_SLOTS = [scattered(POOL, POOL, 9)[k * ROOM_PAGES:(k + 1) * ROOM_PAGES] for k in range(SLOTS)]
+
+
+def pool_slots(seed: int) -> list:
+    """The pool cut into SLOTS slots of ROOM_PAGES scattered, partly contiguous pages."""
+    pages = scattered(POOL, POOL, seed)
+    return [pages[k * ROOM_PAGES:(k + 1) * ROOM_PAGES] for k in range(SLOTS)]
+
+
+DST_SLOTS, SRC_SLOTS = pool_slots(5), pool_slots(9)  # different pages at each end
 DELAY_MS = 5
 LOSS = 0.01
 # Engines that listen beyond loopback share a cluster secret, as a deployment's would: every
