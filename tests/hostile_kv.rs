@@ -36,10 +36,7 @@ fn read_rejections(s: &mut TcpStream, n: usize) -> usize {
         let got = s.read(&mut buf).unwrap();
         assert!(got > 0, "the prefill closed the channel");
         rx.extend_from_slice(&buf[..got]);
-        loop {
-            let Some(prefix) = rx.first_chunk::<4>() else {
-                break;
-            };
+        while let Some(prefix) = rx.first_chunk::<4>() {
             let len = KvMessage::decode_len(*prefix).unwrap();
             if rx.len() < 4 + len {
                 break;
