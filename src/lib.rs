@@ -27,7 +27,7 @@ pub mod wire;
 
 pub use config::{EngineConfig, EngineConfigBuilder, GpuMode, TransportKind};
 pub use cuda::Placement;
-pub use engine::{HostBuffer, PageBuffer, PeerId, PeerInfo, ProbeReply, TransferEngine};
+pub use engine::{HostBuffer, PageBuffer, PeerId, PeerInfo, ProbeReply, RailStats, TransferEngine};
 pub use error::{Error, Result};
 pub use kv::{
     KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender, RoomMetrics,

@@ -30,6 +30,11 @@ impl TransferEngine {
         )
     }
 
+    /// Forgets partial notifications of room slot `slot` (a new room takes it).
+    pub(crate) fn forget_notify_slot(&self, slot: u32) {
+        self.inner.notifier.forget_slot(slot);
+    }
+
     /// The fences of rooms this engine receives.
     pub(crate) fn fences(&self) -> &Arc<RoomFences> {
         &self.inner.fences

@@ -85,6 +85,21 @@ pub struct ProbeReply {
     pub epoch: u64,
 }
 
+/// What one RDMA rail of this engine carried ([`TransferEngine::rail_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailStats {
+    /// The rail's index.
+    pub rail: usize,
+    /// Its device and port, `mlx5_0:1`.
+    pub device: String,
+    /// Bytes of work posted on it (what moved onto it included).
+    pub posted_bytes: u64,
+    /// Bytes of work moved onto it from a rail whose path failed.
+    pub moved_in_bytes: u64,
+    /// Bytes of work moved off it when its path failed.
+    pub moved_out_bytes: u64,
+}
+
 struct Peer {
     info: PeerInfo,
     segments: RwLock<HashMap<u32, SegmentDesc>>,
@@ -274,6 +289,26 @@ impl TransferEngine {
     /// Name of the transport in use (`tcp` or `rdma`).
     pub fn transport(&self) -> &'static str {
         self.inner.transport.as_str()
+    }
+
+    /// What each RDMA rail carried as initiator, in rail order (empty over TCP): bytes
+    /// posted, and bytes moved between rails when one failed (the README's "Rail failover").
+    pub fn rail_stats(&self) -> Vec<RailStats> {
+        let Some(r) = &self.inner.rdma else {
+            return Vec::new();
+        };
+        r.rails
+            .iter()
+            .zip(&r.stats)
+            .enumerate()
+            .map(|(i, (rail, s))| RailStats {
+                rail: i,
+                device: format!("{}:{}", rail.device, rail.info.port),
+                posted_bytes: s.posted.load(Ordering::Relaxed),
+                moved_in_bytes: s.moved_in.load(Ordering::Relaxed),
+                moved_out_bytes: s.moved_out.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 

@@ -316,6 +316,17 @@ impl Engine {
             })
             .map(|(i, _)| i)
             .collect();
+        // Lanes of failed rails take no new work while another one can (what lands on one
+        // anyway moves: `transport::rdma::failover`).
+        let ok = match ok
+            .iter()
+            .copied()
+            .filter(|&l| p.link.lane_usable(l))
+            .collect::<Vec<_>>()
+        {
+            live if live.is_empty() => ok,
+            live => live,
+        };
         let near: Vec<Vec<usize>> = locals.iter().filter_map(|&s| r.near(s)).collect();
         let ok = prefer_near(ok, &rails, &near);
         if ok.is_empty() {

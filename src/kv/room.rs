@@ -413,6 +413,7 @@ impl KvReceiver {
                 .decode()
                 .init(self.room, dst_pages.to_vec(), aux_index, Instant::now())?;
         self.shared.engine.fences().clear_slot(slot);
+        self.shared.engine.forget_notify_slot(slot);
         *self.init.lock() = (
             Some(Instant::now()),
             dst_pages.len() as u64 * layout.page_bytes()

@@ -97,6 +97,12 @@ pub(crate) trait PeerLink: Send + Sync {
         None
     }
 
+    /// Whether lane `lane` still carries work (false once its rail failed: new batches are
+    /// planned onto the others).
+    fn lane_usable(&self, _lane: usize) -> bool {
+        true
+    }
+
     /// The lane that carries batches touching GPU memory in staging mode, where that is not
     /// every lane: an RDMA link's TCP control connection, numbered after its QP lanes (staged
     /// memory has no memory region, so no QP can reach it).

@@ -64,6 +64,15 @@ impl Notifier {
         }
     }
 
+    /// Forgets the parts of notifications for room slot `slot` (`tag >> ROOM_SLOT_SHIFT`)
+    /// still waiting for the rest: the slot starts a new room, and a late duplicate part of
+    /// its previous one (a unit posted again after a rail failed, whose first notification
+    /// had arrived after all) must not count towards the new room's.
+    pub(crate) fn forget_slot(&self, slot: u32) {
+        let shift = crate::transport::fence::ROOM_SLOT_SHIFT;
+        self.parts.lock().retain(|k, _| k.3 >> shift != slot);
+    }
+
     /// Installs (or removes) the consumer that sees notifications first.
     pub(crate) fn set_hook(&self, hook: Option<NotifyHook>) {
         *self.hook.write() = hook;
@@ -83,4 +92,31 @@ pub(crate) fn imm_encode(tag: u32, parts: u32) -> u32 {
 /// Decodes [`imm_encode`].
 pub(crate) fn imm_decode(imm: u32) -> (u32, u32) {
     (imm >> 8, (imm & 0xff).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_part_does_not_count_for_the_next_room_of_its_slot() {
+        let n = Notifier::default();
+        let slot = 7u32;
+        let tag = slot << crate::transport::fence::ROOM_SLOT_SHIFT | 3;
+        // A duplicate part of an old room's two-part notification, late.
+        n.part(1, 1, 9, tag, 2);
+        assert!(n.take().is_empty());
+        // The slot starts a new room: the stale part is forgotten, so the new room's
+        // notification needs both of its own parts.
+        n.forget_slot(slot);
+        n.part(1, 1, 9, tag, 2);
+        assert!(n.take().is_empty(), "one part of two is not a notification");
+        n.part(1, 1, 9, tag, 2);
+        assert_eq!(n.take().len(), 1);
+        // Other slots are kept.
+        n.part(1, 1, 9, tag + (1 << 9), 2);
+        n.forget_slot(slot);
+        n.part(1, 1, 9, tag + (1 << 9), 2);
+        assert_eq!(n.take().len(), 1);
+    }
 }

@@ -802,6 +802,10 @@ fn refusal_code<T>(r: &Result<T, HandshakeError>) -> Option<RefuseCode> {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "HMAC-SHA256 is slow under Miri and no code of ours is unsafe here"
+)]
 fn handshake_with_and_without_a_shared_secret() {
     for secret in [None, Some(&b"0123456789abcdef-cluster"[..])] {
         let (i, r) = shake(secret, secret);
@@ -819,6 +823,10 @@ fn handshake_with_and_without_a_shared_secret() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "HMAC-SHA256 is slow under Miri and no code of ours is unsafe here"
+)]
 fn handshake_refuses_a_missing_or_different_secret_before_any_hello() {
     let a = &b"0123456789abcdef-cluster-a"[..];
     let b = &b"0123456789abcdef-cluster-b"[..];
@@ -837,6 +845,10 @@ fn handshake_refuses_a_missing_or_different_secret_before_any_hello() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "HMAC-SHA256 is slow under Miri and no code of ours is unsafe here"
+)]
 fn proofs_bind_both_nonces_and_the_role() {
     let s = Secret::new(b"0123456789abcdef").unwrap();
     let (n1, n2) = ([1; NONCE_LEN], [2; NONCE_LEN]);

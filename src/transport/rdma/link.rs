@@ -2,12 +2,13 @@
 //! send-queue credits with selective signalling, completion back to batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::RdmaTransport;
+use super::failover::{Cause, Retry};
 use super::verbs::{Qp, Wr, WrOp};
 use super::worker::{Cmd, SQ_DEPTH};
 use crate::batch::Batch;
@@ -22,9 +23,11 @@ use crate::wire::{NO_RAIL, QpInfo, RailInfo, RdmaEndpoint};
 /// Completes a work's unit once the last token that carries it is gone, with the first error
 /// any of them saw, after releasing the work's memory pins.
 pub(crate) struct Finish {
-    batch: Arc<Batch>,
-    guards: Option<Arc<[SegmentGuard]>>,
-    error: Mutex<Option<String>>,
+    pub(super) batch: Arc<Batch>,
+    pub(super) guards: Option<Arc<[SegmentGuard]>>,
+    pub(super) error: Mutex<Option<String>>,
+    /// How to post the work again on another rail if its lane's path fails.
+    pub(super) retry: Option<Box<Retry>>,
 }
 
 impl Finish {
@@ -41,12 +44,24 @@ impl Finish {
 
 impl Drop for Finish {
     fn drop(&mut self) {
+        let mut error = self.error.get_mut().take();
+        // Its lane's path failed (link down, retries exhausted, a fatal event): the whole
+        // unit goes again on a surviving rail, unless the batch has failed meanwhile.
+        if let Some(e) = &error
+            && self
+                .retry
+                .as_ref()
+                .is_some_and(|r| r.lane.cause() == Cause::Path)
+            && !self.batch.is_failed()
+            && let (Some(r), Some(guards)) = (self.retry.take(), self.guards.take())
+        {
+            match (*r).repost(&self.batch, guards) {
+                Ok(()) => return,
+                Err(why) => error = Some(format!("{e}; {why}")),
+            }
+        }
         drop(self.guards.take());
-        let result = match self.error.lock().take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        self.batch.complete_unit(result);
+        self.batch.complete_unit(error.map_or(Ok(()), Err));
     }
 }
 
@@ -54,20 +69,39 @@ impl Drop for Finish {
 pub(crate) struct Lane {
     pub(crate) qp: Qp,
     rail: usize,
-    remote_rail: u16,
+    /// The peer's rail it is connected to.
+    pub(crate) remote_rail: u16,
     /// The lane's slot in its rail worker (set by the worker when it attaches the lane).
     pub(crate) slot: AtomicU32,
     /// Work requests handed to the worker and not yet completed, flushed or abandoned.
     pub(crate) in_use: AtomicUsize,
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Why it stopped ([`Cause`] as u8; 0 while alive).
+    cause: AtomicU8,
 }
 
 impl Lane {
-    /// Stops the lane (QP to ERROR) with `reason`, unless it already stopped: the first
-    /// reason is kept, and every later failure of its work reports it.
+    /// Stops the lane for a local reason (closed, shut down): its work is not moved.
     pub(crate) fn fail(&self, reason: String) {
+        self.fail_as(Cause::Local, reason)
+    }
+
+    /// Why the lane stopped (`Cause::Alive` while it runs).
+    pub(crate) fn cause(&self) -> Cause {
+        Cause::from_u8(self.cause.load(Ordering::Acquire))
+    }
+
+    /// The local rail.
+    pub(crate) fn rail(&self) -> usize {
+        self.rail
+    }
+
+    /// Stops the lane (QP to ERROR) with `reason`, unless it already stopped: the first
+    /// reason and cause are kept, and every later failure of its work reports them.
+    pub(crate) fn fail_as(&self, cause: Cause, reason: String) {
         if !self.dead.swap(true, Ordering::AcqRel) {
+            self.cause.store(cause as u8, Ordering::Release);
             if reason.ends_with("locally") {
                 tracing::debug!(qpn = self.qp.qpn, %reason, "rdma lane closed");
             } else {
@@ -154,7 +188,7 @@ pub(crate) struct RdmaLink {
     /// The control connection (a one-lane link of another transport, given by the engine):
     /// segment refreshes, liveness, and the staging lane.
     pub(crate) control: Box<dyn PeerLink>,
-    pub(crate) lanes: Vec<Arc<Lane>>,
+    pub(crate) lanes: Arc<[Arc<Lane>]>,
     transport: Arc<RdmaTransport>,
 }
 
@@ -223,15 +257,19 @@ impl RdmaLink {
                 in_use: AtomicUsize::new(0),
                 dead: AtomicBool::new(false),
                 reason: Mutex::new(None),
+                cause: AtomicU8::new(0),
             }));
         }
         for l in &lanes {
             t.workers[l.rail].control(Cmd::Attach(l.clone()));
         }
         // The control connection's loss means the peer's: every lane fails at once.
+        let lanes: Arc<[Arc<Lane>]> = lanes.into();
         let doomed = lanes.clone();
         control.on_lost(Arc::new(move |reason: &str| {
-            RdmaLink::fail_all(&doomed, reason)
+            for l in doomed.iter() {
+                l.fail_as(Cause::Peer, reason.to_string());
+            }
         }));
         Ok(RdmaLink {
             control,
@@ -247,68 +285,61 @@ impl RdmaLink {
         }
     }
 
-    /// `Err(PeerLost)` once the control connection or any lane died.
+    /// `Err(PeerLost)` once the control connection died, or a lane died for any reason but
+    /// its path (a failed rail leaves the peer reachable over the others: see `failover`),
+    /// or no lane is left.
     fn alive(&self) -> Result<()> {
         self.control.check_alive()?;
-        for l in &self.lanes {
+        let lost = |reason| Error::PeerLost {
+            peer: "rdma peer".into(),
+            epoch: 0,
+            reason,
+        };
+        let mut last = None;
+        for l in self.lanes.iter() {
             if let Err(reason) = l.check() {
-                return Err(Error::PeerLost {
-                    peer: "rdma peer".into(),
-                    epoch: 0,
-                    reason,
-                });
+                if l.cause() != Cause::Path {
+                    return Err(lost(reason));
+                }
+                last = Some(reason);
+            } else {
+                return Ok(());
             }
         }
-        Ok(())
+        match last {
+            Some(reason) => Err(lost(format!("every rail failed; the last: {reason}"))),
+            None => Ok(()),
+        }
     }
 
     /// Posts `work` on QP lane `lane`. `remote(segment, rail)` gives the peer's base address
-    /// and rkey.
+    /// and rkey. If the lane's rail has failed, the work goes to a surviving one (see
+    /// `failover`).
     fn post_qp(&self, lane: usize, work: Work, remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>) {
         let l = &self.lanes[lane];
-        if let Err(reason) = l.check() {
-            return work.abandon(&reason);
-        }
         if work.batch.is_failed() {
             return work.abandon("batch failed before it was sent");
         }
-        let keys = |seg: u32| self.transport.lkey(seg, l.rail);
-        let wrs = work_requests(
-            &work.slices,
-            |s| work.guard_for(s.local_addr, s.len).segment().info.id.0,
-            keys,
-            |seg| remote(seg, l.remote_rail),
-            work.notify,
+        if let Err(reason) = l.check()
+            && l.cause() != Cause::Path
+        {
+            return work.abandon(&reason);
+        }
+        let retry = Retry::new(
+            self.lanes.clone(),
+            &self.transport,
+            &work,
+            remote,
+            l.clone(),
         );
-        let wrs = match wrs {
-            Ok(w) => w,
-            Err(seg) => {
-                return work.abandon(&format!(
-                    "no memory key for local segment {seg} on rail {} or remote segment on peer rail {}",
-                    l.rail, l.remote_rail
-                ));
-            }
-        };
-        let finish = Arc::new(Finish {
+        let finish = Finish {
             batch: work.batch.clone(),
             guards: Some(work.guards.clone()),
             error: Mutex::new(None),
-        });
-        let deadline = work.batch.deadline;
-        drop(work);
-        let n = wrs.len();
-        l.in_use.fetch_add(n, Ordering::AcqRel);
-        let cmd = Cmd::Post {
-            lane: l.clone(),
-            wrs,
-            finish,
+            retry: None,
         };
-        if let Err((cmd, reason)) = self.transport.workers[l.rail].post(cmd, deadline) {
-            l.in_use.fetch_sub(n, Ordering::AcqRel);
-            if let Cmd::Post { finish, .. } = cmd {
-                finish.fail(reason);
-            }
-        }
+        drop(work);
+        retry.post(finish);
     }
 
     /// After `close`: waits until every work request posted on the lanes has completed or
@@ -348,6 +379,10 @@ impl PeerLink for RdmaLink {
 
     fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
         Some(self.lanes.iter().map(|l| (l.rail, l.remote_rail)).collect())
+    }
+
+    fn lane_usable(&self, lane: usize) -> bool {
+        self.lanes.get(lane).is_none_or(|l| l.check().is_ok())
     }
 
     fn staging_lane(&self) -> Option<usize> {
@@ -429,7 +464,7 @@ impl PeerLink for RdmaLink {
 impl Drop for RdmaLink {
     fn drop(&mut self) {
         // The workers stop the lanes and free their slots once their requests are flushed.
-        for l in &self.lanes {
+        for l in self.lanes.iter() {
             self.transport.workers[l.rail].control(Cmd::Detach(l.clone()));
         }
     }

@@ -10,6 +10,7 @@
 
 mod bootstrap;
 pub(crate) mod cost;
+mod failover;
 mod link;
 mod outstanding;
 pub(crate) mod verbs;
@@ -35,6 +36,17 @@ use crate::wire::RailKey;
 
 /// Receive WRs kept posted on each target QP for write-with-immediate notifications.
 const RECV_DEPTH: u32 = 128;
+
+/// Bytes one rail carried, counted as work is posted on it.
+#[derive(Debug, Default)]
+pub(crate) struct RailCounters {
+    /// Bytes of every unit posted on the rail (moved ones included).
+    pub(crate) posted: AtomicU64,
+    /// Bytes of units moved onto this rail from a failed one.
+    pub(crate) moved_in: AtomicU64,
+    /// Bytes of units moved off this rail when its path failed.
+    pub(crate) moved_out: AtomicU64,
+}
 
 /// What the rails of this engine are and how they were chosen.
 #[derive(Debug, Clone)]
@@ -64,6 +76,8 @@ pub(crate) struct RdmaTransport {
     pci: std::sync::OnceLock<Option<crate::topology::PciTopology>>,
     /// One worker per rail, in rail order.
     pub(crate) workers: Vec<worker::RailWorker>,
+    /// What each rail carried, in rail order.
+    pub(crate) stats: Vec<RailCounters>,
     target_qps: Mutex<HashMap<u64, TargetQp>>,
     next_qp_key: AtomicU64,
     pub(crate) notifier: Arc<Notifier>,
@@ -107,6 +121,7 @@ impl RdmaTransport {
                     w.map_err(|e| failed = Some(e)).ok()
                 })
                 .collect(),
+            stats: rails.iter().map(|_| RailCounters::default()).collect(),
             rails,
             mrs: RwLock::new(HashMap::new()),
             near: RwLock::new(HashMap::new()),

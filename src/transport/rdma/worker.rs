@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use super::RdmaTransport;
+use super::failover::Cause;
 use super::link::{Finish, Lane};
 use super::outstanding::{Outstanding, signal_points, split_wr_id, wr_id};
 use super::verbs::{AsyncEvent, Completion, EventScope, Rail, WC_WR_FLUSH_ERR, Wr, wc_status_name};
@@ -389,6 +390,7 @@ impl Worker {
                     // Nothing of the chain was queued: take it back, stop the lane.
                     s.out.unreserve(first, n as u32);
                     s.lane.fail(format!("{e} on rail {}", self.index));
+                    // (A local failure: the work is not moved.)
                     break;
                 }
                 self.rail_in_flight += n as u64;
@@ -442,12 +444,13 @@ impl Worker {
             let reason = if c.status == WC_WR_FLUSH_ERR {
                 // Flushed: the QP was already in error; the batch fails with that first
                 // reason, which names the real status (or why we stopped the QP).
-                s.lane.fail(format!(
-                    "{own}: the QP entered the error state with no error reported before"
-                ));
+                s.lane.fail_as(
+                    Cause::Path,
+                    format!("{own}: the QP entered the error state with no error reported before"),
+                );
                 s.lane.check().err().unwrap_or(own)
             } else {
-                s.lane.fail(own.clone());
+                s.lane.fail_as(Cause::of_status(c.status), own.clone());
                 own
             };
             if let Some(f) = s.out.owner_of(seq) {
@@ -480,7 +483,7 @@ impl Worker {
                     tracing::warn!("{reason}");
                     for s in self.slots.iter().flatten() {
                         if s.lane.qp.qpn == qpn {
-                            s.lane.fail(reason.clone());
+                            s.lane.fail_as(Cause::Path, reason.clone());
                         }
                     }
                 }
@@ -488,7 +491,7 @@ impl Worker {
                     let reason = format!("{} on {where_}", ev.name());
                     tracing::warn!("{reason}");
                     for s in self.slots.iter().flatten() {
-                        s.lane.fail(reason.clone());
+                        s.lane.fail_as(Cause::Path, reason.clone());
                     }
                 }
             }
@@ -508,8 +511,8 @@ impl Worker {
             self.rail.info.index, self.rail.device, self.rail.info.port
         );
         for s in self.slots.iter().flatten() {
-            if s.out.in_flight() > 0 {
-                s.lane.fail(reason.clone());
+            if s.out.in_flight() > 0 || !s.pending.is_empty() {
+                s.lane.fail_as(Cause::Path, reason.clone());
             }
         }
     }
