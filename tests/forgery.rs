@@ -7,20 +7,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
 
 use kvtransfer::kv::{KvPoll, KvReceiver, KvRole, KvSender};
-use kvtransfer::wire::{
-    ConnPurpose, Endpoint, FRAME_HEADER_LEN, FrameHeader, FrameOp, Hello, TransportId,
-};
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::yield_now();
-    }
-}
+use kvtransfer::wire::{ConnPurpose, FRAME_HEADER_LEN, FrameHeader, FrameOp};
 
 #[test]
 fn a_forged_completion_finishes_no_room() {
@@ -31,7 +20,7 @@ fn a_forged_completion_finishes_no_room() {
     let sender = KvSender::new(&prefill, 11).unwrap();
     let receiver = KvReceiver::new(&decode, prefill.bootstrap_addr(), 11).unwrap();
     receiver.init(&[0, 1, 2, 3], None).unwrap();
-    wait_for("pairing", || {
+    common::wait_until("pairing", || {
         sender.poll() == KvPoll::WaitingForInput && receiver.poll() == KvPoll::WaitingForInput
     });
 
@@ -42,18 +31,7 @@ fn a_forged_completion_finishes_no_room() {
         .probe(prefill.bootstrap_addr(), None)
         .unwrap();
     let mut s = TcpStream::connect(decode.bootstrap_addr()).unwrap();
-    let hello = Hello {
-        engine_id: who.engine_id,
-        epoch: who.epoch,
-        purpose: ConnPurpose::TcpData,
-        conn_index: 0,
-        token: 0,
-        segments: Vec::new(),
-        endpoints: vec![Endpoint {
-            transport: TransportId::Tcp,
-            data: Vec::new(),
-        }],
-    };
+    let hello = common::tcp_hello(who.engine_id, who.epoch, ConnPurpose::TcpData);
     common::raw_handshake(&mut s, hello, None).unwrap();
     // "Last chunk of the room in slot N" for every slot the decode may have used, each
     // announcing itself as the only part.
@@ -103,6 +81,6 @@ fn a_forged_completion_finishes_no_room() {
     // The real prefill still completes it, every byte in place.
     sender.init(4, None).unwrap();
     sender.send(&[0, 1, 2, 3], true).unwrap();
-    wait_for("success", || receiver.poll() == KvPoll::Success);
+    common::wait_until("success", || receiver.poll() == KvPoll::Success);
     assert!(dst == src);
 }

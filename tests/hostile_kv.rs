@@ -7,24 +7,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvtransfer::kv::proto::KvMessage;
 use kvtransfer::kv::{KvBuffer, KvLayout, KvPoll, KvReceiver, KvRole, KvSender};
-use kvtransfer::wire::{ConnPurpose, Endpoint, Hello, TransportId};
+use kvtransfer::wire::ConnPurpose;
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::yield_now();
-    }
 }
 
 /// Reads KV messages from `s` until `n` rejections arrived; returns how many were read.
@@ -59,18 +51,7 @@ fn a_decode_that_parks_huge_destinations_is_capped_and_others_are_served() {
 
     // The hostile decode: a KV channel by hand, with a layout of 4Mi pages.
     let mut s = TcpStream::connect(prefill.bootstrap_addr()).unwrap();
-    let me = Hello {
-        engine_id: 0xbad,
-        epoch: 1,
-        purpose: ConnPurpose::Kv,
-        conn_index: 0,
-        token: 0,
-        segments: Vec::new(),
-        endpoints: vec![Endpoint {
-            transport: TransportId::Tcp,
-            data: Vec::new(),
-        }],
-    };
+    let me = common::tcp_hello(0xbad, 1, ConnPurpose::Kv);
     common::raw_handshake(&mut s, me, None).unwrap();
     let pages = 4usize << 20;
     let layout = KvLayout::new(
@@ -121,10 +102,10 @@ fn a_decode_that_parks_huge_destinations_is_capped_and_others_are_served() {
     let sender = KvSender::new(&prefill, 5).unwrap();
     let receiver = KvReceiver::new(&decode, prefill.bootstrap_addr(), 5).unwrap();
     receiver.init(&[1, 0, 3, 2], None).unwrap();
-    wait_for("pairing", || sender.poll() == KvPoll::WaitingForInput);
+    common::wait_until("pairing", || sender.poll() == KvPoll::WaitingForInput);
     sender.init(4, None).unwrap();
     sender.send(&[0, 1, 2, 3], true).unwrap();
-    wait_for("success", || receiver.poll() == KvPoll::Success);
+    common::wait_until("success", || receiver.poll() == KvPoll::Success);
     for (d, from) in [(1, 0), (0, 1), (3, 2), (2, 3)] {
         assert!(dst[d * 4096..(d + 1) * 4096] == src[from * 4096..(from + 1) * 4096]);
     }

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use kvtransfer::wire::{self, ConnPurpose, Endpoint, Hello, MsgKind, TransportId};
+use kvtransfer::wire::{self, ConnPurpose, Hello, MsgKind};
 use kvtransfer::{EngineConfig, Request, TransferEngine, TransportKind};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -45,18 +45,7 @@ fn rss_kib() -> u64 {
 }
 
 fn a_hello(purpose: ConnPurpose) -> Hello {
-    Hello {
-        engine_id: 7,
-        epoch: 9,
-        purpose,
-        conn_index: 0,
-        token: 0,
-        segments: Vec::new(),
-        endpoints: vec![Endpoint {
-            transport: TransportId::Tcp,
-            data: Vec::new(),
-        }],
-    }
+    common::tcp_hello(7, 9, purpose)
 }
 
 /// One hostile connection of kind `i % 5`: silent; a trickled partial preamble; a whole Hi

@@ -386,3 +386,35 @@ pub fn kv_manager(
     // SAFETY: the caller keeps `mem` alive and unmoved until the manager is dropped.
     unsafe { KvManager::new(b.build().unwrap(), cfg, layout).unwrap() }
 }
+
+/// Waits (yielding, at most 30 s) until `f` holds; panics naming `what` otherwise.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A hello of engine `(engine_id, epoch)` for a connection of `purpose`: no segments, TCP.
+pub fn tcp_hello(
+    engine_id: u64,
+    epoch: u64,
+    purpose: kvtransfer::wire::ConnPurpose,
+) -> kvtransfer::wire::Hello {
+    kvtransfer::wire::Hello {
+        engine_id,
+        epoch,
+        purpose,
+        conn_index: 0,
+        token: 0,
+        segments: Vec::new(),
+        endpoints: vec![kvtransfer::wire::Endpoint {
+            transport: kvtransfer::wire::TransportId::Tcp,
+            data: Vec::new(),
+        }],
+    }
+}

@@ -37,6 +37,19 @@ fn p_addr() -> SocketAddr {
     "10.0.0.1:7000".parse().unwrap()
 }
 
+/// A prefill endpoint on its own, fed by hand.
+fn lone_prefill() -> PrefillEndpoint {
+    PrefillEndpoint::new(
+        Identity {
+            engine_id: P_ENGINE.0,
+            epoch: P_ENGINE.1,
+            engine_addr: p_addr(),
+            layout: layout(4096),
+        },
+        Timing::default(),
+    )
+}
+
 /// What the prefill's listener does with a connect.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Listen {
@@ -764,15 +777,7 @@ fn a_hello_can_name_only_a_port_of_its_own_host() {
         assert!(ok(bad).is_err(), "{bad}");
     }
     // At the prefill: the channel is closed, nothing is dialled, and the refusal is logged.
-    let mut p = PrefillEndpoint::new(
-        Identity {
-            engine_id: P_ENGINE.0,
-            epoch: P_ENGINE.1,
-            engine_addr: p_addr(),
-            layout: layout(4096),
-        },
-        Timing::default(),
-    );
+    let mut p = lone_prefill();
     let now = Instant::now();
     p.accepted(ConnId(1), D_ENGINE, from, now);
     p.handle(ConnId(1), hello("10.0.0.9:7000"), now);
@@ -1022,15 +1027,7 @@ fn a_room_stays_with_the_decode_engine_that_claimed_it() {
 
 #[test]
 fn channels_per_host_and_in_all_are_bounded() {
-    let mut p = PrefillEndpoint::new(
-        Identity {
-            engine_id: P_ENGINE.0,
-            epoch: P_ENGINE.1,
-            engine_addr: p_addr(),
-            layout: layout(4096),
-        },
-        Timing::default(),
-    );
+    let mut p = lone_prefill();
     let now = Instant::now();
     let host =
         |h: u32, port: u16| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + h), port));
