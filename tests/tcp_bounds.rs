@@ -102,7 +102,11 @@ fn held_half_open_connections_cost_no_thread_and_lock_no_peer_out() {
          {threads_held}, RSS {rss_before} -> {rss_held} KiB",
         target.refused_connections()
     );
-    assert_eq!(threads_held, threads_before, "a handshake costs no thread");
+    // (At most: the other test's thread may still be exiting when `threads_before` is read.)
+    assert!(
+        threads_held <= threads_before,
+        "a handshake costs no thread"
+    );
     assert!(
         rss_held < rss_before + 16 * 1024,
         "RSS grew {} KiB for {n} held connections",

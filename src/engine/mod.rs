@@ -259,9 +259,11 @@ impl TransferEngine {
         })
     }
 
-    /// Connections refused or closed in their handshake so far: wrong or missing secret,
-    /// malformed or oversized messages, handshake deadline, or one of the bounds on
-    /// connections (see `docs/security.md`).
+    /// Peer input refused so far, each with a (rate-limited) log line: connections refused or
+    /// closed in their handshake (wrong or missing secret, malformed or oversized messages,
+    /// the handshake deadline, one of the bounds on connections), data connections closed for
+    /// a malformed frame, and reads and writes outside the registered segments (see
+    /// `docs/security.md`).
     pub fn refused_connections(&self) -> u64 {
         self.inner.served.refusals.total()
     }

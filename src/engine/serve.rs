@@ -42,8 +42,8 @@ const LISTENER: u64 = u64::MAX;
 #[derive(Default)]
 pub(super) struct Served {
     conns: Mutex<Vec<Arc<ServedConn>>>,
-    /// Refused connections, for the log.
-    pub(super) refusals: Refusals,
+    /// Refused connections and requests, for the log.
+    pub(super) refusals: Arc<Refusals>,
 }
 
 impl Served {
@@ -523,6 +523,7 @@ impl Engine {
             peer_token: h.token,
             // The control connection's end is the end of the peer's QPs here.
             keep,
+            refusals: self.served.refusals.clone(),
         };
         match ServedConn::start(s, ctx, &self.tcp_io) {
             Ok(c) => self.served.add_conn(c),

@@ -40,6 +40,8 @@ pub(crate) struct ServeContext {
     pub(crate) peer_token: u64,
     /// Kept for as long as the connection lives (an RDMA control connection's accepted QPs).
     pub(crate) keep: Option<Box<dyn Send>>,
+    /// Where refused requests are logged (rate-limited).
+    pub(crate) refusals: Arc<crate::refusals::Refusals>,
 }
 
 /// Replies waiting to be written before the connection stops reading more requests.
@@ -103,6 +105,8 @@ impl ServedConn {
             peer_engine: ctx.peer_engine,
             peer_epoch: ctx.peer_epoch,
             peer_token: ctx.peer_token,
+            refusals: ctx.refusals.clone(),
+            peer: ctx.peer.clone(),
             replies: replies.clone(),
             errors: HashMap::new(),
         };
@@ -182,7 +186,10 @@ impl Source for ServedConn {
                         io::ErrorKind::UnexpectedEof => {
                             tracing::debug!(peer = %self.peer, "initiator closed the connection")
                         }
-                        _ => tracing::warn!(peer = %self.peer, "closing data connection: {e}"),
+                        _ => target.refusals.refuse(
+                            "a data connection",
+                            &format_args!("from {}: closed: {e}", self.peer),
+                        ),
                     }
                     drop(rx);
                     self.close();
@@ -462,6 +469,8 @@ struct Target {
     peer_engine: u64,
     peer_epoch: u64,
     peer_token: u64,
+    refusals: Arc<crate::refusals::Refusals>,
+    peer: String,
     replies: Arc<Replies>,
     /// First error code per batch on this connection, reported in its ack.
     errors: HashMap<u64, u16>,
@@ -603,7 +612,9 @@ impl Target {
                 Ok(())
             }
             Err(e) => {
-                tracing::debug!("refusing read: {e}");
+                let peer = &self.peer;
+                self.refusals
+                    .refuse("a read", &format_args!("from {peer}: {e}"));
                 resp.status = e.code() as u16;
                 self.reply(resp, &[])
             }
@@ -651,7 +662,9 @@ impl FrameHandler for Target {
                         Ok(Sink::memory(guard, addr, None))
                     }
                     Err(e) => {
-                        tracing::debug!("refusing write: {e}");
+                        let peer = &self.peer;
+                        self.refusals
+                            .refuse("a write", &format_args!("from {peer}: {e}"));
                         self.errors.entry(hdr.batch).or_insert(e.code() as u16);
                         Ok(Sink::Discard)
                     }
