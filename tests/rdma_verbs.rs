@@ -311,11 +311,12 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
         assert_eq!(after[0].posted_bytes, before[0].posted_bytes + len as u64);
     }
 
-    // 2. Down before the batch's work reaches the wire, on a connection made once the link
-    //    was back: its rail-1 half must move, every time.
+    // 2. Down just before a batch, on a connection made once the link was back. Either the
+    //    port's event has stopped rail 1's lanes before planning (the batch is planned onto
+    //    rail 0 alone) or its rail-1 half is posted and moves: both must end whole.
     wait_active("rxeA1");
     let peer2 = connect_retrying(&a, &b);
-    let was = moved(&a);
+    let (was, posted1) = (moved(&a), a.rail_stats()[1].posted_bytes);
     dst.write(0, &vec![0u8; len]);
     set_link(&netdev, false);
     let result = a.transfer_sync(peer2, &reqs);
@@ -324,7 +325,11 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
     eprintln!("2. down at submit: {result:?}; {stats:?}");
     result.unwrap();
     assert!(dst.to_vec() == data, "every byte in place");
-    assert!(moved(&a) > was, "rail 1's work moved: {stats:?}");
+    let planned_away = stats[1].posted_bytes == posted1;
+    assert!(
+        moved(&a) > was || planned_away,
+        "rail 1's work moved or was never planned there: {stats:?}"
+    );
 
     // 3. Link up: a new connection sends on rail 1 again.
     wait_active("rxeA1");
