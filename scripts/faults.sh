@@ -96,15 +96,8 @@ lib=$(cd / && "$OLDPWD/$venv/bin/python" -c 'import glob, os, pytest, kvtransfer
 print(glob.glob(os.path.join(os.path.dirname(kvtransfer.__file__), "libkvtransfer*"))[0])' 2>/dev/null) || lib=""
 if [ -z "$lib" ] || [ -n "$(find src ffi/python/kvtransfer ffi/python/pyproject.toml Cargo.toml Cargo.lock \
   -newer "$lib" -print -quit 2>/dev/null)" ]; then
-  say "installing the package into $venv (as scripts/python-tests.sh does)"
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-  fi
-  pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
-  "${pip[@]}" install 'numpy' 'pytest'
-  rm -rf ffi/python/build
-  "${pip[@]}" install --force-reinstall --no-deps ./ffi/python
+  say "installing the package into $venv (scripts/pyenv.sh)"
+  bash scripts/pyenv.sh
 fi
 
 # --- the tests ------------------------------------------------------------------------------

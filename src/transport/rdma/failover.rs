@@ -24,7 +24,6 @@ use super::link::{Finish, Lane, work_requests};
 use super::worker::Cmd;
 use crate::memory::SegmentGuard;
 use crate::plan::Slice;
-use crate::transport::Work;
 
 /// Why a lane stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,31 +94,36 @@ fn segment_of(guards: &[SegmentGuard], s: &Slice) -> u32 {
 }
 
 impl Retry {
-    /// Records `work` for lane `lane`, with the peer's keys of its segments on every rail.
+    /// Takes a unit's `slices` and `notify` for lane `lane`, with the peer's keys of its
+    /// remote segments on every remote rail of `lanes` (looked up once per segment and rail).
     pub(crate) fn new(
         lanes: Arc<[Arc<Lane>]>,
         transport: &Arc<RdmaTransport>,
-        work: &Work,
+        slices: Vec<Slice>,
+        notify: Option<u32>,
         remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
         lane: Arc<Lane>,
     ) -> Retry {
-        let mut keys = HashMap::new();
-        for s in &work.slices {
-            for l in lanes.iter() {
-                let at = (s.remote_segment.0, l.remote_rail);
-                if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(at)
-                    && let Some(k) = remote(at.0, at.1)
-                {
-                    e.insert(k);
+        let mut segments: Vec<u32> = slices.iter().map(|s| s.remote_segment.0).collect();
+        segments.sort_unstable();
+        segments.dedup();
+        let mut rails: Vec<u16> = lanes.iter().map(|l| l.remote_rail).collect();
+        rails.sort_unstable();
+        rails.dedup();
+        let mut keys = HashMap::with_capacity(segments.len() * rails.len());
+        for &seg in &segments {
+            for &rail in &rails {
+                if let Some(k) = remote(seg, rail) {
+                    keys.insert((seg, rail), k);
                 }
             }
         }
         Retry {
             lanes,
             transport: transport.clone(),
-            slices: work.slices.clone(),
+            slices,
             remote: keys,
-            notify: work.notify,
+            notify,
             lost: Vec::new(),
             lane,
         }

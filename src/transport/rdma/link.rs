@@ -325,20 +325,26 @@ impl RdmaLink {
         {
             return work.abandon(&reason);
         }
+        let Work {
+            batch,
+            slices,
+            guards,
+            notify,
+        } = work;
         let retry = Retry::new(
             self.lanes.clone(),
             &self.transport,
-            &work,
+            slices,
+            notify,
             remote,
             l.clone(),
         );
         let finish = Finish {
-            batch: work.batch.clone(),
-            guards: Some(work.guards.clone()),
+            batch,
+            guards: Some(guards),
             error: Mutex::new(None),
             retry: None,
         };
-        drop(work);
         retry.post(finish);
     }
 
