@@ -249,7 +249,8 @@ fn connect_retrying(a: &TransferEngine, b: &TransferEngine) -> kvtransfer::PeerI
 
 /// One of two rails goes down: the work of its lanes moves to the other rail, the batch
 /// completes with every byte in place, and the rail counters show the bytes moved. Once the
-/// link is back, a new connection carries traffic on that rail again.
+/// link is back, a new connection carries traffic on that rail again, and so does the first
+/// connection once the rail is put back into it.
 #[test]
 fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
     if !in_vm() {
@@ -282,7 +283,6 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
     set_link(&netdev, false);
     let result = a.wait(id);
     let took = down.elapsed();
-    set_link(&netdev, true);
     let stats = a.rail_stats();
     eprintln!("1. down mid-batch (still pending: {pending}): {result:?} after {took:?}; {stats:?}");
     result.unwrap();
@@ -297,7 +297,8 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
             "{stats:?}"
         );
     }
-    // The peer stays usable: its new batches go to the surviving rail only.
+    // The peer stays usable: while the link is down its new batches go to the surviving
+    // rail only.
     dst.write(0, &vec![0u8; len]);
     let before = a.rail_stats();
     a.transfer_sync(peer, &reqs).unwrap();
@@ -310,6 +311,7 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
         );
         assert_eq!(after[0].posted_bytes, before[0].posted_bytes + len as u64);
     }
+    set_link(&netdev, true);
 
     // 2. Down just before a batch, on a connection made once the link was back. Either the
     //    port's event has stopped rail 1's lanes before planning (the batch is planned onto
@@ -348,6 +350,38 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
         after > before && sent_now > sent,
         "rail 1 carries traffic again"
     );
+
+    // 4. The first connection's rail 1 is put back: its batches (each verified) probe the
+    //    rail, one of them starts the rejoin, and later ones are planned onto rail 1 again.
+    if !pending {
+        return; // its rail-1 lanes never failed
+    }
+    let part = &reqs[..256]; // 16 MiB, striped over both rails once both are usable
+    let bytes = 256usize << 16;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let mut rounds = 0;
+    loop {
+        let before = a.rail_stats()[1].posted_bytes;
+        dst.write(0, &vec![0u8; bytes]);
+        a.transfer_sync(peer, part).unwrap();
+        assert!(dst.to_vec()[..bytes] == data[..bytes], "every byte in place");
+        rounds += 1;
+        let now = a.rail_stats()[1].posted_bytes;
+        if now > before {
+            eprintln!(
+                "4. rail 1 put back into the first connection: {} bytes on it in round {rounds}, {:?} after the first",
+                now - before,
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rail 1 never came back into the first connection"
+        );
+        std::thread::sleep(Duration::from_millis(50)); // the batches themselves drive the probe
+    }
 }
 
 /// A KV manager over RDMA on `devices`, with `layers` buffers of `pages` pages of `item` bytes

@@ -104,6 +104,8 @@ struct Peer {
     info: PeerInfo,
     segments: RwLock<HashMap<u32, SegmentDesc>>,
     link: Box<dyn PeerLink>,
+    /// The link token its connections present (0: none).
+    token: u64,
 }
 
 impl Peer {
@@ -142,6 +144,11 @@ struct Engine {
     next_batch: AtomicU64,
     lane_rotation: AtomicUsize,
     shutdown: Arc<AtomicBool>,
+    /// The thread putting a failed rail back into a peer, if one ran (one at a time, joined
+    /// at shutdown: see `transport::rdma::rejoin`).
+    rejoin: Mutex<Option<thread::JoinHandle<()>>>,
+    /// This engine, for the threads it starts after `new`.
+    me: std::sync::Weak<Engine>,
 }
 
 /// One engine per process: owns registered memory, the bootstrap listener, peers and the
@@ -211,7 +218,7 @@ impl TransferEngine {
             .local_addr()
             .map_err(|e| Error::io("getsockname", e))?;
         let tcp_io = TcpIo::start(config.io_threads)?;
-        let inner = Arc::new(Engine {
+        let inner = Arc::new_cyclic(|me| Engine {
             engine_id: rand::random(),
             epoch: rand::random(),
             local_addr,
@@ -230,6 +237,8 @@ impl TransferEngine {
             lane_rotation: AtomicUsize::new(0),
             shutdown,
             rdma_stop,
+            rejoin: Mutex::new(None),
+            me: me.clone(),
             config,
         });
         let wake = listener.try_clone().map_err(|e| Error::io("dup", e))?;
@@ -343,6 +352,11 @@ impl TransferEngine {
         }
         let accept = self.accept.lock().take();
         if let Some(t) = accept {
+            let _ = t.join();
+        }
+        // A rail being put back sees its link closed and lets its connection go.
+        let rejoin = self.inner.rejoin.lock().take();
+        if let Some(t) = rejoin {
             let _ = t.join();
         }
         // Wake every connection served here and wait for its thread: a write being received

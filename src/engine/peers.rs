@@ -230,6 +230,7 @@ impl Engine {
                 info,
                 segments: RwLock::new(segments),
                 link,
+                token,
             }),
         );
         Ok(PeerId(id))
@@ -248,5 +249,76 @@ impl Engine {
         let list = decode_segments(&bytes)?;
         *p.segments.write() = list.into_iter().map(|d| (d.info.id.0, d)).collect();
         Ok(())
+    }
+}
+
+impl Engine {
+    /// Starts putting `p`'s failed rails back on a background thread when some came back
+    /// (`transport::rdma::rejoin`); never blocks. One such thread at a time per engine.
+    pub(super) fn maybe_rejoin(&self, p: &Arc<Peer>) {
+        let Some(link) = p.link.rdma() else { return };
+        let Some(replace) = link.rails_to_rejoin(Instant::now()) else {
+            return;
+        };
+        let mut slot = self.rejoin.lock();
+        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if let Some(t) = slot.take() {
+            let _ = t.join();
+        }
+        let (Some(me), false) = (self.me.upgrade(), self.shutdown.load(Ordering::Acquire)) else {
+            return;
+        };
+        let p = p.clone();
+        let spawned = thread::Builder::new()
+            .name("kvt-rejoin".into())
+            .spawn(move || match me.rejoin(&p, &replace) {
+                Ok(()) => tracing::info!(peer = %p.info.addr, lanes = ?replace, "rdma rail put back"),
+                Err(e) => tracing::warn!(peer = %p.info.addr, lanes = ?replace,
+                    "cannot put the rdma rail back yet: {e}"),
+            });
+        match spawned {
+            Ok(t) => *slot = Some(t),
+            Err(e) => tracing::warn!("cannot start putting an rdma rail back: {e}"),
+        }
+    }
+
+    /// Opens one more control connection to `p` offering fresh QPs for the lanes `replace`
+    /// and puts them in those lanes' places.
+    fn rejoin(&self, p: &Peer, replace: &[usize]) -> Result<()> {
+        let (Some(r), Some(link)) = (&self.rdma, p.link.rdma()) else {
+            return Ok(());
+        };
+        let offer = Offer::on_rails(r, &link.rails_of(replace))?;
+        let hello = Hello {
+            token: p.token,
+            ..self.hello(ConnPurpose::Control, 0, Some(offer.endpoint()))
+        };
+        let peer = p.info.addr.to_string();
+        let (theirs, first) = tcp::connect_one(
+            p.info.addr,
+            self.config.connect_timeout,
+            &hello,
+            self.config.secret.as_ref(),
+        )?;
+        if (theirs.engine_id, theirs.epoch) != (p.info.engine_id, p.info.epoch) {
+            return Err(Error::Handshake {
+                peer,
+                reason: "the peer restarted: its rails are not put back into the old link".into(),
+            });
+        }
+        let answered = offer.answered(&theirs)?.ok_or_else(|| Error::Handshake {
+            peer: peer.clone(),
+            reason: "the peer answered no RDMA endpoint".into(),
+        })?;
+        let control = TcpLink::start(
+            vec![first],
+            &peer,
+            theirs.epoch,
+            &self.tcp_io,
+            self.config.batch_timeout,
+        )?;
+        link.put_back(replace, answered, Box::new(control))
     }
 }

@@ -205,6 +205,7 @@ impl Engine {
         }
         let p = self.peer(peer)?;
         p.check_alive()?;
+        self.maybe_rejoin(&p);
         if requests.is_empty() {
             return Err(Error::InvalidArgument(
                 "a batch needs at least one request".into(),

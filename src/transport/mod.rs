@@ -103,6 +103,11 @@ pub(crate) trait PeerLink: Send + Sync {
         true
     }
 
+    /// The RDMA link behind this one, for putting a failed rail back (`rdma::rejoin`).
+    fn rdma(&self) -> Option<&rdma::RdmaLink> {
+        None
+    }
+
     /// The lane that carries batches touching GPU memory in staging mode, where that is not
     /// every lane: an RDMA link's TCP control connection, numbered after its QP lanes (staged
     /// memory has no memory region, so no QP can reach it).

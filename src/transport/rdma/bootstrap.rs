@@ -49,6 +49,17 @@ impl Offer {
         })
     }
 
+    /// Creates one QP on each of `rails` (local rail indices), to replace lanes whose rail
+    /// failed and came back.
+    pub(crate) fn on_rails(t: &Arc<RdmaTransport>, rails: &[usize]) -> Result<Offer> {
+        let (lanes, endpoint) = RdmaLink::prepare_on(t, rails)?;
+        Ok(Offer {
+            transport: t.clone(),
+            lanes,
+            endpoint: wire(&endpoint),
+        })
+    }
+
     /// What goes into our hello.
     pub(crate) fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -76,6 +87,14 @@ impl Answered {
     pub(crate) fn finish(self, control: Box<dyn PeerLink>) -> Result<RdmaLink> {
         let Answered { offer, answer } = self;
         RdmaLink::finish(&offer.transport, offer.lanes, &answer, control)
+    }
+}
+
+impl Answered {
+    /// Connects the offered QPs to the answer as lanes, attached to their rail workers.
+    pub(super) fn into_lanes(self) -> Result<Vec<Arc<super::link::Lane>>> {
+        let Answered { offer, answer } = self;
+        RdmaLink::connect_lanes(&offer.transport, offer.lanes, &answer)
     }
 }
 

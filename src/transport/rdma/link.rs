@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::RdmaTransport;
 use super::failover::{Cause, Retry};
+use super::rejoin::Rejoin;
 use super::verbs::{Qp, Wr, WrOp};
 use super::worker::{Cmd, SQ_DEPTH};
 use crate::batch::Batch;
@@ -183,13 +184,19 @@ pub(crate) fn work_requests(
     Ok(wrs)
 }
 
+/// A link's lanes in lane order. A lane whose rail failed is replaced in place when the rail
+/// is put back (`rejoin`), so readers take a snapshot.
+pub(crate) type LaneSet = Arc<RwLock<Arc<[Arc<Lane>]>>>;
+
 /// An RDMA peer as the initiator sees it.
 pub(crate) struct RdmaLink {
     /// The control connection (a one-lane link of another transport, given by the engine):
     /// segment refreshes, liveness, and the staging lane.
     pub(crate) control: Box<dyn PeerLink>,
-    pub(crate) lanes: Arc<[Arc<Lane>]>,
-    transport: Arc<RdmaTransport>,
+    pub(super) lanes: LaneSet,
+    pub(super) transport: Arc<RdmaTransport>,
+    /// Putting failed rails back: probing, and the extra control connections it opened.
+    pub(super) rejoin: Mutex<Rejoin>,
 }
 
 /// QPs created before the handshake, waiting for the target's answer.
@@ -203,12 +210,20 @@ impl RdmaLink {
         t: &Arc<RdmaTransport>,
         per_rail: usize,
     ) -> Result<(PreparedLanes, RdmaEndpoint)> {
-        let mut qps = Vec::new();
-        for _ in 0..per_rail {
-            for r in &t.rails {
-                qps.push(r.create_qp(SQ_DEPTH, 1, 1)?);
-            }
-        }
+        let rails: Vec<usize> = (0..per_rail).flat_map(|_| 0..t.rails.len()).collect();
+        Self::prepare_on(t, &rails)
+    }
+
+    /// Creates one QP on each of `rails` (local rail indices, in lane order) and the endpoint
+    /// that offers them.
+    pub(crate) fn prepare_on(
+        t: &Arc<RdmaTransport>,
+        rails: &[usize],
+    ) -> Result<(PreparedLanes, RdmaEndpoint)> {
+        let qps = rails
+            .iter()
+            .map(|&r| t.rails[r].create_qp(SQ_DEPTH, 1, 1))
+            .collect::<Result<Vec<_>>>()?;
         let offer = RdmaEndpoint {
             rails: t.rail_infos(),
             qps: qps
@@ -231,6 +246,31 @@ impl RdmaLink {
         answer: &RdmaEndpoint,
         control: Box<dyn PeerLink>,
     ) -> Result<RdmaLink> {
+        let lanes = Self::connect_lanes(t, prepared, answer)?;
+        // The control connection's loss means the peer's: every lane fails at once (the
+        // lanes of the moment: a rail put back replaces some).
+        let lanes: LaneSet = Arc::new(RwLock::new(lanes.into()));
+        let doomed = lanes.clone();
+        control.on_lost(Arc::new(move |reason: &str| {
+            for l in doomed.read().iter() {
+                l.fail_as(Cause::Peer, reason.to_string());
+            }
+        }));
+        Ok(RdmaLink {
+            control,
+            lanes,
+            transport: t.clone(),
+            rejoin: Mutex::new(Rejoin::default()),
+        })
+    }
+
+    /// Connects the prepared QPs to the target's answer, one lane each, attached to their
+    /// rail workers.
+    pub(super) fn connect_lanes(
+        t: &Arc<RdmaTransport>,
+        prepared: PreparedLanes,
+        answer: &RdmaEndpoint,
+    ) -> Result<Vec<Arc<Lane>>> {
         if answer.qps.len() != prepared.qps.len() {
             return Err(Error::Handshake {
                 peer: String::new(),
@@ -263,19 +303,12 @@ impl RdmaLink {
         for l in &lanes {
             t.workers[l.rail].control(Cmd::Attach(l.clone()));
         }
-        // The control connection's loss means the peer's: every lane fails at once.
-        let lanes: Arc<[Arc<Lane>]> = lanes.into();
-        let doomed = lanes.clone();
-        control.on_lost(Arc::new(move |reason: &str| {
-            for l in doomed.iter() {
-                l.fail_as(Cause::Peer, reason.to_string());
-            }
-        }));
-        Ok(RdmaLink {
-            control,
-            lanes,
-            transport: t.clone(),
-        })
+        Ok(lanes)
+    }
+
+    /// The lanes now, in lane order.
+    pub(crate) fn current(&self) -> Arc<[Arc<Lane>]> {
+        self.lanes.read().clone()
     }
 
     /// Everything outstanding fails and the QPs stop (peer lost or closed).
@@ -296,7 +329,7 @@ impl RdmaLink {
             reason,
         };
         let mut last = None;
-        for l in self.lanes.iter() {
+        for l in self.current().iter() {
             if let Err(reason) = l.check() {
                 if l.cause() != Cause::Path {
                     return Err(lost(reason));
@@ -316,7 +349,8 @@ impl RdmaLink {
     /// and rkey. If the lane's rail has failed, the work goes to a surviving one (see
     /// `failover`).
     fn post_qp(&self, lane: usize, work: Work, remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>) {
-        let l = &self.lanes[lane];
+        let lanes = self.current();
+        let l = &lanes[lane];
         if work.batch.is_failed() {
             return work.abandon("batch failed before it was sent");
         }
@@ -332,7 +366,7 @@ impl RdmaLink {
             notify,
         } = work;
         let retry = Retry::new(
-            self.lanes.clone(),
+            lanes.clone(),
             &self.transport,
             slices,
             notify,
@@ -354,14 +388,13 @@ impl RdmaLink {
     /// naming the lanes still busy.
     fn drain(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
-        while self
-            .lanes
+        let lanes = self.current();
+        while lanes
             .iter()
             .any(|l| l.in_use.load(Ordering::Acquire) > 0)
         {
             if std::time::Instant::now() >= deadline {
-                let busy: Vec<u32> = self
-                    .lanes
+                let busy: Vec<u32> = lanes
                     .iter()
                     .filter(|l| l.in_use.load(Ordering::Acquire) > 0)
                     .map(|l| l.qp.qpn)
@@ -380,23 +413,31 @@ impl PeerLink for RdmaLink {
     }
 
     fn lanes(&self) -> usize {
-        self.lanes.len()
+        self.lanes.read().len()
     }
 
     fn lane_rails(&self) -> Option<Vec<(usize, u16)>> {
-        Some(self.lanes.iter().map(|l| (l.rail, l.remote_rail)).collect())
+        Some(
+            self.current()
+                .iter()
+                .map(|l| (l.rail, l.remote_rail))
+                .collect(),
+        )
     }
 
     fn lane_usable(&self, lane: usize) -> bool {
-        self.lanes.get(lane).is_none_or(|l| l.check().is_ok())
+        self.lanes
+            .read()
+            .get(lane)
+            .is_none_or(|l| l.check().is_ok())
     }
 
     fn staging_lane(&self) -> Option<usize> {
-        Some(self.lanes.len())
+        Some(self.lanes())
     }
 
     fn units_of(&self, lane: usize, slices: &[Slice]) -> u32 {
-        if lane == self.lanes.len() {
+        if lane == self.lanes() {
             return self.control.units_of(0, slices);
         }
         // The last request of the lane's work, signalled, completes it all.
@@ -410,7 +451,7 @@ impl PeerLink for RdmaLink {
         inline: bool,
         remote: &dyn Fn(u32, u16) -> Option<(u64, u32)>,
     ) {
-        if lane == self.lanes.len() {
+        if lane == self.lanes() {
             self.control.post(0, work, inline, remote);
         } else {
             self.post_qp(lane, work, remote);
@@ -418,25 +459,25 @@ impl PeerLink for RdmaLink {
     }
 
     fn progress(&self, lane: usize) {
-        if lane == self.lanes.len() {
+        if lane == self.lanes() {
             self.control.progress(0);
         }
     }
 
     fn start_driving(&self, lane: usize) {
-        if lane == self.lanes.len() {
+        if lane == self.lanes() {
             self.control.start_driving(0);
         }
     }
 
     fn stop_driving(&self, lane: usize, hand_back: bool) {
-        if lane == self.lanes.len() {
+        if lane == self.lanes() {
             self.control.stop_driving(0, hand_back);
         }
     }
 
     fn outstanding(&self, lane: usize) -> usize {
-        match self.lanes.get(lane) {
+        match self.lanes.read().get(lane) {
             Some(l) => l.in_use.load(Ordering::Acquire),
             None => self.control.outstanding(0),
         }
@@ -454,23 +495,29 @@ impl PeerLink for RdmaLink {
         self.control.on_lost(hook);
     }
 
-    /// The QPs stop (flushed work completes with an error), then the control connection.
+    /// The QPs stop (flushed work completes with an error), then the control connections.
     fn close(&self) {
-        Self::fail_all(&self.lanes, "connection closed locally");
+        self.close_rejoined();
+        Self::fail_all(&self.current(), "connection closed locally");
         self.control.close();
     }
 
-    /// The control connection's threads, then the QPs' flushes.
+    /// The control connections' threads, then the QPs' flushes.
     fn join(&self, limit: Duration) {
         self.control.join(limit);
+        self.join_rejoined(limit);
         self.drain(limit);
+    }
+
+    fn rdma(&self) -> Option<&RdmaLink> {
+        Some(self)
     }
 }
 
 impl Drop for RdmaLink {
     fn drop(&mut self) {
         // The workers stop the lanes and free their slots once their requests are flushed.
-        for l in self.lanes.iter() {
+        for l in self.current().iter() {
             self.transport.workers[l.rail].control(Cmd::Detach(l.clone()));
         }
     }

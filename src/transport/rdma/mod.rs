@@ -13,6 +13,7 @@ pub(crate) mod cost;
 mod failover;
 mod link;
 mod outstanding;
+mod rejoin;
 pub(crate) mod verbs;
 mod worker;
 
@@ -26,7 +27,7 @@ use sideway::ibverbs::memory_region::MemoryRegion;
 
 use crate::transport::notify::{Notifier, imm_decode};
 pub(crate) use crate::wire::{QpInfo, RailInfo, RdmaEndpoint};
-pub(crate) use bootstrap::{Offer, answer};
+pub(crate) use bootstrap::{Answered, Offer, answer};
 pub(crate) use link::RdmaLink;
 use verbs::{Completion, Qp, Rail};
 
