@@ -101,6 +101,25 @@ fn main() -> ExitCode {
         },
     );
 
+    // GPUDirect RDMA write visibility: what the device needs before a room may report
+    // Success, and the flush itself where it needs one.
+    r.check(
+        "rdma write visibility",
+        cuda::flush_rdma_writes(0)
+            .map(|v| match v {
+                cuda::WriteVisibility::Ordered => {
+                    "GPU 0 orders GPUDirect RDMA writes itself: no flush before Success".into()
+                }
+                cuda::WriteVisibility::Flush => {
+                    "GPU 0 needs a flush: cuFlushGPUDirectRDMAWrites ran".into()
+                }
+                cuda::WriteVisibility::Unforced => {
+                    "GPU 0's driver offers neither ordering nor a flush (warned)".into()
+                }
+            })
+            .map_err(|e| e.to_string()),
+    );
+
     // Registration: over TCP GPU memory is always staged; register_memory classifies itself.
     r.check(
         "register on tcp",
@@ -127,6 +146,13 @@ fn main() -> ExitCode {
             r.check(
                 "register on rdma",
                 got.map(|d| format!("{} as {} on rails {:?}", d.placement, d.mode, d.rails))
+                    .map_err(|e| e.to_string()),
+            );
+            // A directly written segment now exists (unless it fell back to staging).
+            r.check(
+                "flush gpu writes",
+                e.flush_gpu_writes()
+                    .map(|n| format!("{n} GPU(s) flushed"))
                     .map_err(|e| e.to_string()),
             );
             for mode in [GpuMode::Dmabuf, GpuMode::Peermem, GpuMode::Staging] {

@@ -11,6 +11,8 @@
 # Without a GPU it says so and exits 0 at once. Checks:
 #   - CUDA driver; pointer classification of cuMemAlloc'ed and host memory (Rust) and of torch
 #     CUDA and pinned tensors (Python, as a peer sees them);
+#   - GPUDirect RDMA write visibility: whether the GPU orders NIC writes itself or needs
+#     cuFlushGPUDirectRDMAWrites before a room reports Success (and that flush, run);
 #   - registration: staging over TCP; over RDMA (where there is a port) the mode chosen and
 #     each forced mode (dmabuf, peermem, staging);
 #   - KV pages GPU -> TCP loopback -> GPU through staging, verified, with GB/s: 36 KiB pages

@@ -90,6 +90,8 @@ struct Driver {
     contexts: Vec<OnceLock<usize>>,
     /// Staging resources per device, created on first use.
     stagers: Vec<OnceLock<std::result::Result<Arc<CudaStaging>, String>>>,
+    /// How each device makes GPUDirect RDMA writes visible, asked on first use.
+    visibility: Vec<OnceLock<WriteVisibility>>,
 }
 
 static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
@@ -166,6 +168,7 @@ fn open_driver() -> std::result::Result<Driver, String> {
         dmabuf_export: has_symbol("cuMemGetHandleForAddressRange"),
         contexts: (0..devices).map(|_| OnceLock::new()).collect(),
         stagers: (0..devices).map(|_| OnceLock::new()).collect(),
+        visibility: (0..devices).map(|_| OnceLock::new()).collect(),
     })
 }
 
@@ -194,6 +197,106 @@ pub fn driver_info() -> Result<(i32, u32)> {
 /// Whether the driver can export device memory as a dma-buf (`cuMemGetHandleForAddressRange`).
 pub fn dmabuf_export_supported() -> Result<bool> {
     driver().map(|d| d.dmabuf_export)
+}
+
+/// How a GPU makes bytes a NIC wrote into its memory (GPUDirect RDMA: dma-buf or peermem)
+/// visible to its own kernels once the NIC reported them written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteVisibility {
+    /// The device orders remote writes with its own accesses
+    /// (`CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER` or wider): nothing to do.
+    Ordered,
+    /// A `cuFlushGPUDirectRDMAWrites` (to the owner) after the writes makes them visible.
+    Flush,
+    /// The driver reports neither ordering nor a flush: visibility cannot be forced from
+    /// the host (a consumer must synchronise on the device).
+    Unforced,
+}
+
+impl WriteVisibility {
+    /// What a device needs, from its `CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING`
+    /// and `..._FLUSH_WRITES_OPTIONS` attributes and whether the driver exports the flush.
+    pub(crate) fn of(ordering: i32, flush_options: i32, has_flush: bool) -> Self {
+        const ORDERING_OWNER: i32 = 100;
+        const OPTION_HOST: i32 = 1;
+        if ordering >= ORDERING_OWNER {
+            WriteVisibility::Ordered
+        } else if has_flush && flush_options & OPTION_HOST != 0 {
+            WriteVisibility::Flush
+        } else {
+            WriteVisibility::Unforced
+        }
+    }
+}
+
+/// What device `ordinal` needs to make GPUDirect RDMA writes visible (asked once, then
+/// logged and cached).
+pub fn write_visibility(ordinal: u32) -> Result<WriteVisibility> {
+    let d = driver()?;
+    let slot = d
+        .visibility
+        .get(ordinal as usize)
+        .ok_or_else(|| Error::InvalidArgument(format!("no CUDA device {ordinal}")))?;
+    if let Some(v) = slot.get() {
+        return Ok(*v);
+    }
+    let v = guarded(|| {
+        let mut dev: sys::CUdevice = 0;
+        // SAFETY: valid out-pointer; the ordinal is below the device count.
+        check("cuDeviceGet", unsafe {
+            sys::cuDeviceGet(&mut dev, ordinal as i32)
+        })?;
+        if !has_symbol("cuDeviceGetAttribute") {
+            return Ok(WriteVisibility::Unforced);
+        }
+        let attr = |a: sys::CUdevice_attribute| -> Result<i32> {
+            let mut v = 0;
+            // SAFETY: valid out-pointer and device; an attribute this driver does not know
+            // is an error code, not undefined behaviour.
+            check("cuDeviceGetAttribute", unsafe {
+                sys::cuDeviceGetAttribute(&mut v, a, dev)
+            })?;
+            Ok(v)
+        };
+        use sys::CUdevice_attribute as A;
+        // Drivers older than CUDA 11.3 know neither attribute: nothing can be forced.
+        let ordering = attr(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING).unwrap_or(0);
+        let options = attr(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS).unwrap_or(0);
+        let v = WriteVisibility::of(ordering, options, has_symbol("cuFlushGPUDirectRDMAWrites"));
+        match v {
+            WriteVisibility::Unforced => tracing::warn!(gpu = ordinal, ordering, options,
+                "this GPU's driver offers no way to make GPUDirect RDMA writes visible from the \
+                 host: a room into its memory succeeds once the NIC wrote the bytes"),
+            _ => tracing::info!(gpu = ordinal, ordering, options, visibility = ?v,
+                "GPUDirect RDMA write visibility"),
+        }
+        Ok(v)
+    })?;
+    Ok(*slot.get_or_init(|| v))
+}
+
+/// Makes every GPUDirect RDMA write the NIC reported complete visible to device `ordinal`'s
+/// kernels: a `cuFlushGPUDirectRDMAWrites` where the device needs one, nothing where it
+/// orders them itself. Returns what the device needed.
+pub fn flush_rdma_writes(ordinal: u32) -> Result<WriteVisibility> {
+    let v = write_visibility(ordinal)?;
+    if v == WriteVisibility::Flush {
+        let d = driver()?;
+        guarded(|| {
+            let _ctx = bind(d, ordinal)?;
+            use sys::CUflushGPUDirectRDMAWritesScope_enum as Scope;
+            use sys::CUflushGPUDirectRDMAWritesTarget_enum as Target;
+            // SAFETY: the driver exports the call (checked in `write_visibility`) and the
+            // device's primary context is current on this thread until `_ctx` drops.
+            check("cuFlushGPUDirectRDMAWrites", unsafe {
+                sys::cuFlushGPUDirectRDMAWrites(
+                    Target::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX,
+                    Scope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER,
+                )
+            })
+        })?;
+    }
+    Ok(v)
 }
 
 /// Device `ordinal`'s primary context pushed on this thread's context stack; popped when
@@ -891,6 +994,36 @@ mod tests {
         assert_eq!(e.code(), 33);
         assert_eq!(e.to_string(), "cuInit failed: CUDA_ERROR_NO_DEVICE (100)");
         assert!(check("cuInit", sys::CUresult::CUDA_SUCCESS).is_ok());
+    }
+
+    #[test]
+    fn write_visibility_follows_the_device_attributes() {
+        use WriteVisibility::*;
+        // Ordering to the owner or to every device: nothing to do, flush or not.
+        assert_eq!(WriteVisibility::of(100, 1, true), Ordered);
+        assert_eq!(WriteVisibility::of(200, 0, false), Ordered);
+        // No ordering: the host-side flush, where the driver has it and offers it.
+        assert_eq!(WriteVisibility::of(0, 1, true), Flush);
+        assert_eq!(WriteVisibility::of(0, 3, true), Flush);
+        assert_eq!(WriteVisibility::of(0, 1, false), Unforced);
+        // Only the stream-memop option: not a host flush.
+        assert_eq!(WriteVisibility::of(0, 2, true), Unforced);
+        assert_eq!(WriteVisibility::of(0, 0, true), Unforced);
+    }
+
+    #[test]
+    fn write_visibility_without_a_driver_is_cuda_unavailable() {
+        if available().is_ok() {
+            return; // a GPU host: scripts/gpu-check.sh checks the real answer
+        }
+        assert!(matches!(
+            write_visibility(0),
+            Err(Error::CudaUnavailable { .. })
+        ));
+        assert!(matches!(
+            flush_rdma_writes(0),
+            Err(Error::CudaUnavailable { .. })
+        ));
     }
 
     #[test]

@@ -67,6 +67,20 @@ fn host_memory_registers_as_host_whatever_the_gpu_mode() {
     }
 }
 
+/// Without GPU memory written directly by the NIC there is nothing to make visible: no CUDA
+/// call is made (on a host without CUDA one would fail with `CudaUnavailable`).
+#[test]
+fn an_engine_without_direct_gpu_segments_flushes_nothing() {
+    let e = engine(GpuMode::Auto);
+    let buf = e.alloc(1 << 20).unwrap();
+    let mut host = vec![0u8; 1 << 16];
+    // SAFETY: `host` outlives the engine's use of it (unregistered below).
+    let seg = unsafe { e.register_memory(host.as_mut_ptr(), host.len()) }.unwrap();
+    assert_eq!(e.flush_gpu_writes().unwrap(), 0);
+    e.unregister_memory(seg.id).unwrap();
+    drop(buf);
+}
+
 #[test]
 fn device_registration_without_cuda_fails_with_code_32() {
     if gpu_host() {

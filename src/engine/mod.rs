@@ -302,6 +302,22 @@ impl TransferEngine {
         self.inner.transport.as_str()
     }
 
+    /// Makes the bytes peers wrote by RDMA into this engine's GPU memory (segments registered
+    /// by dma-buf or peermem) visible to the GPUs' kernels: a `cuFlushGPUDirectRDMAWrites`
+    /// on each GPU that needs one, nothing on a GPU that orders such writes itself, nothing
+    /// at all without such segments. Call it after a [notification](Self::notifications)
+    /// and before a kernel reads the bytes; a KV room does it before reporting Success.
+    /// Returns how many GPUs were flushed.
+    pub fn flush_gpu_writes(&self) -> Result<usize> {
+        let mut flushed = 0;
+        for gpu in self.inner.segments.direct_gpus() {
+            if cuda::flush_rdma_writes(gpu)? == cuda::WriteVisibility::Flush {
+                flushed += 1;
+            }
+        }
+        Ok(flushed)
+    }
+
     /// What each RDMA rail carried as initiator, in rail order (empty over TCP): bytes
     /// posted, and bytes moved between rails when one failed (the README's "Rail failover").
     pub fn rail_stats(&self) -> Vec<RailStats> {

@@ -364,6 +364,15 @@ impl Shared {
             tracing::debug!(slot, seq, "notification for no live room");
             return false;
         };
+        // Every byte of the room is in: visible to the GPU before Success is published.
+        if core.ep.state(room) == Some(super::KvPoll::Success)
+            && let Err(e) = self.engine.flush_gpu_writes()
+        {
+            core.ep.decode().not_visible(
+                room,
+                format!("the bytes landed but could not be made visible to the GPU: {e}"),
+            );
+        }
         let quieted = core.publish();
         if let Some(c) = core.cell(room) {
             c.chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -305,6 +305,18 @@ impl ReceiverSession {
     pub fn fail(&mut self, reason: String) -> bool {
         fail_into(&mut self.state, &mut self.reason, reason)
     }
+
+    /// Every chunk arrived but the bytes cannot be trusted to be visible where they landed
+    /// (a GPU flush failed) before the Success was published: the room fails instead.
+    /// Returns true if it changed the state (false unless it is Success).
+    pub fn revoke_success(&mut self, reason: String) -> bool {
+        if self.state != KvPoll::Success {
+            return false;
+        }
+        self.state = KvPoll::Failed;
+        self.reason = Some(reason);
+        true
+    }
 }
 
 #[cfg(test)]

@@ -345,6 +345,25 @@ impl SegmentTable {
         })
     }
 
+    /// The GPUs of the segments a NIC writes directly (registered by dma-buf or peermem),
+    /// each once.
+    pub(crate) fn direct_gpus(&self) -> Vec<u32> {
+        let mut gpus: Vec<u32> = self
+            .inner
+            .read()
+            .by_id
+            .values()
+            .filter(|s| matches!(s.mode(), RegMode::Dmabuf | RegMode::Peermem))
+            .filter_map(|s| match s.placement {
+                Placement::Device { ordinal, .. } => Some(ordinal),
+                _ => None,
+            })
+            .collect();
+        gpus.sort_unstable();
+        gpus.dedup();
+        gpus
+    }
+
     /// Describes every registered segment, in id order.
     pub(crate) fn list(&self) -> Vec<SegmentInfo> {
         self.inner

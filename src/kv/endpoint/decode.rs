@@ -411,6 +411,24 @@ impl DecodeEndpoint {
         Some(room)
     }
 
+    /// Every byte of `room` landed but could not be made visible to its GPU (the driver's
+    /// flush failed, before it published the Success): the room fails with kind Transport
+    /// instead. Nothing of it can land any more.
+    pub fn not_visible(&mut self, room: u64, text: String) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if r.session.revoke_success(text.clone()) {
+            r.failure = Some(Failure {
+                kind: FailureKind::Transport,
+                state: KvPoll::Transferring,
+                text,
+            });
+            r.quiet = true;
+            self.out.changed.push(room);
+        }
+    }
+
     /// The driver connected `conn` to engine `engine`: our hello goes out, handing the
     /// prefill `link`, an unguessable token its data path must present (the driver draws it).
     pub fn connected(&mut self, conn: ConnId, engine: (u64, u64), link: u64, now: Instant) {

@@ -328,6 +328,26 @@ fn a_room_walks_both_sides_to_success() {
 }
 
 #[test]
+fn a_room_whose_bytes_cannot_be_made_visible_fails_instead_of_succeeding() {
+    let mut n = Net::new();
+    n.pair(1, 2);
+    n.send(1, 2, true);
+    n.land();
+    assert_eq!(n.d.state(1), Some(Success));
+    // The driver's GPU flush failed before it published the Success.
+    n.d.not_visible(1, "cuFlushGPUDirectRDMAWrites failed".into());
+    assert_eq!(n.d.state(1), Some(Failed));
+    let f = n.d.failure(1).unwrap().clone();
+    assert_eq!((f.kind, f.state), (FailureKind::Transport, Transferring));
+    assert!(f.text.contains("cuFlushGPUDirectRDMAWrites"), "{}", f.text);
+    assert!(n.d.quiet(1), "nothing of it can land any more");
+    assert!(n.d.poll_changed().contains(&1));
+    // Only a Success is revoked: a failed room keeps its first failure.
+    n.d.not_visible(1, "again".into());
+    assert_eq!(n.d.failure(1).unwrap().text, f.text);
+}
+
+#[test]
 fn a_destination_before_its_sender_waits_and_pairs() {
     let mut n = Net::new();
     n.d.create(7, p_addr(), n.now).unwrap();
