@@ -401,7 +401,8 @@ typedef struct kvt_engine_config {
      */
     uint32_t transport;
     /**
-     * Data connections (RDMA: QPs per rail) per peer; 0: `KVT_CONNECTIONS`, else 2.
+     * TCP data connections per peer; 0: `KVT_CONNECTIONS`, else 2. (RDMA QPs per rail come
+     * from `KVT_QPS_PER_RAIL`, default 2.)
      */
     uint32_t connections_per_peer;
     /**
@@ -727,7 +728,7 @@ int32_t kvt_engine_disconnect(struct kvt_engine *e, uint64_t peer);
 /**
  * Maps `len` bytes at the peer's virtual address `addr` to the peer segment holding them
  * and the offset inside it (`*out_segment`, `*out_offset`), refreshing the peer's segment
- * list once if needed; `KVT_ERR_UNREGISTERED_ADDRESS` when no segment of the peer covers them.
+ * list once if needed; `KVT_ERR_REMOTE_UNREGISTERED` when no segment of the peer covers them.
  *
  * # Safety
  * `e` is a live engine handle; `out_segment` and `out_offset` are writable.

@@ -261,12 +261,17 @@ pub fn write_visibility(ordinal: u32) -> Result<WriteVisibility> {
         use sys::CUdevice_attribute as A;
         // Drivers older than CUDA 11.3 know neither attribute: nothing can be forced.
         let ordering = attr(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING).unwrap_or(0);
-        let options = attr(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS).unwrap_or(0);
+        let options =
+            attr(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS).unwrap_or(0);
         let v = WriteVisibility::of(ordering, options, has_symbol("cuFlushGPUDirectRDMAWrites"));
         match v {
-            WriteVisibility::Unforced => tracing::warn!(gpu = ordinal, ordering, options,
+            WriteVisibility::Unforced => tracing::warn!(
+                gpu = ordinal,
+                ordering,
+                options,
                 "this GPU's driver offers no way to make GPUDirect RDMA writes visible from the \
-                 host: a room into its memory succeeds once the NIC wrote the bytes"),
+                 host: a room into its memory succeeds once the NIC wrote the bytes"
+            ),
             _ => tracing::info!(gpu = ordinal, ordering, options, visibility = ?v,
                 "GPUDirect RDMA write visibility"),
         }

@@ -365,7 +365,10 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
         let before = a.rail_stats()[1].posted_bytes;
         dst.write(0, &vec![0u8; bytes]);
         a.transfer_sync(peer, part).unwrap();
-        assert!(dst.to_vec()[..bytes] == data[..bytes], "every byte in place");
+        assert!(
+            dst.to_vec()[..bytes] == data[..bytes],
+            "every byte in place"
+        );
         rounds += 1;
         let now = a.rail_stats()[1].posted_bytes;
         if now > before {

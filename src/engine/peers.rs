@@ -274,7 +274,9 @@ impl Engine {
         let spawned = thread::Builder::new()
             .name("kvt-rejoin".into())
             .spawn(move || match me.rejoin(&p, &replace) {
-                Ok(()) => tracing::info!(peer = %p.info.addr, lanes = ?replace, "rdma rail put back"),
+                Ok(()) => {
+                    tracing::info!(peer = %p.info.addr, lanes = ?replace, "rdma rail put back")
+                }
                 Err(e) => tracing::warn!(peer = %p.info.addr, lanes = ?replace,
                     "cannot put the rdma rail back yet: {e}"),
             });

@@ -37,7 +37,8 @@ pub struct kvt_engine_config {
     pub listen: *const c_char,
     /// `KVT_TRANSPORT_AUTO` (0: `KVT_TRANSPORT`, else auto), `_TCP` or `_RDMA`.
     pub transport: u32,
-    /// Data connections (RDMA: QPs per rail) per peer; 0: `KVT_CONNECTIONS`, else 2.
+    /// TCP data connections per peer; 0: `KVT_CONNECTIONS`, else 2. (RDMA QPs per rail come
+    /// from `KVT_QPS_PER_RAIL`, default 2.)
     pub connections_per_peer: u32,
     /// Default batch deadline in ms; 0: `KVT_BATCH_TIMEOUT_MS`, else 30000.
     pub batch_timeout_ms: u64,
@@ -345,7 +346,7 @@ pub unsafe extern "C" fn kvt_engine_disconnect(e: *mut kvt_engine, peer: u64) ->
 
 /// Maps `len` bytes at the peer's virtual address `addr` to the peer segment holding them
 /// and the offset inside it (`*out_segment`, `*out_offset`), refreshing the peer's segment
-/// list once if needed; `KVT_ERR_UNREGISTERED_ADDRESS` when no segment of the peer covers them.
+/// list once if needed; `KVT_ERR_REMOTE_UNREGISTERED` when no segment of the peer covers them.
 ///
 /// # Safety
 /// `e` is a live engine handle; `out_segment` and `out_offset` are writable.

@@ -389,10 +389,7 @@ impl RdmaLink {
     fn drain(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
         let lanes = self.current();
-        while lanes
-            .iter()
-            .any(|l| l.in_use.load(Ordering::Acquire) > 0)
-        {
+        while lanes.iter().any(|l| l.in_use.load(Ordering::Acquire) > 0) {
             if std::time::Instant::now() >= deadline {
                 let busy: Vec<u32> = lanes
                     .iter()
