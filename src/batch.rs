@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use crate::memory::SegmentGuard;
+use crate::metrics::{Outcome, PeerCounters};
 use crate::request::BatchStatus;
 
 const PENDING: u8 = 0;
@@ -38,6 +39,17 @@ pub(crate) struct Batch {
     settled_at: std::sync::OnceLock<Instant>,
     waiting: AtomicBool,
     wake: (Mutex<()>, Condvar),
+    /// Where the batch is counted when it ends (none in unit tests).
+    record: Option<Record>,
+}
+
+/// What a batch adds to its peer's metrics when it ends.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub(crate) peer: PeerCounters,
+    pub(crate) started: Instant,
+    pub(crate) written: u64,
+    pub(crate) read: u64,
 }
 
 impl Batch {
@@ -64,6 +76,26 @@ impl Batch {
             settled_at: std::sync::OnceLock::new(),
             waiting: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
+            record: None,
+        }
+    }
+
+    /// Counts the batch in `record` when it ends.
+    pub(crate) fn recorded(mut self, record: Record) -> Self {
+        if self.is_final() {
+            record
+                .peer
+                .batch_ended(Outcome::Done, record.started, record.written, record.read);
+        } else {
+            self.record = Some(record);
+        }
+        self
+    }
+
+    /// The batch just became final with `outcome`.
+    fn ended(&self, outcome: Outcome) {
+        if let Some(r) = &self.record {
+            r.peer.batch_ended(outcome, r.started, r.written, r.read);
         }
     }
 
@@ -110,6 +142,7 @@ impl Batch {
         {
             *r = Some(reason.into());
             drop(r);
+            self.ended(Outcome::Failed);
             self.notify();
         }
     }
@@ -136,6 +169,7 @@ impl Batch {
                     self.remaining()
                 ));
                 drop(r);
+                self.ended(Outcome::TimedOut);
                 self.notify();
             }
         }
@@ -155,9 +189,13 @@ impl Batch {
         );
         if before == 1 {
             let _ = self.settled_at.set(Instant::now());
-            let _ = self
+            if self
                 .state
-                .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::SeqCst);
+                .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.ended(Outcome::Done);
+            }
             // Nothing of this batch is in the transport any more: unpin local memory.
             self.guards.lock().clear();
             self.notify();

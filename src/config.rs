@@ -11,7 +11,6 @@
 //! | `batch_timeout` | `KVT_BATCH_TIMEOUT_MS` | 30 000 ms |
 //! | `connect_timeout` | `KVT_CONNECT_TIMEOUT_MS` | 5 000 ms |
 //! | `busy_poll` | `KVT_BUSY_POLL_US` | 100 µs |
-//! | `log_level` | `KVT_LOG` | `warn` |
 //! | `devices` | `KVT_DEVICES` | all active ports (`mlx5_0,mlx5_3` or `dev:port`) |
 //! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
 //! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
@@ -19,6 +18,11 @@
 //! | `gpu_mode` | `KVT_GPU_MODE` | `auto` (`auto`, `dmabuf`, `peermem`, `staging`) |
 //! | `rails_per_gpu` | `KVT_RAILS_PER_GPU` | 1 (nearest rails a GPU segment uses) |
 //! | `secret` | `KVT_SECRET`, or `KVT_SECRET_FILE` (a path) | none: peers are not authenticated |
+//! | `metrics_listen` | `KVT_METRICS_LISTEN` | none: no HTTP endpoint (`ip:port` serves `GET /metrics`) |
+//!
+//! Logging is not engine configuration: [`init_logging`](crate::init_logging) (C
+//! `kvt_init_logging`, Python `kvtransfer.init_logging`) installs a subscriber, with the filter
+//! from `RUST_LOG`, else its argument, else (C and Python) `KVT_LOG`, else `warn`.
 //!
 //! Environment overrides apply only when asked for ([`EngineConfigBuilder::env_overrides`] or
 //! [`EngineConfig::from_env`]), so a program that builds its config in code is not surprised.
@@ -135,8 +139,6 @@ pub struct EngineConfig {
     pub connect_timeout: Duration,
     /// How long progress threads keep polling a quiet connection before they sleep.
     pub busy_poll: Duration,
-    /// `tracing` filter used by [`init_logging`](crate::init_logging) (e.g. `info`, `kvtransfer=debug`).
-    pub log_level: String,
     /// RDMA devices allowed as rails (`mlx5_0`, or `mlx5_0:1` for one port); `None` = all.
     pub devices: Option<Vec<String>>,
     /// GID index to use on every rail; `None` = choose the RoCEv2 IPv4-mapped one.
@@ -156,6 +158,9 @@ pub struct EngineConfig {
     /// about either engine is revealed; a peer without it is refused
     /// ([`Error::Unauthenticated`](crate::Error::Unauthenticated)). See `docs/security.md`.
     pub secret: Option<crate::wire::Secret>,
+    /// Where to serve the engine's metrics over HTTP for Prometheus (`GET /metrics`, the
+    /// text of [`metrics_text`](crate::TransferEngine::metrics_text)); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for EngineConfig {
@@ -170,7 +175,6 @@ impl Default for EngineConfig {
             batch_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             busy_poll: Duration::from_micros(100),
-            log_level: "warn".to_string(),
             devices: None,
             gid_index: None,
             qps_per_rail: 2,
@@ -178,6 +182,7 @@ impl Default for EngineConfig {
             gpu_mode: GpuMode::Auto,
             rails_per_gpu: 1,
             secret: None,
+            metrics_listen: None,
         }
     }
 }
@@ -319,9 +324,9 @@ impl EngineConfigBuilder {
         self
     }
 
-    /// Log filter.
-    pub fn log_level(mut self, level: impl Into<String>) -> Self {
-        self.config.log_level = level.into();
+    /// Serves the metrics over HTTP at `addr` (see [`EngineConfig::metrics_listen`]).
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics_listen = Some(addr);
         self
     }
 
@@ -378,8 +383,8 @@ impl EngineConfigBuilder {
             if let Some(v) = get("KVT_BUSY_POLL_US") {
                 c.busy_poll = Duration::from_micros(parse_num("KVT_BUSY_POLL_US", &v)?);
             }
-            if let Some(v) = get("KVT_LOG") {
-                c.log_level = v;
+            if let Some(v) = get("KVT_METRICS_LISTEN").filter(|v| !v.is_empty()) {
+                c.metrics_listen = Some(resolve(&v)?);
             }
             if let Some(v) = get("KVT_DEVICES") {
                 let list: Vec<String> = v
@@ -496,7 +501,7 @@ mod tests {
             ("KVT_SLICE_SIZE", "256K"),
             ("KVT_BATCH_TIMEOUT_MS", "1500"),
             ("KVT_BUSY_POLL_US", "0"),
-            ("KVT_LOG", "debug"),
+            ("KVT_METRICS_LISTEN", "127.0.0.1:9464"),
             ("KVT_DEVICES", "mlx5_0, mlx5_3:1"),
             ("KVT_GID_INDEX", "3"),
             ("KVT_QPS_PER_RAIL", "4"),
@@ -516,7 +521,10 @@ mod tests {
         assert_eq!(c.slice_size, 256 << 10);
         assert_eq!(c.batch_timeout, Duration::from_millis(1500));
         assert_eq!(c.busy_poll, Duration::ZERO);
-        assert_eq!(c.log_level, "debug");
+        assert_eq!(
+            c.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
         assert_eq!(
             c.devices,
             Some(vec!["mlx5_0".to_string(), "mlx5_3:1".to_string()])

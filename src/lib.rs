@@ -17,6 +17,7 @@ pub mod error;
 pub mod ffi;
 pub mod kv;
 pub mod memory;
+pub mod metrics;
 pub mod plan;
 pub mod probe;
 pub(crate) mod refusals;
@@ -33,6 +34,7 @@ pub use kv::{
     KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender, RoomMetrics,
 };
 pub use memory::{MemoryKind, RegMode, SegmentDetails, SegmentId, SegmentInfo};
+pub use metrics::{MetricsSnapshot, PeerStats, RailMetrics, RoomStats, Summary};
 pub use request::{BatchId, BatchStatus, Op, Request};
 pub use transport::notify::Notification;
 

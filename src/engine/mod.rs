@@ -5,12 +5,14 @@
 //! table), `serve` (the accept loop and accepted connections), `submit` (validation,
 //! planning onto a peer's lanes, waiting) and `kv_hooks` (what the KV layer builds on).
 
+mod exporter;
 mod kv_hooks;
 mod memory;
 mod peers;
 mod serve;
 #[cfg(test)]
 mod staging_tests;
+mod stats;
 mod submit;
 
 use std::collections::HashMap;
@@ -30,6 +32,9 @@ use crate::error::{Error, Result};
 use crate::memory::raw::RawAlloc;
 use crate::memory::{
     MemoryKind, Placed, RegMode, SegmentDetails, SegmentGuard, SegmentId, SegmentInfo, SegmentTable,
+};
+use crate::metrics::{
+    Metrics, MetricsSnapshot, PeerCounters, PeerStats, RailMetrics, RoomCounters,
 };
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Op, Request};
@@ -106,6 +111,8 @@ struct Peer {
     link: Box<dyn PeerLink>,
     /// The link token its connections present (0: none).
     token: u64,
+    /// Its batches' counters.
+    counters: PeerCounters,
 }
 
 impl Peer {
@@ -149,6 +156,10 @@ struct Engine {
     rejoin: Mutex<Option<thread::JoinHandle<()>>>,
     /// This engine, for the threads it starts after `new`.
     me: std::sync::Weak<Engine>,
+    /// Counters and histograms (`metrics`).
+    metrics: Arc<Metrics>,
+    /// The room counters of this engine's KV manager, once it has one.
+    rooms: std::sync::OnceLock<Arc<RoomCounters>>,
 }
 
 /// One engine per process: owns registered memory, the bootstrap listener, peers and the
@@ -175,6 +186,8 @@ pub struct TransferEngine {
     accept: Mutex<Option<thread::JoinHandle<()>>>,
     /// A second handle on the listener: shutting it down wakes the accept loop at once.
     listener: Mutex<Option<TcpListener>>,
+    /// The HTTP endpoint serving the metrics (`metrics_listen`), if configured.
+    exporter: Mutex<Option<exporter::Exporter>>,
 }
 
 impl std::fmt::Debug for TransferEngine {
@@ -194,16 +207,17 @@ impl TransferEngine {
         // The rail pollers stop only after shutdown has collected the QPs' flushes.
         let rdma_stop = Arc::new(AtomicBool::new(false));
         let notifier = Arc::new(Notifier::default());
+        let metrics = Arc::new(Metrics::new());
         let rdma = match config.transport {
             TransportKind::Tcp => None,
-            TransportKind::Auto => match open_rdma(&config, &notifier, &rdma_stop) {
+            TransportKind::Auto => match open_rdma(&config, &notifier, &rdma_stop, &metrics) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::info!("transport auto: using tcp ({e})");
                     None
                 }
             },
-            TransportKind::Rdma => Some(open_rdma(&config, &notifier, &rdma_stop)?),
+            TransportKind::Rdma => Some(open_rdma(&config, &notifier, &rdma_stop, &metrics)?),
         };
         let transport = if rdma.is_some() {
             TransportKind::Rdma
@@ -239,6 +253,8 @@ impl TransferEngine {
             rdma_stop,
             rejoin: Mutex::new(None),
             me: me.clone(),
+            metrics,
+            rooms: std::sync::OnceLock::new(),
             config,
         });
         let wake = listener.try_clone().map_err(|e| Error::io("dup", e))?;
@@ -261,11 +277,18 @@ impl TransferEngine {
                  anyone who can reach the port can read and write its registered memory. Set \
                  KVT_SECRET or KVT_SECRET_FILE on every engine (docs/security.md)");
         }
-        Ok(TransferEngine {
+        let engine = TransferEngine {
             inner,
             accept: Mutex::new(Some(accept)),
             listener: Mutex::new(Some(wake)),
-        })
+            exporter: Mutex::new(None),
+        };
+        if let Some(addr) = engine.inner.config.metrics_listen {
+            // On failure the engine is dropped, which stops what started.
+            let e = exporter::Exporter::start(Arc::downgrade(&engine.inner), addr)?;
+            *engine.exporter.lock() = Some(e);
+        }
+        Ok(engine)
     }
 
     /// Peer input refused so far, each with a (rate-limited) log line: connections refused or
@@ -275,6 +298,12 @@ impl TransferEngine {
     /// `docs/security.md`).
     pub fn refused_connections(&self) -> u64 {
         self.inner.served.refusals.total()
+    }
+
+    /// Where the metrics are served over HTTP (`metrics_listen`, with the real port when 0
+    /// was configured); `None` when they are not.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.lock().as_ref().map(|e| e.addr)
     }
 
     /// The bootstrap address peers connect to (with the real port when 0 was configured).
@@ -317,26 +346,6 @@ impl TransferEngine {
         }
         Ok(flushed)
     }
-
-    /// What each RDMA rail carried as initiator, in rail order (empty over TCP): bytes
-    /// posted, and bytes moved between rails when one failed (the README's "Rail failover").
-    pub fn rail_stats(&self) -> Vec<RailStats> {
-        let Some(r) = &self.inner.rdma else {
-            return Vec::new();
-        };
-        r.rails
-            .iter()
-            .zip(&r.stats)
-            .enumerate()
-            .map(|(i, (rail, s))| RailStats {
-                rail: i,
-                device: format!("{}:{}", rail.device, rail.info.port),
-                posted_bytes: s.posted.load(Ordering::Relaxed),
-                moved_in_bytes: s.moved_in.load(Ordering::Relaxed),
-                moved_out_bytes: s.moved_out.load(Ordering::Relaxed),
-            })
-            .collect()
-    }
 }
 
 impl Drop for TransferEngine {
@@ -356,6 +365,9 @@ impl TransferEngine {
     /// with `Shutdown` or `UnknownPeer`; calling this again does nothing.
     pub fn shutdown(&self) {
         self.inner.shutdown.store(true, Ordering::Release);
+        if let Some(e) = self.exporter.lock().take() {
+            e.stop();
+        }
         let peers: Vec<Arc<Peer>> = self.inner.peers.write().drain().map(|(_, p)| p).collect();
         for p in &peers {
             p.link.close();
@@ -403,6 +415,7 @@ fn open_rdma(
     config: &EngineConfig,
     notifier: &Arc<Notifier>,
     shutdown: &Arc<AtomicBool>,
+    metrics: &Metrics,
 ) -> Result<Arc<RdmaTransport>> {
     let sysfs = std::path::Path::new("/sys");
     let ports = crate::topology::discover(sysfs)?;
@@ -441,5 +454,6 @@ fn open_rdma(
         notifier.clone(),
         shutdown.clone(),
         config.busy_poll,
+        metrics,
     )
 }

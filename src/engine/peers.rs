@@ -81,6 +81,7 @@ impl TransferEngine {
             .remove(&peer.0)
             .ok_or(Error::UnknownPeer { peer: peer.0 })?;
         p.link.close();
+        p.counters.remove();
         Ok(())
     }
 
@@ -227,6 +228,7 @@ impl Engine {
         self.peers.write().insert(
             id,
             Arc::new(Peer {
+                counters: self.metrics.peer(addr, id),
                 info,
                 segments: RwLock::new(segments),
                 link,

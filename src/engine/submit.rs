@@ -200,6 +200,7 @@ impl Engine {
         timeout: Duration,
         notify: Option<u32>,
     ) -> Result<BatchId> {
+        let started = Instant::now();
         if self.shutdown.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
@@ -246,14 +247,21 @@ impl Engine {
             .collect();
         let notify = notify.map(|tag| notify::imm_encode(tag, used.len() as u32));
         let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
-        let batch = Arc::new(Batch::new(
-            id,
-            peer.0,
-            timeout,
-            units,
-            used,
-            guards.to_vec(),
-        ));
+        let written: u64 = requests
+            .iter()
+            .filter(|r| r.op == Op::Write)
+            .map(|r| r.len)
+            .sum();
+        let batch = Arc::new(
+            Batch::new(id, peer.0, timeout, units, used, guards.to_vec()).recorded(
+                crate::batch::Record {
+                    peer: p.counters.clone(),
+                    started,
+                    written,
+                    read: total - written,
+                },
+            ),
+        );
         self.batches.lock().insert(id, batch.clone());
         let inline = planned.total_bytes <= self.config.inline_bytes;
         let remote_segments = p.segments.read();

@@ -27,6 +27,7 @@ use super::proto::KvMessage;
 use super::wires::Wires;
 use crate::batch::Batch;
 use crate::error::{Error, Result};
+use crate::metrics::RoomCounters;
 
 /// The endpoint of one role.
 #[derive(Debug)]
@@ -132,6 +133,12 @@ pub(crate) struct Cell {
     pub(crate) done: OnceLock<Instant>,
     /// Decode: chunks notified.
     pub(crate) chunks: AtomicU64,
+    /// When the room was created.
+    created: Instant,
+    /// Bytes of the room: prefill, posted so far; decode, expected (set at init).
+    pub(crate) bytes: AtomicU64,
+    /// Prefill: its first write posted.
+    pub(crate) first_post: OnceLock<Instant>,
 }
 
 impl Cell {
@@ -142,6 +149,9 @@ impl Cell {
             first: OnceLock::new(),
             done: OnceLock::new(),
             chunks: AtomicU64::new(0),
+            created: Instant::now(),
+            bytes: AtomicU64::new(0),
+            first_post: OnceLock::new(),
         })
     }
 
@@ -156,6 +166,8 @@ impl Cell {
 pub(crate) struct Core {
     /// The protocol.
     pub(crate) ep: Endpoint,
+    /// The engine's room metrics.
+    counters: Arc<RoomCounters>,
     cells: HashMap<u64, Arc<Cell>>,
     /// Prefill: each channel's data path, once connected.
     pub(crate) data: HashMap<ConnId, Arc<DecodePeer>>,
@@ -168,6 +180,7 @@ impl Core {
     pub(crate) fn add_cell(&mut self, room: u64) -> Arc<Cell> {
         let c = Cell::new();
         self.cells.insert(room, c.clone());
+        self.counters.started();
         c
     }
 
@@ -182,6 +195,30 @@ impl Core {
         self.batches.remove(&room);
     }
 
+    /// Counts a room's move from `was` to `now` in the engine's metrics.
+    fn count(&self, cell: &Cell, was: KvPoll, now: KvPoll, kind: Option<FailureKind>) {
+        let c = &self.counters;
+        let at = Instant::now();
+        if was == KvPoll::Bootstrapping
+            && matches!(
+                now,
+                KvPoll::WaitingForInput | KvPoll::Transferring | KvPoll::Success
+            )
+        {
+            c.bootstrapped(at - cell.created);
+        }
+        if was.is_final() || !now.is_final() {
+            return;
+        }
+        if now == KvPoll::Success {
+            // Decode: from the first chunk notified; prefill: from the first write posted.
+            let first = cell.first.get().or(cell.first_post.get()).copied();
+            c.succeeded(cell.bytes.load(Ordering::Relaxed), first.map(|t| at - t));
+        } else {
+            c.failed(kind.unwrap_or(FailureKind::Transport));
+        }
+    }
+
     /// Copies changed rooms' states into their cells. Returns whether a room turned quiet.
     pub(crate) fn publish(&mut self) -> bool {
         let (changed, decode) = match &mut self.ep {
@@ -194,7 +231,9 @@ impl Core {
                 continue;
             };
             if let Some(s) = self.ep.state(room) {
-                cell.state.store(s as i32, Ordering::Release);
+                let was = KvPoll::from_i32(cell.state.swap(s as i32, Ordering::AcqRel))
+                    .unwrap_or(KvPoll::Failed);
+                self.count(cell, was, s, self.ep.failure(room).map(|f| f.kind));
             }
             if let (true, Endpoint::Decode(e)) = (decode, &self.ep) {
                 let q = e.quiet(room);
@@ -260,7 +299,7 @@ const KICK: u64 = u64::MAX;
 
 impl Driver {
     /// A driver for `ep`; [`start`](Self::start) runs its thread.
-    pub(crate) fn new(ep: Endpoint) -> Result<Driver> {
+    pub(crate) fn new(ep: Endpoint, counters: Arc<RoomCounters>) -> Result<Driver> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| Error::io("epoll_create1", e.into()))?;
         let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -271,6 +310,7 @@ impl Driver {
         Ok(Driver {
             core: Mutex::new(Core {
                 ep,
+                counters,
                 cells: HashMap::new(),
                 data: HashMap::new(),
                 batches: HashMap::new(),

@@ -243,7 +243,7 @@ impl KvManager {
             }
         };
         let shared = Arc::new(Shared {
-            driver: Driver::new(ep)?,
+            driver: Driver::new(ep, engine.room_counters(kv.role))?,
             engine,
             cfg: kv,
             layout,

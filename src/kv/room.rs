@@ -414,11 +414,10 @@ impl KvReceiver {
                 .init(self.room, dst_pages.to_vec(), aux_index, Instant::now())?;
         self.shared.engine.fences().clear_slot(slot);
         self.shared.engine.forget_notify_slot(slot);
-        *self.init.lock() = (
-            Some(Instant::now()),
-            dst_pages.len() as u64 * layout.page_bytes()
-                + aux_index.map_or(0, |_| layout.aux_bytes()),
-        );
+        let bytes = dst_pages.len() as u64 * layout.page_bytes()
+            + aux_index.map_or(0, |_| layout.aux_bytes());
+        self.cell.bytes.store(bytes, Ordering::Relaxed);
+        *self.init.lock() = (Some(Instant::now()), bytes);
         self.shared.driver.after(core);
         Ok(())
     }
@@ -535,7 +534,12 @@ pub(crate) fn post_job(m: &Shared, job: PostJob) {
     match posted {
         Ok((id, b)) => {
             local.first_post.get_or_insert(now);
-            local.bytes += job.reqs.iter().map(|r| r.len).sum::<u64>();
+            let bytes = job.reqs.iter().map(|r| r.len).sum::<u64>();
+            local.bytes += bytes;
+            if let Some(c) = core.cell(job.room) {
+                c.first_post.get_or_init(|| now);
+                c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
             local.slices += job.reqs.len() as u64;
             local.open.push((id, b.clone()));
             core.batches.entry(job.room).or_default().push(b);

@@ -165,9 +165,9 @@ impl Retry {
         let n = wrs.len();
         l.in_use.fetch_add(n, Ordering::AcqRel);
         let stats = &transport.stats[l.rail()];
-        stats.posted.fetch_add(bytes, Ordering::Relaxed);
+        stats.posted.inc_by(bytes);
         if moved {
-            stats.moved_in.fetch_add(bytes, Ordering::Relaxed);
+            stats.moved_in.inc_by(bytes);
         }
         let cmd = Cmd::Post {
             lane: l.clone(),
@@ -235,7 +235,7 @@ impl Retry {
         );
         self.transport.stats[from]
             .moved_out
-            .fetch_add(self.slices.iter().map(|s| s.len).sum(), Ordering::Relaxed);
+            .inc_by(self.slices.iter().map(|s| s.len).sum());
         self.lane = next;
         let finish = Finish {
             batch: batch.clone(),

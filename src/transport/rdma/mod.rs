@@ -33,21 +33,11 @@ use verbs::{Completion, Qp, Rail};
 
 use crate::error::{Error, Result};
 use crate::memory::SegmentInfo;
+use crate::metrics::{Metrics, RailCounters};
 use crate::wire::RailKey;
 
 /// Receive WRs kept posted on each target QP for write-with-immediate notifications.
 const RECV_DEPTH: u32 = 128;
-
-/// Bytes one rail carried, counted as work is posted on it.
-#[derive(Debug, Default)]
-pub(crate) struct RailCounters {
-    /// Bytes of every unit posted on the rail (moved ones included).
-    pub(crate) posted: AtomicU64,
-    /// Bytes of units moved onto this rail from a failed one.
-    pub(crate) moved_in: AtomicU64,
-    /// Bytes of units moved off this rail when its path failed.
-    pub(crate) moved_out: AtomicU64,
-}
 
 /// What the rails of this engine are and how they were chosen.
 #[derive(Debug, Clone)]
@@ -78,7 +68,7 @@ pub(crate) struct RdmaTransport {
     /// One worker per rail, in rail order.
     pub(crate) workers: Vec<worker::RailWorker>,
     /// What each rail carried, in rail order.
-    pub(crate) stats: Vec<RailCounters>,
+    pub(crate) stats: Vec<Arc<RailCounters>>,
     target_qps: Mutex<HashMap<u64, TargetQp>>,
     next_qp_key: AtomicU64,
     pub(crate) notifier: Arc<Notifier>,
@@ -92,6 +82,7 @@ impl RdmaTransport {
         notifier: Arc<Notifier>,
         shutdown: Arc<AtomicBool>,
         busy_poll: Duration,
+        metrics: &Metrics,
     ) -> Result<Arc<Self>> {
         if choice.is_empty() {
             return Err(Error::NoRdmaDevice {
@@ -104,6 +95,11 @@ impl RdmaTransport {
             .enumerate()
             .map(|(i, c)| Rail::open(&list, i as u16, &c.device, c.port, c.gid_index).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
+        let stats: Vec<Arc<RailCounters>> = rails
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Arc::new(metrics.rail(i, &format!("{}:{}", r.device, r.info.port))))
+            .collect();
         let mut failed = None;
         let (ready, ready_rx) = crossbeam_channel::bounded(rails.len());
         let t = Arc::new_cyclic(|weak| RdmaTransport {
@@ -115,6 +111,7 @@ impl RdmaTransport {
                         weak.clone(),
                         r.clone(),
                         i,
+                        stats[i].clone(),
                         shutdown.clone(),
                         busy_poll,
                         ready_rx.clone(),
@@ -122,7 +119,7 @@ impl RdmaTransport {
                     w.map_err(|e| failed = Some(e)).ok()
                 })
                 .collect(),
-            stats: rails.iter().map(|_| RailCounters::default()).collect(),
+            stats,
             rails,
             mrs: RwLock::new(HashMap::new()),
             near: RwLock::new(HashMap::new()),

@@ -133,6 +133,7 @@ impl RdmaLink {
             let mut lanes = self.lanes.write();
             let mut next = lanes.to_vec();
             for (&i, l) in replace.iter().zip(&fresh) {
+                self.transport.stats[l.rail()].rejoins.inc();
                 let old = std::mem::replace(&mut next[i], l.clone());
                 debug_assert_eq!(old.cause(), Cause::Path);
                 self.transport.workers[old.rail()].control(Cmd::Detach(old));

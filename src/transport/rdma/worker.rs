@@ -24,6 +24,7 @@ use super::link::{Finish, Lane};
 use super::outstanding::{Outstanding, signal_points, split_wr_id, wr_id};
 use super::verbs::{AsyncEvent, Completion, EventScope, Rail, WC_WR_FLUSH_ERR, Wr, wc_status_name};
 use crate::error::{Error, Result};
+use crate::metrics::RailCounters;
 
 /// Send-queue depth of each initiator QP.
 pub(crate) const SQ_DEPTH: u32 = 1024;
@@ -90,6 +91,7 @@ impl RailWorker {
         transport: Weak<RdmaTransport>,
         rail: Arc<Rail>,
         index: usize,
+        stats: Arc<RailCounters>,
         stop: Arc<AtomicBool>,
         busy_poll: Duration,
         ready: Receiver<()>,
@@ -101,6 +103,7 @@ impl RailWorker {
             transport,
             rail,
             index,
+            stats,
             post_rx,
             control_rx,
             stop,
@@ -200,6 +203,8 @@ struct Worker {
     transport: Weak<RdmaTransport>,
     rail: Arc<Rail>,
     index: usize,
+    /// The rail's counters (work requests, completions, errors).
+    stats: Arc<RailCounters>,
     post_rx: Receiver<Cmd>,
     control_rx: Receiver<Cmd>,
     stop: Arc<AtomicBool>,
@@ -394,6 +399,7 @@ impl Worker {
                     break;
                 }
                 self.rail_in_flight += n as u64;
+                self.stats.work_requests.inc_by(n as u64);
                 p.at += n;
                 if p.at == p.wrs.len() {
                     s.pending.pop_front();
@@ -426,6 +432,7 @@ impl Worker {
         };
         let mut freed = 0;
         if c.status != 0 {
+            self.stats.error(wc_status_name(c.status));
             // Everything before the failed request completed (RC completes in order).
             if seq > 0 {
                 let (n, owners) = s.out.complete_through(seq - 1);
@@ -462,6 +469,7 @@ impl Worker {
         drop(owners);
         s.lane.in_use.fetch_sub(freed as usize, Ordering::AcqRel);
         self.rail_in_flight -= freed;
+        self.stats.completions.inc_by(freed);
         self.release_if_done(i);
     }
 
