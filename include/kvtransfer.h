@@ -599,6 +599,107 @@ typedef struct kvt_room_metrics {
     uint64_t transfer_span_ns;
 } kvt_room_metrics;
 
+/**
+ * An engine's metrics, totals only (`kvt_*_metrics_text` has every series). Set
+ * `struct_size` to `sizeof(kvt_metrics)` before the call; the library fills the fields it
+ * covers. Bytes and batches count batches that ended; latencies are a count and a sum in ns
+ * (their mean is `sum / count`).
+ */
+typedef struct kvt_metrics {
+    /**
+     * `sizeof(kvt_metrics)` as the caller was compiled (set by the caller).
+     */
+    uint32_t struct_size;
+    /**
+     * Connected peers.
+     */
+    uint32_t peers;
+    /**
+     * Batches done.
+     */
+    uint64_t batches_done;
+    /**
+     * Batches failed (deadline aside).
+     */
+    uint64_t batches_failed;
+    /**
+     * Batches that missed their deadline.
+     */
+    uint64_t batches_timed_out;
+    /**
+     * Bytes written by done batches.
+     */
+    uint64_t bytes_written;
+    /**
+     * Bytes read by done batches.
+     */
+    uint64_t bytes_read;
+    /**
+     * Done batches timed.
+     */
+    uint64_t batch_latency_count;
+    /**
+     * Their submit-to-done times summed, in ns.
+     */
+    uint64_t batch_latency_sum_ns;
+    /**
+     * Peer input refused (handshakes, malformed frames, out-of-segment accesses).
+     */
+    uint64_t refused;
+    /**
+     * RDMA rails (0 over TCP).
+     */
+    uint32_t rails;
+    /**
+     * Reserved (0).
+     */
+    uint32_t reserved;
+    /**
+     * Bytes posted over every rail (moved work included).
+     */
+    uint64_t rail_posted_bytes;
+    /**
+     * Work requests posted over every rail.
+     */
+    uint64_t rail_work_requests;
+    /**
+     * Error completions over every rail.
+     */
+    uint64_t rail_errors;
+    /**
+     * Bytes moved off a rail whose path failed.
+     */
+    uint64_t rail_moved_bytes;
+    /**
+     * Lanes of failed rails put back.
+     */
+    uint64_t rail_rejoins;
+    /**
+     * The KV manager's rooms created (0 without a manager).
+     */
+    uint64_t rooms_started;
+    /**
+     * Rooms that reached Success.
+     */
+    uint64_t rooms_succeeded;
+    /**
+     * Rooms that failed.
+     */
+    uint64_t rooms_failed;
+    /**
+     * Bytes of the rooms that reached Success.
+     */
+    uint64_t room_bytes;
+    /**
+     * Rooms timed from first write (decode: first chunk) to Success.
+     */
+    uint64_t room_transfer_count;
+    /**
+     * Their times summed, in ns.
+     */
+    uint64_t room_transfer_sum_ns;
+} kvt_metrics;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1119,6 +1220,47 @@ int32_t kvt_kv_receiver_metrics(const struct kvt_kv_receiver *r, struct kvt_room
  * thread during the call.
  */
 int32_t kvt_kv_receiver_destroy(struct kvt_kv_receiver *r);
+
+/**
+ * The engine's metric totals into `*out` (set `out->struct_size` first).
+ *
+ * # Safety
+ * `e` is a live engine handle; `out` points to `out->struct_size` writable bytes.
+ */
+int32_t kvt_engine_metrics(const struct kvt_engine *e, struct kvt_metrics *out);
+
+/**
+ * The engine's metrics in the Prometheus text format (OpenMetrics 1.0, ending in `# EOF`),
+ * into `buf` of `cap` bytes with a NUL, its length (NUL excluded) in `*out_len`. With `buf`
+ * NULL and `cap` 0 nothing is written but `*out_len`: the bytes needed, NUL included. A
+ * buffer too small gives `KVT_ERR_INVALID_ARGUMENT` and is left untouched; new series may
+ * appear between two calls, so leave room (64 KiB holds an engine with a few dozen peers).
+ *
+ * # Safety
+ * `e` is a live engine handle; `buf` is NULL with `cap` 0, or writable for `cap` bytes;
+ * `out_len` is writable.
+ */
+int32_t kvt_engine_metrics_text(const struct kvt_engine *e, char *buf, size_t cap, size_t *out_len);
+
+/**
+ * As [`kvt_engine_metrics`], for the engine of a KV manager (its rooms included).
+ *
+ * # Safety
+ * `m` is a live manager handle; `out` points to `out->struct_size` writable bytes.
+ */
+int32_t kvt_kv_manager_metrics(const struct kvt_kv_manager *m, struct kvt_metrics *out);
+
+/**
+ * As [`kvt_engine_metrics_text`], for the engine of a KV manager (its rooms included).
+ *
+ * # Safety
+ * `m` is a live manager handle; `buf` is NULL with `cap` 0, or writable for `cap` bytes;
+ * `out_len` is writable.
+ */
+int32_t kvt_kv_manager_metrics_text(const struct kvt_kv_manager *m,
+                                    char *buf,
+                                    size_t cap,
+                                    size_t *out_len);
 
 #ifdef __cplusplus
 }  // extern "C"

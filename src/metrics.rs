@@ -67,9 +67,9 @@ impl Latency {
 /// How a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Done,
-    Failed,
-    TimedOut,
+    Done = 0,
+    Failed = 1,
+    TimedOut = 2,
 }
 
 impl Outcome {
@@ -85,6 +85,11 @@ impl Outcome {
 /// Every metric family of one engine, registered once.
 pub(crate) struct Metrics {
     registry: Registry,
+    /// The series a batch adds to, resolved once: batches by outcome (in `Outcome` order),
+    /// bytes written and read.
+    ended: [Counter; 3],
+    written: Counter,
+    read: Counter,
     batches: Family<Labels, Counter>,
     batch_seconds: Latency,
     bytes: Family<Labels, Counter>,
@@ -125,6 +130,9 @@ impl Metrics {
     pub(crate) fn new() -> Metrics {
         let mut r = Registry::with_prefix("kvt");
         let m = Metrics {
+            ended: Default::default(),
+            written: Counter::default(),
+            read: Counter::default(),
             batches: Family::default(),
             batch_seconds: Latency::new(latency_histogram()),
             bytes: Family::default(),
@@ -253,12 +261,23 @@ impl Metrics {
             "First write posted (decode: first chunk notified) to Success, by role",
             m.room_transfer.clone(),
         );
-        Metrics { registry: r, ..m }
+        let ended = [Outcome::Done, Outcome::Failed, Outcome::TimedOut].map(|o| {
+            m.batches
+                .get_or_create_owned(&vec![("outcome", o.label().to_string())])
+        });
+        let op = |o: &str| m.bytes.get_or_create_owned(&vec![("op", o.to_string())]);
+        Metrics {
+            registry: r,
+            ended,
+            written: op("write"),
+            read: op("read"),
+            ..m
+        }
     }
 
     /// The metrics in the Prometheus/OpenMetrics text format (`# EOF` at the end).
     pub(crate) fn text(&self) -> String {
-        let mut out = String::new();
+        let mut out = String::with_capacity(16 << 10);
         text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
@@ -326,15 +345,8 @@ impl Metrics {
         }
     }
 
-    fn bytes_of(&self, op: &str) -> Counter {
-        self.bytes
-            .get_or_create_owned(&vec![("op", op.to_string())])
-    }
-
     fn batches_of(&self, outcome: Outcome) -> u64 {
-        self.batches
-            .get(&vec![("outcome", outcome.label().to_string())])
-            .map_or(0, |c| c.get())
+        self.ended[outcome as usize].get()
     }
 
     /// The engine-wide part of a snapshot (peers, rails and rooms are the engine's to add).
@@ -344,8 +356,8 @@ impl Metrics {
             batches_failed: self.batches_of(Outcome::Failed),
             batches_timed_out: self.batches_of(Outcome::TimedOut),
             batch_latency: self.batch_seconds.summary(),
-            bytes_written: self.bytes_of("write").get(),
-            bytes_read: self.bytes_of("read").get(),
+            bytes_written: self.written.get(),
+            bytes_read: self.read.get(),
             refused: self.refused.get(),
             peers: Vec::new(),
             rails: Vec::new(),
@@ -387,16 +399,14 @@ impl PeerCounters {
     /// Records a batch of `written` and `read` bytes submitted at `started` that ended now.
     pub(crate) fn batch_ended(&self, outcome: Outcome, started: Instant, written: u64, read: u64) {
         let m = &self.metrics;
-        m.batches
-            .get_or_create(&vec![("outcome", outcome.label().to_string())])
-            .inc();
+        m.ended[outcome as usize].inc();
         match outcome {
             Outcome::Done => {
                 self.done.inc();
                 self.written.inc_by(written);
                 self.read.inc_by(read);
-                m.bytes_of("write").inc_by(written);
-                m.bytes_of("read").inc_by(read);
+                m.written.inc_by(written);
+                m.read.inc_by(read);
                 m.batch_seconds.observe(started.elapsed());
             }
             Outcome::Failed => {

@@ -39,6 +39,8 @@ pub mod kv;
 
 pub mod room;
 
+pub mod metrics;
+
 use std::ffi::c_char;
 
 /// Version of this C ABI; it changes when a function or struct changes incompatibly.

@@ -120,6 +120,36 @@ class RoomMetricsC(Structure):
     ]
 
 
+class MetricsC(Structure):
+    """``kvt_metrics``: an engine's metric totals."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("peers", c_uint32),
+        ("batches_done", c_uint64),
+        ("batches_failed", c_uint64),
+        ("batches_timed_out", c_uint64),
+        ("bytes_written", c_uint64),
+        ("bytes_read", c_uint64),
+        ("batch_latency_count", c_uint64),
+        ("batch_latency_sum_ns", c_uint64),
+        ("refused", c_uint64),
+        ("rails", c_uint32),
+        ("reserved", c_uint32),
+        ("rail_posted_bytes", c_uint64),
+        ("rail_work_requests", c_uint64),
+        ("rail_errors", c_uint64),
+        ("rail_moved_bytes", c_uint64),
+        ("rail_rejoins", c_uint64),
+        ("rooms_started", c_uint64),
+        ("rooms_succeeded", c_uint64),
+        ("rooms_failed", c_uint64),
+        ("room_bytes", c_uint64),
+        ("room_transfer_count", c_uint64),
+        ("room_transfer_sum_ns", c_uint64),
+    ]
+
+
 # ---- constants -----------------------------------------------------------------------------
 
 TRANSPORT_AUTO, TRANSPORT_TCP, TRANSPORT_RDMA = 0, 1, 2
@@ -188,6 +218,11 @@ SIGNATURES = {
     "kvt_kv_receiver_abort": (_I32, [_H]),
     "kvt_kv_receiver_metrics": (_I32, [_H, POINTER(RoomMetricsC)]),
     "kvt_kv_receiver_destroy": (_I32, [_H]),
+    # metrics
+    "kvt_engine_metrics": (_I32, [_H, POINTER(MetricsC)]),
+    "kvt_engine_metrics_text": (_I32, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t)]),
+    "kvt_kv_manager_metrics": (_I32, [_H, POINTER(MetricsC)]),
+    "kvt_kv_manager_metrics_text": (_I32, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t)]),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import POINTER, c_char, c_int32, c_uint64, create_string_buffer
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -70,6 +70,31 @@ def read_string(fn: Callable[..., int], handle: Any, cap: int = 64, room: Option
             continue
         check(status, room)
         return buf.value.decode("utf-8", errors="replace")
+
+
+def read_metrics(fn: Callable[..., int], handle: Any) -> Dict[str, int]:
+    """Calls ``fn(handle, &kvt_metrics)``: the totals as a dict (``struct_size`` and
+    ``reserved`` left out)."""
+    m = _lib.MetricsC()
+    m.struct_size = ctypes.sizeof(_lib.MetricsC)
+    check(fn(handle, ctypes.byref(m)))
+    return {name: getattr(m, name) for name, _ in _lib.MetricsC._fields_ if name not in ("struct_size", "reserved")}
+
+
+def read_text(fn: Callable[..., int], handle: Any) -> str:
+    """Calls ``fn(handle, buf, cap, &len)``: asks the size first, then reads with room to
+    spare (series may appear in between), again if that was not enough."""
+    need = ctypes.c_size_t()
+    check(fn(handle, None, 0, ctypes.byref(need)))
+    cap = need.value + 4096
+    while True:
+        buf = create_string_buffer(cap)
+        status = fn(handle, ctypes.cast(buf, POINTER(c_char)), cap, ctypes.byref(need))
+        if status == -ErrorCode.InvalidArgument and cap < (64 << 20):
+            cap *= 2
+            continue
+        check(status)
+        return buf.raw[: need.value].decode("utf-8", errors="replace")
 
 
 def address_of(obj: Any, length: Optional[int] = None) -> Tuple[int, int, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _lib
-from ._util import Handle, address_of, as_pages, closed_error, engine_config, read_string, u64_array, u64_ptr
+from ._util import Handle, address_of, as_pages, closed_error, engine_config, read_metrics, read_string, read_text, u64_array, u64_ptr
 from .errors import ErrorCode, KVTransferError, check, last_error_message
 
 #: ``get_batch_transfer_status`` values.
@@ -109,6 +109,16 @@ class TransferEngine(Handle):
         if self._local_addr is None:
             self._local_addr = read_string(self._lib.kvt_engine_local_addr, h)
         return self._local_addr
+
+    def metrics(self) -> Dict[str, int]:
+        """The engine's metric totals as a dict: batches by outcome, bytes written and read,
+        batch latency (count, sum in ns), refused input, rails, rooms (see ``kvt_metrics``)."""
+        return read_metrics(self._lib.kvt_engine_metrics, self._h())
+
+    def metrics_text(self) -> str:
+        """Every metric series in the Prometheus text format (OpenMetrics, ``# EOF`` last):
+        per peer, per rail, per failure kind, histogram buckets."""
+        return read_text(self._lib.kvt_engine_metrics_text, self._h())
 
     def get_rpc_port(self) -> int:
         """The bootstrap port (Mooncake's name)."""

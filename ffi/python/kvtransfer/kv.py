@@ -15,12 +15,12 @@ import operator
 from ctypes import byref, c_int32, c_void_p
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lib
-from ._util import Handle, as_pages, closed_error, engine_config, read_string
+from ._util import Handle, as_pages, closed_error, engine_config, read_metrics, read_string, read_text
 from .errors import ErrorCode, FailureKind, KVTransferError, check
 
 
@@ -205,6 +205,15 @@ class KVManager(Handle):
         if self._bootstrap_addr is None:
             self._bootstrap_addr = read_string(self._lib.kvt_kv_manager_bootstrap_addr, h)
         return self._bootstrap_addr
+
+    def metrics(self) -> Dict[str, int]:
+        """The manager's engine metric totals (its rooms included): batches and bytes by
+        outcome, rails, rooms started/succeeded/failed, latency counts and sums in ns."""
+        return read_metrics(self._lib.kvt_kv_manager_metrics, self._h())
+
+    def metrics_text(self) -> str:
+        """Every metric series in the Prometheus text format (OpenMetrics, ``# EOF`` last)."""
+        return read_text(self._lib.kvt_kv_manager_metrics_text, self._h())
 
     @property
     def closed(self) -> bool:

@@ -89,6 +89,15 @@ def test_deepseek_room_in_four_chunks_is_verified_byte_for_byte(sides):
     r = receiver.metrics()
     assert r.bytes == page_bytes + aux_bytes and r.slices == 4, r
     assert r.transfer_span_ns, r
+    # The managers' engine metrics count the same bytes, in the totals and the text.
+    pm, dm = prefill.mgr.metrics(), decode.mgr.metrics()
+    assert pm["bytes_written"] == page_bytes + aux_bytes == pm["room_bytes"], pm
+    assert (pm["rooms_started"], pm["rooms_succeeded"], pm["rooms_failed"]) == (1, 1, 0), pm
+    assert pm["batches_done"] == 4 and pm["peers"] == 1, pm
+    assert dm["room_bytes"] == page_bytes + aux_bytes and dm["room_transfer_count"] == 1, dm
+    text = decode.mgr.metrics_text()
+    assert f'kvt_room_bytes_total{{role="decode"}} {page_bytes + aux_bytes}\n' in text, text
+    assert text.endswith("# EOF\n")
     print(f"\n61x256x36KiB room over TCP: {page_bytes / took / 1e9:.2f} GB/s, {m.slices} writes, {took * 1e3:.0f} ms")
 
 

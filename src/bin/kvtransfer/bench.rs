@@ -139,6 +139,8 @@ struct Report {
     latency_max_us: f64,
     cpu_seconds: f64,
     verified: bool,
+    /// The initiator engine's metric totals at the end (verification included).
+    metrics: serde_json::Value,
 }
 
 pub(crate) fn config(a: &BenchArgs, listen: &str) -> Result<EngineConfig> {
@@ -380,6 +382,18 @@ fn measure(
         latency_max_us: h.max() as f64,
         cpu_seconds: cpu,
         verified,
+        metrics: {
+            let m = engine.metrics();
+            serde_json::json!({
+                "batches_done": m.batches_done,
+                "batches_failed": m.batches_failed,
+                "batches_timed_out": m.batches_timed_out,
+                "bytes_written": m.bytes_written,
+                "bytes_read": m.bytes_read,
+                "batch_latency_mean_us": m.batch_latency.mean().map(|d| d.as_secs_f64() * 1e6),
+                "refused": m.refused,
+            })
+        },
     };
     if a.json {
         println!("{}", serde_json::to_string(&report).expect("serializable"));
@@ -403,6 +417,7 @@ fn measure(
             report.cpu_seconds,
             verified
         );
+        println!("{}", crate::report::summary("initiator", &engine.metrics()));
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub(crate) struct DemoArgs {
     /// Transfers to run (the first warms up).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Also print both engines' metrics in the Prometheus text format.
+    #[arg(long)]
+    metrics_text: bool,
 }
 
 /// Destination page for each source page: runs of 1..8 contiguous pages at scattered places,
@@ -167,6 +170,12 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         a.layers,
         total as f64 / best / 1e9
     );
+    for (who, m) in [("prefill", &prefill), ("decode", &decode)] {
+        println!("{}", crate::report::summary(who, &m.engine().metrics()));
+        if a.metrics_text {
+            print!("{}", m.engine().metrics_text());
+        }
+    }
     // The sending side shuts down first, so no connection sees its peer vanish.
     drop(prefill);
     Ok(())

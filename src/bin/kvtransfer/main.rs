@@ -6,6 +6,7 @@ mod devices;
 mod doctor;
 mod kvbench;
 mod kvscale;
+mod report;
 mod scale;
 
 use std::process::ExitCode;
