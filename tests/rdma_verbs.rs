@@ -377,6 +377,17 @@ fn a_rail_that_goes_down_moves_its_work_to_the_surviving_rail() {
                 now - before,
                 started.elapsed()
             );
+            // The metrics tell the same story: lanes put back, work moved, WRs posted.
+            let m = a.metrics();
+            eprintln!("   metrics: {:?}", m.rails);
+            assert!(m.rails[1].rejoins >= 1, "{:?}", m.rails);
+            assert_eq!(m.rails[1].moved_out_bytes, moved(&a));
+            assert!(
+                m.rails
+                    .iter()
+                    .all(|r| r.work_requests > 0 && r.completions > 0)
+            );
+            assert!(m.rails.iter().all(|r| r.outstanding == 0), "{:?}", m.rails);
             break;
         }
         assert!(
