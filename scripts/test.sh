@@ -17,6 +17,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --release --all-targets -- -D warnings
 
+step "lean library: no CLI crate among its dependencies, none newer than the MSRV"
+bash scripts/lean.sh
+
 step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc

@@ -334,7 +334,7 @@ fn a_missing_sysfs_root_is_an_error() {
 
 /// `doctor --json` with these environment variables (and no secret inherited).
 fn json_env(env: &[(&str, &str)]) -> Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+    let out = std::process::Command::new(common::cli_bin())
         .args(["doctor", "--json", "--sysfs", &fixture("empty")])
         .env_remove("KVT_SECRET")
         .env_remove("KVT_SECRET_FILE")

@@ -83,7 +83,7 @@ fn cli_initiator_against_cli_target() {
     let t = spawn_target("64M");
     // Read first: its check expects the pattern a fresh target holds.
     for op in ["read", "write"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+        let out = Command::new(common::cli_bin())
             .args([
                 "bench",
                 "--role",

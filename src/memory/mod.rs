@@ -237,8 +237,8 @@ impl SegmentTable {
         })?;
         let mut t = self.inner.write();
         // The nearest segment starting below `end` is the only one that can overlap.
-        if let Some((_, s)) = t.by_base.range(..end).next_back() {
-            if s.info.base + s.info.len > addr {
+        if let Some((_, s)) = t.by_base.range(..end).next_back()
+            && s.info.base + s.info.len > addr {
                 return Err(Error::OverlappingRegistration {
                     addr,
                     len,
@@ -247,7 +247,6 @@ impl SegmentTable {
                     existing_len: s.info.len,
                 });
             }
-        }
         let id = t.next_id;
         t.next_id = t
             .next_id

@@ -74,8 +74,38 @@ pub fn local_json(sysfs: &Path, allow: Option<&[String]>) -> Result<String> {
         let kv = super::kv_rails(&pci, &names);
         names = kv.into_iter().map(|i| names[i]).collect();
     }
-    serde_json::to_string(&matrix(&pci, &names))
-        .map_err(|e| crate::Error::InvalidArgument(format!("topology JSON: {e}")))
+    Ok(to_json(&matrix(&pci, &names)))
+}
+
+/// `{"key": [["a", "b"], ["c"]], ...}`: the matrix as compact JSON.
+fn to_json(m: &BTreeMap<String, Entry>) -> String {
+    let list = |v: &[String]| {
+        format!(
+            "[{}]",
+            v.iter().map(|s| json_str(s)).collect::<Vec<_>>().join(",")
+        )
+    };
+    let entries: Vec<String> = m
+        .iter()
+        .map(|(k, [near, far])| format!("{}:[{},{}]", json_str(k), list(near), list(far)))
+        .collect();
+    format!("{{{}}}", entries.join(","))
+}
+
+/// `s` as a JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -103,6 +133,25 @@ mod tests {
         let cpu0 = v["cpu:0"][0].as_array().unwrap().len();
         let cpu1 = v["cpu:1"][0].as_array().unwrap().len();
         assert_eq!(cpu0 + cpu1, 8, "{v:#}");
+    }
+
+    #[test]
+    fn the_json_is_what_a_json_parser_reads_back() {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "cuda:0".to_string(),
+            [
+                vec!["mlx5_0".to_string()],
+                vec!["a\"b\\c\u{1}".to_string(), "é".into()],
+            ],
+        );
+        m.insert("cpu:1".to_string(), [Vec::new(), Vec::new()]);
+        let v: serde_json::Value = serde_json::from_str(&to_json(&m)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"cuda:0": [["mlx5_0"], ["a\"b\\c\u{1}", "é"]], "cpu:1": [[], []]})
+        );
+        assert_eq!(to_json(&BTreeMap::new()), "{}");
     }
 
     #[test]

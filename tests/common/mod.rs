@@ -10,6 +10,24 @@ use std::process::{Child, Command, Output, Stdio};
 
 use kvtransfer::SegmentId;
 
+/// The `kvtransfer` command, built beside this test by the workspace's `kvtransfer-cli`
+/// package (`cargo test` at the repository root builds both packages).
+pub fn cli_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/kvtransfer
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a test binary lives in target/<profile>/deps")
+        .join("kvtransfer");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the whole workspace (cargo build -p kvtransfer-cli)",
+        bin.display()
+    );
+    bin
+}
+
 /// A target process; killed when dropped.
 pub struct Target {
     /// The process (tests kill or stop it on purpose).
@@ -32,7 +50,7 @@ impl Drop for Target {
 /// Starts `kvtransfer bench --role target` on `transport` with a `buffer` buffer (like `64M`)
 /// and the extra environment `env`, and reads the JSON line it prints.
 pub fn spawn_target(transport: &str, buffer: &str, env: &[(&str, String)]) -> Target {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+    let mut child = Command::new(cli_bin())
         .args([
             "bench",
             "--role",
@@ -70,7 +88,7 @@ pub fn sysfs_fixture(name: &str) -> PathBuf {
 
 /// Runs `kvtransfer <subcommand> <args>` with no `KVT_*` variable steering rails or transport.
 pub fn run_cli(subcommand: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvtransfer"))
+    Command::new(cli_bin())
         .arg(subcommand)
         .args(args)
         .env_remove("KVT_DEVICES")

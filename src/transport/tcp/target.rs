@@ -317,8 +317,8 @@ impl Replies {
     /// when nothing else is queued (an ack then costs no thread wake-up), the rest through
     /// the send pool. Only the connection's reader calls this, so replies keep their order.
     fn send(&self, mut r: Reply) {
-        if matches!(r, Reply::Bytes { .. }) && self.outbox.is_idle() {
-            if let Some(_writing) = self.writing.try_lock() {
+        if matches!(r, Reply::Bytes { .. }) && self.outbox.is_idle()
+            && let Some(_writing) = self.writing.try_lock() {
                 if self.dead.load(Ordering::Acquire) {
                     return;
                 }
@@ -333,13 +333,11 @@ impl Replies {
                     }
                 }
             }
-        }
         // The outbox has no bound (the reader parks instead), so this never waits.
-        if let Ok(true) = self.outbox.push(r, Instant::now()) {
-            if let Some(me) = self.me.upgrade() {
+        if let Ok(true) = self.outbox.push(r, Instant::now())
+            && let Some(me) = self.me.upgrade() {
                 self.io.pool.schedule(me);
             }
-        }
     }
 }
 
@@ -563,8 +561,8 @@ impl Target {
         }
         let Some(l) = self.landing.take() else { return };
         let buf = l.buf.expect("checked above");
-        if !l.parts.is_empty() {
-            if let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled]) {
+        if !l.parts.is_empty()
+            && let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled]) {
                 tracing::warn!(
                     writes = l.parts.len(),
                     "staging copy to the GPU failed: {e}"
@@ -573,7 +571,6 @@ impl Target {
                     self.errors.entry(*b).or_insert(STAGING_FAILED);
                 }
             }
-        }
         l.device.recycle(buf);
     }
 

@@ -396,11 +396,10 @@ fn gid(host: &Host, s: &Settings) -> Check {
         Ok(r) => r,
         Err(c) => {
             // No rails may mean: no port has a usable GID; say so when that is the reason.
-            if let Err(Error::NoRdmaDevice { reason }) = &host.rails {
-                if reason.contains("GID") {
+            if let Err(Error::NoRdmaDevice { reason }) = &host.rails
+                && reason.contains("GID") {
                     return check("RoCEv2 GID", Status::Fail, reason.clone()).fix(gid_fix());
                 }
-            }
             return c;
         }
     };
