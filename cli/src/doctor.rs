@@ -397,9 +397,10 @@ fn gid(host: &Host, s: &Settings) -> Check {
         Err(c) => {
             // No rails may mean: no port has a usable GID; say so when that is the reason.
             if let Err(Error::NoRdmaDevice { reason }) = &host.rails
-                && reason.contains("GID") {
-                    return check("RoCEv2 GID", Status::Fail, reason.clone()).fix(gid_fix());
-                }
+                && reason.contains("GID")
+            {
+                return check("RoCEv2 GID", Status::Fail, reason.clone()).fix(gid_fix());
+            }
             return c;
         }
     };

@@ -432,10 +432,11 @@ impl HostBuffer {
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         if let Err(e) = self.engine.unregister(self.info.id)
-            && !matches!(e, Error::UnknownSegment { .. }) {
-                // A transfer may still touch it: leaking is the only safe choice.
-                tracing::error!("leaking buffer of segment {}: {e}", self.info.id);
-                std::mem::forget(self.mem.take());
-            }
+            && !matches!(e, Error::UnknownSegment { .. })
+        {
+            // A transfer may still touch it: leaking is the only safe choice.
+            tracing::error!("leaking buffer of segment {}: {e}", self.info.id);
+            std::mem::forget(self.mem.take());
+        }
     }
 }

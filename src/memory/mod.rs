@@ -238,15 +238,16 @@ impl SegmentTable {
         let mut t = self.inner.write();
         // The nearest segment starting below `end` is the only one that can overlap.
         if let Some((_, s)) = t.by_base.range(..end).next_back()
-            && s.info.base + s.info.len > addr {
-                return Err(Error::OverlappingRegistration {
-                    addr,
-                    len,
-                    existing: s.info.id.0,
-                    existing_addr: s.info.base,
-                    existing_len: s.info.len,
-                });
-            }
+            && s.info.base + s.info.len > addr
+        {
+            return Err(Error::OverlappingRegistration {
+                addr,
+                len,
+                existing: s.info.id.0,
+                existing_addr: s.info.base,
+                existing_len: s.info.len,
+            });
+        }
         let id = t.next_id;
         t.next_id = t
             .next_id

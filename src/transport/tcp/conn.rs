@@ -138,9 +138,10 @@ impl TcpConn {
     pub(crate) fn on_death(&self, f: impl Fn(&str) + Send + Sync + 'static) {
         let _ = self.on_death.set(Box::new(f));
         if self.dead.load(Ordering::Acquire)
-            && let Some(f) = self.on_death.get() {
-                f(&self.lost().to_string());
-            }
+            && let Some(f) = self.on_death.get()
+        {
+            f(&self.lost().to_string());
+        }
     }
 
     /// Acks and read responses this connection still waits for (a load measure for choosing
@@ -173,11 +174,13 @@ impl TcpConn {
     /// Hands `work` to the connection: written right here when `inline` and nothing is queued,
     /// else by the sender thread.
     pub(crate) fn post(&self, work: Work, inline: bool) {
-        if inline && self.outbox.is_idle()
-            && let Some(_writing) = self.writer.try_lock() {
-                self.send(&self.socket, work);
-                return;
-            }
+        if inline
+            && self.outbox.is_idle()
+            && let Some(_writing) = self.writer.try_lock()
+        {
+            self.send(&self.socket, work);
+            return;
+        }
         // Backpressure: a full outbox waits for the send pool, until the batch deadline.
         let deadline = work.batch.deadline;
         match self.outbox.push(work, deadline) {

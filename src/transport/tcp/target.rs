@@ -317,27 +317,30 @@ impl Replies {
     /// when nothing else is queued (an ack then costs no thread wake-up), the rest through
     /// the send pool. Only the connection's reader calls this, so replies keep their order.
     fn send(&self, mut r: Reply) {
-        if matches!(r, Reply::Bytes { .. }) && self.outbox.is_idle()
-            && let Some(_writing) = self.writing.try_lock() {
-                if self.dead.load(Ordering::Acquire) {
+        if matches!(r, Reply::Bytes { .. })
+            && self.outbox.is_idle()
+            && let Some(_writing) = self.writing.try_lock()
+        {
+            if self.dead.load(Ordering::Acquire) {
+                return;
+            }
+            let sent = send_now(&self.socket, &mut r.iov());
+            match sent {
+                Ok(n) if n == r.len() => return,
+                // The rest goes first: nothing else is queued and only we queue.
+                Ok(n) => r = r.skip(n),
+                Err(e) => {
+                    self.fail(e);
                     return;
                 }
-                let sent = send_now(&self.socket, &mut r.iov());
-                match sent {
-                    Ok(n) if n == r.len() => return,
-                    // The rest goes first: nothing else is queued and only we queue.
-                    Ok(n) => r = r.skip(n),
-                    Err(e) => {
-                        self.fail(e);
-                        return;
-                    }
-                }
             }
+        }
         // The outbox has no bound (the reader parks instead), so this never waits.
         if let Ok(true) = self.outbox.push(r, Instant::now())
-            && let Some(me) = self.me.upgrade() {
-                self.io.pool.schedule(me);
-            }
+            && let Some(me) = self.me.upgrade()
+        {
+            self.io.pool.schedule(me);
+        }
     }
 }
 
@@ -562,15 +565,16 @@ impl Target {
         let Some(l) = self.landing.take() else { return };
         let buf = l.buf.expect("checked above");
         if !l.parts.is_empty()
-            && let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled]) {
-                tracing::warn!(
-                    writes = l.parts.len(),
-                    "staging copy to the GPU failed: {e}"
-                );
-                for b in &l.batches {
-                    self.errors.entry(*b).or_insert(STAGING_FAILED);
-                }
+            && let Err(e) = l.device.to_device_scatter(&l.parts, &buf[..l.filled])
+        {
+            tracing::warn!(
+                writes = l.parts.len(),
+                "staging copy to the GPU failed: {e}"
+            );
+            for b in &l.batches {
+                self.errors.entry(*b).or_insert(STAGING_FAILED);
             }
+        }
         l.device.recycle(buf);
     }
 
