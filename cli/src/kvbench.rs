@@ -482,6 +482,10 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
     // The sending side goes first: its data connections close locally, and the decode side
     // has nothing in flight to lose.
     let transport = prefill.mgr.engine().transport();
+    let metrics = [
+        ("prefill", prefill.mgr.engine().metrics()),
+        ("decode", decode.mgr.engine().metrics()),
+    ];
     drop(prefill);
     drop(decode);
     let seconds = busy.as_secs_f64();
@@ -526,6 +530,9 @@ pub(crate) fn run(a: &BenchArgs, k: &KvArgs) -> Result<()> {
             report.verified_rooms,
             report.verified_pages
         );
+        for (who, m) in &metrics {
+            println!("{}", crate::report::summary(who, m));
+        }
     }
     Ok(())
 }
