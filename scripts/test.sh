@@ -24,6 +24,9 @@ step "cargo test (unit, property, integration, doc)"
 cargo test --release --all-targets --no-fail-fast
 cargo test --release --doc
 
+step "cargo doc, warnings denied (every public item documented, every link resolved)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --quiet --no-deps --workspace
+
 step "cargo test, debug profile (overflow checks and debug assertions on)"
 cargo test --all-targets --no-fail-fast
 

@@ -156,7 +156,7 @@ pub struct EngineConfig {
     /// The cluster secret every engine of the deployment holds (at least 16 bytes). With one,
     /// each connection starts with a mutual challenge–response proof of it, before anything
     /// about either engine is revealed; a peer without it is refused
-    /// ([`Error::Unauthenticated`](crate::Error::Unauthenticated)). See `docs/security.md`.
+    /// ([`Error::Unauthenticated`]). See `docs/security.md`.
     pub secret: Option<crate::wire::Secret>,
     /// Where to serve the engine's metrics over HTTP for Prometheus (`GET /metrics`, the
     /// text of [`metrics_text`](crate::TransferEngine::metrics_text)); `None`: nowhere.

@@ -1,13 +1,17 @@
 //! kvtransfer moves KV cache between the GPUs and hosts of prefill and decode servers.
 //!
-//! An [`TransferEngine`] per process registers memory as segments, connects to peer engines
-//! through a small bootstrap handshake, and moves batches of one-sided WRITE and READ
-//! requests to and from the peers' segments. Requests are coalesced and sliced by a pure
-//! [planner](plan) and spread over several connections per peer. The transport is TCP today
-//! (real sockets, the target checks every frame against its registered segments); RDMA verbs
-//! come next behind the same interface.
+//! A [`TransferEngine`] per process registers memory (host, or GPU memory by dma-buf,
+//! nvidia-peermem or staging) as segments, connects to peer engines through a small
+//! authenticated handshake, and moves batches of one-sided WRITE and READ requests to and from
+//! the peers' segments. Requests are coalesced and sliced by a pure [planner](plan) and
+//! spread over the peer's lanes: RC queue pairs on every RDMA rail (verbs loaded at run time),
+//! or TCP connections where there is no RDMA. On top, [`kv`] hands a request's paged KV cache
+//! from a prefill to a decode server in rooms polled through SGLang's KVPoll states; the
+//! same API is exported as a C ABI ([`ffi`]) and used by the Python package.
 //!
-//! Errors are one [`Error`] enum with a stable numeric code per variant for the C ABI.
+//! Errors are one [`Error`] enum with a stable numeric code per variant for the C ABI; the
+//! engine counts what it does in [`metrics`]. The repository's README and `docs/` are the
+//! guides; every Rust sample in them is compiled and run as a doc test.
 
 pub(crate) mod batch;
 pub mod config;
@@ -55,4 +59,38 @@ pub fn init_logging(filter: &str) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The Rust samples of the README and of every guide in `docs/`, compiled and run as doc
+/// tests (a fence without a language would be taken for Rust: each names its language).
+#[cfg(doctest)]
+mod doc_samples {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/architecture.md")]
+    struct Architecture;
+    #[doc = include_str!("../docs/c-abi.md")]
+    struct CAbi;
+    #[doc = include_str!("../docs/engines.md")]
+    struct Engines;
+    #[doc = include_str!("../docs/gpu.md")]
+    struct Gpu;
+    #[doc = include_str!("../docs/kv-protocol.md")]
+    struct KvProtocol;
+    #[doc = include_str!("../docs/operating.md")]
+    struct Operating;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/python.md")]
+    struct Python;
+    #[doc = include_str!("../docs/rdma.md")]
+    struct Rdma;
+    #[doc = include_str!("../docs/rust.md")]
+    struct Rust;
+    #[doc = include_str!("../docs/security.md")]
+    struct Security;
+    #[doc = include_str!("../docs/status.md")]
+    struct Status;
+    #[doc = include_str!("../docs/testing.md")]
+    struct Testing;
 }

@@ -163,3 +163,49 @@ fn kv_rooms_and_errors_from_c() {
         assert!(out.contains(line), "missing {line:?} in the output");
     }
 }
+
+/// The fenced ` ```c ` blocks of the README and of `docs/*.md`, with the file each is in.
+fn c_samples() -> Vec<(String, String)> {
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("a docs entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("a readable guide");
+        let mut block: Option<String> = None;
+        for line in text.lines() {
+            match &mut block {
+                None if line.trim_end() == "```c" => block = Some(String::new()),
+                Some(b) if line.trim_end() == "```" => {
+                    out.push((f.display().to_string(), std::mem::take(b)));
+                    block = None;
+                }
+                Some(b) => {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_c_samples_of_the_docs_compile_and_run() {
+    let samples = c_samples();
+    assert!(!samples.is_empty(), "docs/c-abi.md has a C sample");
+    for (i, (file, code)) in samples.iter().enumerate() {
+        let source = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("doc_sample_{i}.c"));
+        std::fs::write(&source, code).unwrap();
+        eprintln!("C sample {i} of {file}");
+        // `compile` joins the root with an absolute path, which gives the path itself.
+        let exe = compile(source.to_str().unwrap(), &format!("doc_sample_{i}"));
+        run(&exe, &[]);
+    }
+}

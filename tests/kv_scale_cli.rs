@@ -1,7 +1,7 @@
 //! `kvtransfer bench --kv MODEL --prefill-procs 2 --decode-procs 2 --inflight 1024`: rooms
 //! across four processes, all in flight at once, succeed and verify, and the JSON report
 //! carries the latencies and every process's threads and memory. Speed goals live in the
-//! benchmark (README), not here.
+//! benchmark (docs/performance.md), not here.
 
 mod common;
 

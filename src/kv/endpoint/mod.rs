@@ -2,7 +2,7 @@
 //!
 //! An endpoint holds every room, destination and control channel of one manager and decides
 //! everything the protocol decides: which message goes where, when a room fails and with
-//! which [`FailureKind`](super::FailureKind), when a channel is dead. It does no I/O, reads no
+//! which [`FailureKind`], when a channel is dead. It does no I/O, reads no
 //! clock and starts no thread: the caller feeds it events with the current time
 //! (`handle`, `connected`, `closed`, `handle_timeout`, the room calls) and drains what it asks
 //! for (`poll_transmit`, `poll_action`, `poll_changed`), waking it again at `poll_timeout`.
