@@ -10,9 +10,13 @@ use std::process::{Child, Command, Output, Stdio};
 
 use kvtransfer::SegmentId;
 
-/// The `kvtransfer` command, built beside this test by the workspace's `kvtransfer-cli`
-/// package (`cargo test` at the repository root builds both packages).
+/// The `kvtransfer` command: the one cargo built for this test when the test belongs to the
+/// `kvtransfer-cli` package (`cli/tests/`), else the one beside this test's executable (the
+/// guest's suite: `scripts/rdma-tests.sh` builds it first).
 pub fn cli_bin() -> PathBuf {
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_kvtransfer") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("the test's own path");
     // target/<profile>/deps/<test> -> target/<profile>/kvtransfer
     let bin = exe
@@ -22,10 +26,22 @@ pub fn cli_bin() -> PathBuf {
         .join("kvtransfer");
     assert!(
         bin.exists(),
-        "{} is missing: build the whole workspace (cargo build -p kvtransfer-cli)",
+        "{} is missing: build it first (cargo build -p kvtransfer-cli)",
         bin.display()
     );
     bin
+}
+
+/// The repository root (the library's manifest directory; `cli/`'s parent for its tests).
+pub fn repo_root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if dir.join("tests/fixtures").is_dir() {
+        dir
+    } else {
+        dir.parent()
+            .expect("cli/ lives in the repository")
+            .to_path_buf()
+    }
 }
 
 /// A target process; killed when dropped.
@@ -81,9 +97,7 @@ pub fn spawn_target(transport: &str, buffer: &str, env: &[(&str, String)]) -> Ta
 
 /// The sysfs fixture tree `name` under `tests/fixtures/sysfs`.
 pub fn sysfs_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sysfs")
-        .join(name)
+    repo_root().join("tests/fixtures/sysfs").join(name)
 }
 
 /// Runs `kvtransfer <subcommand> <args>` with no `KVT_*` variable steering rails or transport.

@@ -4,6 +4,8 @@ use std::process::Output;
 
 use serde_json::Value;
 
+// The integration tests' shared helpers live with the library's tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::{cli_stdout as stdout, sysfs_fixture as fixture};

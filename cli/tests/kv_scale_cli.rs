@@ -3,6 +3,8 @@
 //! carries the latencies and every process's threads and memory. Speed goals live in the
 //! benchmark (docs/performance.md), not here.
 
+// The integration tests' shared helpers live with the library's tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::{bench, json_num as num};

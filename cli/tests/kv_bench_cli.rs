@@ -1,5 +1,7 @@
 //! `kvtransfer bench --kv`: the CLI runs KV rooms end to end and reports sane JSON.
 
+// The integration tests' shared helpers live with the library's tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::{bench, json_num as num};

@@ -1,5 +1,7 @@
 //! An engine in this process against `kvtransfer bench --role target` in another.
 
+// The integration tests' shared helpers live with the library's tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::{Child, Command};
