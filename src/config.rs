@@ -11,7 +11,7 @@
 //! | `batch_timeout` | `KVT_BATCH_TIMEOUT_MS` | 30 000 ms |
 //! | `connect_timeout` | `KVT_CONNECT_TIMEOUT_MS` | 5 000 ms |
 //! | `busy_poll` | `KVT_BUSY_POLL_US` | 100 µs |
-//! | `devices` | `KVT_DEVICES` | all active ports (`mlx5_0,mlx5_3` or `dev:port`) |
+//! | `devices` | `KVT_DEVICES` | the KV rails: active ports of NICs that share a PCIe switch with a GPU, or all where none does (`mlx5_0,mlx5_3` or `dev:port`) |
 //! | `gid_index` | `KVT_GID_INDEX` | the RoCEv2 IPv4-mapped GID of the port's netdev |
 //! | `qps_per_rail` | `KVT_QPS_PER_RAIL` | 2 |
 //! | `io_threads` | `KVT_IO_THREADS` | 2 (TCP I/O threads, and as many send threads) |
@@ -139,7 +139,8 @@ pub struct EngineConfig {
     pub connect_timeout: Duration,
     /// How long progress threads keep polling a quiet connection before they sleep.
     pub busy_poll: Duration,
-    /// RDMA devices allowed as rails (`mlx5_0`, or `mlx5_0:1` for one port); `None` = all.
+    /// RDMA devices allowed as rails (`mlx5_0`, or `mlx5_0:1` for one port); `None` = the KV
+    /// rails ([`topology::kv_rails`](crate::topology::kv_rails)).
     pub devices: Option<Vec<String>>,
     /// GID index to use on every rail; `None` = choose the RoCEv2 IPv4-mapped one.
     pub gid_index: Option<u16>,

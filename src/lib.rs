@@ -4,10 +4,12 @@
 //! nvidia-peermem or staging) as segments, connects to peer engines through a small
 //! authenticated handshake, and moves batches of one-sided WRITE and READ requests to and from
 //! the peers' segments. Requests are coalesced and sliced by a pure [planner](plan) and
-//! spread over the peer's lanes: RC queue pairs on every RDMA rail (verbs loaded at run time),
-//! or TCP connections where there is no RDMA. On top, [`kv`] hands a request's paged KV cache
-//! from a prefill to a decode server in rooms polled through SGLang's KVPoll states; the
-//! same API is exported as a C ABI ([`ffi`]) and used by the Python package.
+//! spread over the peer's lanes: RC queue pairs on the RDMA rails that hold the batch's
+//! segments (libibverbs and libcuda are loaded at run time, so the library runs on hosts
+//! without them), or TCP connections where there is no RDMA. On top, [`kv`] hands a
+//! request's paged KV cache from a prefill to a decode server in rooms polled through
+//! SGLang's KVPoll states; the same API is exported as a C ABI ([`ffi`]) and used by the
+//! Python package.
 //!
 //! Errors are one [`Error`] enum with a stable numeric code per variant for the C ABI; the
 //! engine counts what it does in [`metrics`]. The repository's README and `docs/` are the
