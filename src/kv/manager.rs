@@ -364,10 +364,13 @@ impl Shared {
             tracing::debug!(slot, seq, "notification for no live room");
             return false;
         };
-        // Every byte of the room is in: visible to the GPU before Success is published.
-        if core.ep.state(room) == Some(super::KvPoll::Success)
-            && let Err(e) = self.engine.flush_gpu_writes()
-        {
+        // Every byte of the room just came in (Success not yet published: a repeated
+        // notification of a finished room flushes nothing): visible to the GPU first.
+        let newly_done = core.ep.state(room) == Some(super::KvPoll::Success)
+            && core
+                .cell(room)
+                .is_some_and(|c| c.state() != super::KvPoll::Success);
+        if newly_done && let Err(e) = self.engine.flush_gpu_writes() {
             core.ep.decode().not_visible(
                 room,
                 format!("the bytes landed but could not be made visible to the GPU: {e}"),
