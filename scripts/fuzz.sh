@@ -8,7 +8,7 @@
 #    [[bin]] in fuzz/Cargo.toml, else the build names it) with the flags `cargo fuzz build -a`
 #    passes -- no cargo-fuzz install needed: SanitizerCoverage (inline 8-bit counters, PC table,
 #    compare tracing, stack depth), AddressSanitizer, `--cfg fuzzing`, debug assertions, one
-#    codegen unit -- for the host triple named explicitly, so build scripts and proc macros are
+#    codegen unit, line tables for the reports -- for the host triple named explicitly, so build scripts and proc macros are
 #    built without them. RUSTC_BOOTSTRAP=1 lets the stable toolchain take -Zsanitizer. Its own
 #    target dir keeps the main build's cache intact: $KVT_FUZZ_TARGET_DIR, by default
 #    ~/.cache/kvtransfer/fuzz-target, shared by every checkout of this machine so that a fresh
@@ -41,6 +41,13 @@ done
 say "cargo check --bins"
 cargo check --quiet --manifest-path "$manifest" --bins
 
+# An instrumented binary is about 230 MB and each changed build leaves the last one behind: a
+# filling disk makes the linker die of SIGBUS, so say how much room there is when it is short.
+free_kib=$(df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 { print $4 }')
+if [ "${free_kib:-0}" -lt $((4 * 1024 * 1024)) ]; then
+  say "warning: only $((free_kib / 1024)) MiB free under $CARGO_TARGET_DIR; the build needs about 3 GiB"
+fi
+
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 say "building ${targets[*]} for $triple"
@@ -51,7 +58,22 @@ RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 --cfg fuzzing -Clink-dead-code -Zsanitizer=address -Cllvm-args=-sanitizer-coverage-stack-depth \
 -Cdebug-assertions -Ccodegen-units=1" \
   cargo build --quiet --manifest-path "$manifest" --target "$triple" --release \
-    --config profile.release.debug=true "${bins[@]}"
+    --config 'profile.release.debug="line-tables-only"' "${bins[@]}"
+
+# Drop the binaries of earlier builds: keep, per target, the deps/ file that the uplifted
+# release/<target> is a hard link of (when none is, it was copied, and nothing is removed).
+deps=$CARGO_TARGET_DIR/$triple/release/deps
+for t in "${targets[@]}"; do
+  current=$(stat -c %i "$CARGO_TARGET_DIR/$triple/release/$t")
+  keep=
+  for f in "$deps/$t"-*; do
+    [ -f "$f" ] && [ "$(stat -c %i "$f")" = "$current" ] && keep=$(basename "$f")
+  done
+  [ -n "$keep" ] || continue
+  for f in "$deps/$t"-*; do
+    case $(basename "$f") in "$keep" | "$keep".d) ;; *) rm -f "$f" ;; esac
+  done
+done
 
 logs=$(mktemp -d)
 declare -A pid_of=() # target -> pid of its running fuzzer
