@@ -600,6 +600,29 @@ typedef struct kvt_room_metrics {
 } kvt_room_metrics;
 
 /**
+ * What one batch moved and how long it took. Set `struct_size` to
+ * `sizeof(kvt_batch_metrics)` before the call; the library fills the fields it covers.
+ */
+typedef struct kvt_batch_metrics {
+    /**
+     * `sizeof(kvt_batch_metrics)` as the caller was compiled (set by the caller).
+     */
+    uint32_t struct_size;
+    /**
+     * Bytes of its write requests.
+     */
+    uint64_t bytes_written;
+    /**
+     * Bytes of its read requests.
+     */
+    uint64_t bytes_read;
+    /**
+     * From submit until the batch became final, in ns; 0 while it is pending.
+     */
+    uint64_t latency_ns;
+} kvt_batch_metrics;
+
+/**
  * An engine's metrics, totals only (`kvt_*_metrics_text` has every series). Set
  * `struct_size` to `sizeof(kvt_metrics)` before the call; the library fills the fields it
  * covers. Bytes and batches count batches that ended; latencies are a count and a sum in ns
@@ -1220,6 +1243,29 @@ int32_t kvt_kv_receiver_metrics(const struct kvt_kv_receiver *r, struct kvt_room
  * thread during the call.
  */
 int32_t kvt_kv_receiver_destroy(struct kvt_kv_receiver *r);
+
+/**
+ * What batch `batch` moves and, once final, its latency into `*out` (set
+ * `out->struct_size` first); never blocks. Readable until `kvt_batch_release`.
+ *
+ * # Safety
+ * `e` is a live engine handle; `out` points to `out->struct_size` writable bytes.
+ */
+int32_t kvt_batch_get_metrics(const struct kvt_engine *e,
+                              uint64_t batch,
+                              struct kvt_batch_metrics *out);
+
+/**
+ * `kvt_batch_wait`, then what the done batch moved and its latency into `*out` (set
+ * `out->struct_size` first). A failed batch returns `KVT_ERR_BATCH_FAILED` with `*out` zero;
+ * either way the batch is released. A bad `out` is refused before waiting.
+ *
+ * # Safety
+ * `e` is a live engine handle; `out` points to `out->struct_size` writable bytes.
+ */
+int32_t kvt_batch_wait_metrics(const struct kvt_engine *e,
+                               uint64_t batch,
+                               struct kvt_batch_metrics *out);
 
 /**
  * The engine's metric totals into `*out` (set `out->struct_size` first).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use crate::memory::SegmentGuard;
-use crate::metrics::{Outcome, PeerCounters};
+use crate::metrics::{BatchMetrics, Outcome, PeerCounters};
 use crate::request::BatchStatus;
 
 const PENDING: u8 = 0;
@@ -37,6 +37,8 @@ pub(crate) struct Batch {
     guards: Mutex<Vec<SegmentGuard>>,
     /// When the last unit came back.
     settled_at: std::sync::OnceLock<Instant>,
+    /// When the batch became final.
+    ended_at: std::sync::OnceLock<Instant>,
     waiting: AtomicBool,
     wake: (Mutex<()>, Condvar),
     /// Where the batch is counted when it ends (none in unit tests).
@@ -74,6 +76,11 @@ impl Batch {
             copy_lock: RwLock::new(()),
             guards: Mutex::new(if units == 0 { Vec::new() } else { guards }),
             settled_at: std::sync::OnceLock::new(),
+            ended_at: if units == 0 {
+                std::sync::OnceLock::from(Instant::now())
+            } else {
+                std::sync::OnceLock::new()
+            },
             waiting: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
             record: None,
@@ -94,8 +101,25 @@ impl Batch {
 
     /// The batch just became final with `outcome`.
     fn ended(&self, outcome: Outcome) {
+        let _ = self.ended_at.set(Instant::now());
         if let Some(r) = &self.record {
             r.peer.batch_ended(outcome, r.started, r.written, r.read);
+        }
+    }
+
+    /// Bytes and, once final, submit-to-end latency (zero bytes in unit tests, which record
+    /// nothing).
+    pub(crate) fn metrics(&self) -> BatchMetrics {
+        let Some(r) = &self.record else {
+            return BatchMetrics::default();
+        };
+        BatchMetrics {
+            bytes_written: r.written,
+            bytes_read: r.read,
+            latency: self
+                .ended_at
+                .get()
+                .map(|end| end.saturating_duration_since(r.started)),
         }
     }
 

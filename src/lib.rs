@@ -40,7 +40,7 @@ pub use kv::{
     KvBuffer, KvConfig, KvLayout, KvManager, KvPoll, KvReceiver, KvRole, KvSender, RoomMetrics,
 };
 pub use memory::{MemoryKind, RegMode, SegmentDetails, SegmentId, SegmentInfo};
-pub use metrics::{MetricsSnapshot, PeerStats, RailMetrics, RoomStats, Summary};
+pub use metrics::{BatchMetrics, MetricsSnapshot, PeerStats, RailMetrics, RoomStats, Summary};
 pub use request::{BatchId, BatchStatus, Op, Request};
 pub use transport::notify::Notification;
 

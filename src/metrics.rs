@@ -627,6 +627,21 @@ pub struct RoomStats {
     pub transfer: Summary,
 }
 
+/// What one batch moved and how long it took
+/// ([`TransferEngine::batch_metrics`](crate::TransferEngine::batch_metrics)): the numbers the
+/// engine adds to its counters when the batch ends, for a caller that accounts per request
+/// (SGLang's `get_transfer_metric()` per room).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchMetrics {
+    /// Bytes its write requests move to the peer.
+    pub bytes_written: u64,
+    /// Bytes its read requests move from the peer.
+    pub bytes_read: u64,
+    /// From submit until the batch became final (done, failed or timed out); `None` while it
+    /// is pending.
+    pub latency: Option<Duration>,
+}
+
 /// A snapshot of an engine's metrics ([`TransferEngine::metrics`](crate::TransferEngine::metrics)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsSnapshot {

@@ -257,3 +257,56 @@ fn batch_metrics_count_writes_and_reads_per_peer() {
     assert_eq!(sample(&text, "kvt_bytes_total{op=\"write\"}"), 300_000.0);
     assert!(initiator.metrics().peers.is_empty());
 }
+
+#[test]
+fn one_batch_reports_its_own_bytes_and_latency() {
+    let tcp = || {
+        TransferEngine::new(
+            EngineConfig::builder()
+                .transport(TransportKind::Tcp)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (target, initiator) = (tcp(), tcp());
+    let dst = target.alloc(1 << 20).unwrap();
+    let src = initiator.alloc(1 << 20).unwrap();
+    let peer = initiator.connect(target.local_addr()).unwrap();
+    let mixed = initiator
+        .submit(
+            peer,
+            &[
+                Request::write(src.addr(), 200_000, dst.segment(), 0),
+                Request::read(src.addr() + 300_000, 50_000, dst.segment(), 500_000),
+            ],
+        )
+        .unwrap();
+    // Known at submit; the latency only once it is final.
+    let early = initiator.batch_metrics(mixed).unwrap();
+    assert_eq!((early.bytes_written, early.bytes_read), (200_000, 50_000));
+    let done = initiator.wait_metrics(mixed).unwrap();
+    assert_eq!((done.bytes_written, done.bytes_read), (200_000, 50_000));
+    let latency = done.latency.expect("a done batch has a latency");
+    assert!(latency > std::time::Duration::ZERO);
+    // It is one of the observations the engine's histogram summed.
+    let m = initiator.metrics();
+    assert_eq!(m.batch_latency.count, 1);
+    assert!((m.batch_latency.sum_secs - latency.as_secs_f64()).abs() < 1e-3);
+    assert!(
+        initiator.batch_metrics(mixed).is_err(),
+        "wait_metrics released it"
+    );
+    // Polled to the end, it stays readable until released.
+    let polled = initiator
+        .submit(peer, &[Request::write(src.addr(), 4096, dst.segment(), 0)])
+        .unwrap();
+    while initiator.poll(polled).unwrap() == kvtransfer::BatchStatus::Pending {
+        std::thread::yield_now();
+    }
+    let m = initiator.batch_metrics(polled).unwrap();
+    assert_eq!(m.bytes_written, 4096);
+    assert!(m.latency.is_some());
+    initiator.release(polled);
+    assert!(initiator.batch_metrics(polled).is_err());
+}

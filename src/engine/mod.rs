@@ -34,7 +34,7 @@ use crate::memory::{
     MemoryKind, Placed, RegMode, SegmentDetails, SegmentGuard, SegmentId, SegmentInfo, SegmentTable,
 };
 use crate::metrics::{
-    Metrics, MetricsSnapshot, PeerCounters, PeerStats, RailMetrics, RoomCounters,
+    BatchMetrics, Metrics, MetricsSnapshot, PeerCounters, PeerStats, RailMetrics, RoomCounters,
 };
 use crate::plan::{PlanParams, plan};
 use crate::request::{BatchId, BatchStatus, Op, Request};

@@ -114,11 +114,23 @@ impl TransferEngine {
 
     /// Blocks until the batch is done (Ok) or failed (`Error::BatchFailed`), then releases it.
     pub fn wait(&self, batch: BatchId) -> Result<()> {
+        self.wait_metrics(batch).map(|_| ())
+    }
+
+    /// What the batch moves and, once it is final, how long it took; never blocks. Readable
+    /// until [`release`](Self::release).
+    pub fn batch_metrics(&self, batch: BatchId) -> Result<BatchMetrics> {
+        Ok(self.inner.batch(batch)?.metrics())
+    }
+
+    /// [`wait`](Self::wait), returning what the done batch moved and its latency (submit to
+    /// done).
+    pub fn wait_metrics(&self, batch: BatchId) -> Result<BatchMetrics> {
         let b = self.inner.batch(batch)?;
         self.inner.wait(&b);
         self.release(batch);
         match b.status() {
-            BatchStatus::Done => Ok(()),
+            BatchStatus::Done => Ok(b.metrics()),
             BatchStatus::Failed(reason) => Err(Error::BatchFailed {
                 batch: batch.0,
                 reason,

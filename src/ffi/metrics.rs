@@ -11,7 +11,8 @@ use super::pointers::{arg_ref, out_param, write_c_str};
 use super::versioned::{Versioned, field_spans, write_versioned};
 use crate::TransferEngine;
 use crate::error::Result;
-use crate::metrics::{MetricsSnapshot, Summary};
+use crate::metrics::{BatchMetrics, MetricsSnapshot, Summary};
+use crate::request::BatchId;
 
 /// An engine's metrics, totals only (`kvt_*_metrics_text` has every series). Set
 /// `struct_size` to `sizeof(kvt_metrics)` before the call; the library fills the fields it
@@ -104,6 +105,91 @@ impl Versioned for kvt_metrics {
             rail_errors, rail_moved_bytes, rail_rejoins, rooms_started, rooms_succeeded,
             rooms_failed, room_bytes, room_transfer_count, room_transfer_sum_ns)
     }
+}
+
+/// What one batch moved and how long it took. Set `struct_size` to
+/// `sizeof(kvt_batch_metrics)` before the call; the library fills the fields it covers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct kvt_batch_metrics {
+    /// `sizeof(kvt_batch_metrics)` as the caller was compiled (set by the caller).
+    pub struct_size: u32,
+    /// Bytes of its write requests.
+    pub bytes_written: u64,
+    /// Bytes of its read requests.
+    pub bytes_read: u64,
+    /// From submit until the batch became final, in ns; 0 while it is pending.
+    pub latency_ns: u64,
+}
+
+impl Versioned for kvt_batch_metrics {
+    const C_NAME: &'static str = "kvt_batch_metrics";
+    fn zeroed() -> Self {
+        kvt_batch_metrics {
+            struct_size: 0,
+            bytes_written: 0,
+            bytes_read: 0,
+            latency_ns: 0,
+        }
+    }
+    fn fields() -> Vec<(usize, usize)> {
+        field_spans!(kvt_batch_metrics; struct_size, bytes_written, bytes_read, latency_ns)
+    }
+}
+
+fn batch_fields(m: &BatchMetrics) -> kvt_batch_metrics {
+    kvt_batch_metrics {
+        bytes_written: m.bytes_written,
+        bytes_read: m.bytes_read,
+        // A pending batch has none; a final one at least 1 ns, so 0 always means pending.
+        latency_ns: m.latency.map_or(0, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+        }),
+        ..kvt_batch_metrics::zeroed()
+    }
+}
+
+/// What batch `batch` moves and, once final, its latency into `*out` (set
+/// `out->struct_size` first); never blocks. Readable until `kvt_batch_release`.
+///
+/// # Safety
+/// `e` is a live engine handle; `out` points to `out->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_batch_get_metrics(
+    e: *const kvt_engine,
+    batch: u64,
+    out: *mut kvt_batch_metrics,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        let m = e.engine.batch_metrics(BatchId(batch))?;
+        // SAFETY: out holds struct_size writable bytes by the contract.
+        unsafe { write_versioned(out, &batch_fields(&m), "out") }
+    })
+}
+
+/// `kvt_batch_wait`, then what the done batch moved and its latency into `*out` (set
+/// `out->struct_size` first). A failed batch returns `KVT_ERR_BATCH_FAILED` with `*out` zero;
+/// either way the batch is released. A bad `out` is refused before waiting.
+///
+/// # Safety
+/// `e` is a live engine handle; `out` points to `out->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvt_batch_wait_metrics(
+    e: *const kvt_engine,
+    batch: u64,
+    out: *mut kvt_batch_metrics,
+) -> i32 {
+    guard(|| {
+        // SAFETY: a live handle by the contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        // SAFETY: out holds struct_size writable bytes by the contract.
+        unsafe { write_versioned(out, &kvt_batch_metrics::zeroed(), "out") }?;
+        let m = e.engine.wait_metrics(BatchId(batch))?;
+        // SAFETY: out holds struct_size writable bytes by the contract.
+        unsafe { write_versioned(out, &batch_fields(&m), "out") }
+    })
 }
 
 fn sum_ns(s: &Summary) -> u64 {

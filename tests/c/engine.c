@@ -134,9 +134,18 @@ int main(void) {
         rd[i].remote_offset = MIB + (uint64_t)(i - 1) * block;
     }
     OK(kvt_batch_submit(initiator, peer, rd, 49, 10000, &batch));
-    OK(kvt_batch_wait(initiator, batch));
+    /* What this batch moved, before and after it ends. */
+    kvt_batch_metrics bm;
+    memset(&bm, 0, sizeof bm);
+    FAILS(kvt_batch_get_metrics(initiator, batch, &bm), KVT_ERR_INVALID_ARGUMENT, "struct_size");
+    bm.struct_size = sizeof bm;
+    OK(kvt_batch_get_metrics(initiator, batch, &bm));
+    CHECK(bm.bytes_read == 4 * MIB && bm.bytes_written == 0);
+    OK(kvt_batch_wait_metrics(initiator, batch, &bm));
+    CHECK(bm.bytes_read == 4 * MIB && bm.bytes_written == 0 && bm.latency_ns > 0);
+    CHECK(kvt_batch_get_metrics(initiator, batch, &bm) != KVT_OK); /* released by the wait */
     CHECK(memcmp(back, dst, 4 * MIB) == 0);
-    printf("read batch: verified %u bytes\n", 4 * MIB);
+    printf("read batch: verified %u bytes in %.3f ms\n", 4 * MIB, (double)bm.latency_ns / 1e6);
 
     /* Address-based writes (Mooncake style): destinations are the target's addresses. */
     fill(src, len, 2);

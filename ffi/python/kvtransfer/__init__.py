@@ -13,7 +13,7 @@ current directory or this package (see :mod:`kvtransfer._lib`).
 from ._lib import ABI_VERSION, LibraryNotFoundError
 from ._lib import loaded_path as library_path
 from ._util import address_of
-from .engine import BATCH_DONE, BATCH_FAILED, BATCH_PENDING, OP_READ, OP_WRITE, SegmentInfo, TransferEngine, init_logging
+from .engine import BATCH_DONE, BATCH_FAILED, BATCH_PENDING, OP_READ, OP_WRITE, BatchMetrics, SegmentInfo, TransferEngine, init_logging
 from .errors import ErrorCode, FailureKind, KVTransferError, last_error_message
 from .kv import (
     DisaggregationMode,
@@ -41,6 +41,7 @@ __all__ = [
     "BATCH_DONE",
     "BATCH_FAILED",
     "BATCH_PENDING",
+    "BatchMetrics",
     "DisaggregationMode",
     "ErrorCode",
     "FailureKind",

@@ -120,6 +120,17 @@ class RoomMetricsC(Structure):
     ]
 
 
+class BatchMetricsC(Structure):
+    """``kvt_batch_metrics``: what one batch moved, and its latency (0: pending)."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("bytes_written", c_uint64),
+        ("bytes_read", c_uint64),
+        ("latency_ns", c_uint64),
+    ]
+
+
 class MetricsC(Structure):
     """``kvt_metrics``: an engine's metric totals."""
 
@@ -190,6 +201,8 @@ SIGNATURES = {
     "kvt_batch_poll": (_I32, [_H, c_uint64, _PI32]),
     "kvt_batch_wait": (_I32, [_H, c_uint64]),
     "kvt_batch_release": (_I32, [_H, c_uint64]),
+    "kvt_batch_get_metrics": (_I32, [_H, c_uint64, POINTER(BatchMetricsC)]),
+    "kvt_batch_wait_metrics": (_I32, [_H, c_uint64, POINTER(BatchMetricsC)]),
     "kvt_transfer_sync": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t]),
     "kvt_transfer_submit": (_I32, [_H, c_uint64, c_uint32, _PU64, _PU64, _PU64, c_size_t, c_uint64, _PU64]),
     "kvt_transfer_pages": (_I32, [_H, c_uint64, c_uint32, c_void_p, c_size_t, _PI32, _PI32, c_size_t, c_uint64, _PU64]),

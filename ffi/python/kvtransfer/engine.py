@@ -7,6 +7,7 @@ code and never raise for a failed transfer (the reason is in ``engine.last_error
 
 from __future__ import annotations
 
+import ctypes
 from ctypes import byref, c_int32, c_size_t, c_uint32, c_uint64, c_void_p
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -35,6 +36,25 @@ class SegmentInfo(NamedTuple):
     kind: str  #: ``"host"`` or ``"gpu"``
     base: int
     len: int
+
+
+class BatchMetrics(NamedTuple):
+    """What one batch moved and how long it took (:meth:`TransferEngine.batch_metrics`)."""
+
+    bytes_written: int
+    bytes_read: int
+    #: Submit until the batch became final, in seconds; None while it is pending.
+    latency_s: Optional[float]
+
+    @staticmethod
+    def _from(m: "_lib.BatchMetricsC") -> "BatchMetrics":
+        return BatchMetrics(m.bytes_written, m.bytes_read, m.latency_ns / 1e9 if m.latency_ns else None)
+
+
+def _batch_metrics_out() -> "_lib.BatchMetricsC":
+    m = _lib.BatchMetricsC()
+    m.struct_size = ctypes.sizeof(_lib.BatchMetricsC)
+    return m
 
 
 class TransferEngine(Handle):
@@ -343,6 +363,19 @@ class TransferEngine(Handle):
         """Blocks until the batch is final and releases it; raises
         :class:`KVTransferError` (``BatchFailed``) if it failed."""
         check(self._lib.kvt_batch_wait(self._h(), batch))
+
+    def batch_metrics(self, batch: int) -> BatchMetrics:
+        """What the batch moves and, once final, its latency; never blocks. Readable until
+        :meth:`release`."""
+        m = _batch_metrics_out()
+        check(self._lib.kvt_batch_get_metrics(self._h(), batch, byref(m)))
+        return BatchMetrics._from(m)
+
+    def wait_metrics(self, batch: int) -> BatchMetrics:
+        """:meth:`wait`, returning what the done batch moved and its latency."""
+        m = _batch_metrics_out()
+        check(self._lib.kvt_batch_wait_metrics(self._h(), batch, byref(m)))
+        return BatchMetrics._from(m)
 
     def release(self, batch: int) -> None:
         """Forgets a final batch (an unknown or released id is a no-op)."""

@@ -36,10 +36,11 @@ import socket
 import sys
 import threading
 import types
-from typing import Dict, List, Optional, Sequence, Tuple
+from ctypes import byref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _lib
-from .engine import BATCH_DONE, BATCH_FAILED, OP_READ, OP_WRITE
+from .engine import BATCH_DONE, BATCH_FAILED, OP_READ, OP_WRITE, BatchMetrics, _batch_metrics_out
 from .engine import TransferEngine as _Engine
 from .errors import ErrorCode, KVTransferError
 
@@ -322,10 +323,16 @@ class TransferEngine:
                     raise
         raise AssertionError("unreachable")
 
-    def _wait(self, target: str, batch: int) -> int:
+    def _wait(self, target: str, batch: int, on_done: Optional[Callable[[BatchMetrics], None]] = None) -> int:
         engine = self._e()
-        if engine._lib.kvt_batch_wait(engine._h(), batch) == 0:
-            return 0
+        if on_done is None:
+            if engine._lib.kvt_batch_wait(engine._h(), batch) == 0:
+                return 0
+        else:
+            m = _batch_metrics_out()
+            if engine._lib.kvt_batch_wait_metrics(engine._h(), batch, byref(m)) == 0:
+                on_done(BatchMetrics._from(m))
+                return 0
         reason = _lib.lib().kvt_last_error_message().decode("utf-8", "replace")
         # The peer may be gone (a restart): the next call opens a fresh session.
         with self._lock:
@@ -336,7 +343,7 @@ class TransferEngine:
 
     # ---- transfers -------------------------------------------------------------------------
 
-    def _sync(self, target: str, op: int, buffers, peer_addresses, lengths, notify=None) -> int:
+    def _sync(self, target: str, op: int, buffers, peer_addresses, lengths, notify=None, on_done=None) -> int:
         if notify is not None:
             return self._fail("kvtransfer.mooncake: TransferNotify is not supported (see the module docs)")
         try:
@@ -345,7 +352,7 @@ class TransferEngine:
             batch = self._submit(target, op, buffers, peer_addresses, lengths)
         except (KVTransferError, ValueError, TypeError) as e:
             return self._fail(f"kvtransfer.mooncake: transfer to {target} refused: {e}")
-        return self._wait(target, batch)
+        return self._wait(target, batch, on_done)
 
     def transfer_sync_write(self, target_hostname: str, buffer: int, peer_buffer_address: int, length: int, transport_hint: str = "") -> int:
         """Writes ``length`` bytes at local ``buffer`` to the peer's ``peer_buffer_address``
@@ -357,10 +364,20 @@ class TransferEngine:
         and waits. 0 or -1."""
         return self._sync(target_hostname, OP_READ, [buffer], [peer_buffer_address], [length])
 
-    def batch_transfer_sync_write(self, target_hostname: str, buffers, peer_buffer_addresses, lengths, transport_hint: str = "") -> int:
+    def batch_transfer_sync_write(
+        self,
+        target_hostname: str,
+        buffers,
+        peer_buffer_addresses,
+        lengths,
+        transport_hint: str = "",
+        *,
+        on_done: Optional[Callable[[BatchMetrics], None]] = None,
+    ) -> int:
         """Writes every ``(buffer, peer address, length)`` as one batch and waits. 0 or -1
-        (-1 also when the three lists differ in length)."""
-        return self._sync(target_hostname, OP_WRITE, buffers, peer_buffer_addresses, lengths)
+        (-1 also when the three lists differ in length). ``on_done`` (kvtransfer's addition)
+        is called with the batch's :class:`~kvtransfer.BatchMetrics` when it is done."""
+        return self._sync(target_hostname, OP_WRITE, buffers, peer_buffer_addresses, lengths, on_done=on_done)
 
     def batch_transfer_sync_read(self, target_hostname: str, buffers, peer_buffer_addresses, lengths, transport_hint: str = "") -> int:
         """Reads every ``(buffer, peer address, length)`` as one batch and waits. 0 or -1."""
@@ -376,12 +393,22 @@ class TransferEngine:
         op = OP_WRITE if int(opcode) == TransferOpcode.Write else OP_READ
         return self._sync(target_hostname, op, buffers, peer_buffer_addresses, lengths, notify)
 
-    def transfer_sync_pages(self, target_hostname: str, buffers, local_pages, remote_pages, opcode: TransferOpcode = TransferOpcode.Write) -> int:
+    def transfer_sync_pages(
+        self,
+        target_hostname: str,
+        buffers,
+        local_pages,
+        remote_pages,
+        opcode: TransferOpcode = TransferOpcode.Write,
+        on_done: Optional[Callable[[BatchMetrics], None]] = None,
+    ) -> int:
         """kvtransfer's addition: moves page ``local_pages[i]`` of every buffer here and page
         ``remote_pages[i]`` of the same buffer at the peer, for every ``i``, as one batch, and
         waits; ``buffers`` is a ``(local base, peer base, item_len)`` table
         (:meth:`kvtransfer.TransferEngine.page_buffers`). The library groups pages into runs,
-        so no address list is built in Python. 0 or -1."""
+        so no address list is built in Python. ``on_done`` is called with the batch's
+        :class:`~kvtransfer.BatchMetrics` (bytes it moved, its latency) when it is done.
+        0 or -1."""
         op = OP_WRITE if int(opcode) == TransferOpcode.Write else OP_READ
         if len(local_pages) == 0 and len(remote_pages) == 0:
             return 0
@@ -398,7 +425,7 @@ class TransferEngine:
                 batch = self._e().submit_pages(self._session(target_hostname), op, buffers, local_pages, remote_pages)
         except (KVTransferError, ValueError, TypeError) as e:
             return self._fail(f"kvtransfer.mooncake: paged transfer to {target_hostname} refused: {e}")
-        return self._wait(target_hostname, batch)
+        return self._wait(target_hostname, batch, on_done)
 
     def _async(self, target: str, op: int, buffers, peer_addresses, lengths) -> int:
         try:

@@ -309,7 +309,16 @@ def test_paged_transfers_expand_pages_in_the_library(pair):
     table = TransferEngine.page_buffers([a.ctypes.data for a in src], [a.ctypes.data for a in dst], [item] * layers)
     local = np.array([0, 1, 2, 7, 3], dtype=np.int32)
     remote = np.array([9, 10, 11, 0, 15], dtype=np.int32)  # runs of 3, 1 and 1 pages
-    initiator.wait(initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, local, remote))
+    batch = initiator.submit_pages(addr, kvtransfer.OP_WRITE, table, local, remote)
+    # The library's own account of the batch: every page of every layer, once.
+    assert initiator.batch_metrics(batch)[:2] == (layers * len(local) * item, 0)
+    moved = initiator.wait_metrics(batch)
+    assert isinstance(moved, kvtransfer.BatchMetrics)
+    assert (moved.bytes_written, moved.bytes_read) == (layers * len(local) * item, 0)
+    assert moved.latency_s is not None and moved.latency_s > 0
+    with pytest.raises(KVTransferError) as e:
+        initiator.batch_metrics(batch)
+    assert e.value.code == ErrorCode.UnknownBatch
     for l in range(layers):
         for s, d in zip(local, remote):
             assert np.array_equal(dst[l][d * item : (d + 1) * item], src[l][s * item : (s + 1) * item])

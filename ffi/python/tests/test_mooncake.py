@@ -288,3 +288,19 @@ def test_engine_level_additions(two):
     eng.disconnect(peer)
     with pytest.raises(Exception):
         eng.remote_segments(peer)
+
+
+def test_sync_calls_report_what_the_library_moved(two):
+    """kvtransfer's ``on_done``: each done batch's own bytes and latency, from the library."""
+    a, b, src, dst, target = two
+    s, d = src.ctypes.data, dst.ctypes.data
+    seen = []
+    assert a.batch_transfer_sync_write(target, [s, s + 8192], [d + 4096, d], [3000, 5000], on_done=seen.append) == 0
+    table = a._engine.page_buffers([s], [d], [4096])
+    assert a.transfer_sync_pages(target, table, [1, 2, 3], [10, 11, 40], on_done=seen.append) == 0
+    assert [(m.bytes_written, m.bytes_read) for m in seen] == [(8000, 0), (3 * 4096, 0)]
+    assert all(m.latency_s is not None and m.latency_s > 0 for m in seen)
+    assert np.array_equal(dst[40 * 4096 : 41 * 4096], src[3 * 4096 : 4 * 4096])
+    # A failed batch reports nothing.
+    assert a.batch_transfer_sync_write(target, [s], [d + MiB], [16], on_done=seen.append) == -1
+    assert len(seen) == 2

@@ -17,13 +17,22 @@ and timeouts all keep working as SGLang ships them. What changes:
 - Layouts the paged call does not cover (device-side destination pages, custom memory pools,
   unified memory, bounded index batches) fall back to the Mooncake code path over the same
   engine, which speaks Mooncake's API.
+- **Transfer metrics from the library.** Every batch the engine waits for on a transfer
+  worker (or on a thread it handed the chunk's work to) is metered for the chunk's room from
+  the library's own per-batch report: bytes moved, and submit-to-done time.
+  :meth:`KvtKVSender.get_transfer_metric` reports the room's bytes (KV pages, aux and state
+  alike) and the span from its first batch's submit to its last batch's end.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,9 +41,81 @@ from sglang.srt.disaggregation.mooncake import conn as mc
 from sglang.srt.disaggregation.utils import build_transfer_entry_pairs, is_elided_entry
 
 from .. import mooncake as kvt_mooncake
+from ..engine import BatchMetrics
 from ..engine import TransferEngine as _Engine
 
 log = logging.getLogger("kvtransfer.sglang")
+
+
+class RoomMeter:
+    """What the library reported for each room's batches: bytes moved, and the span from the
+    first batch's submit to the last batch's end. Keeps the newest ``cap`` rooms, so a room
+    whose metric is never read cannot make it grow."""
+
+    def __init__(self, cap: int = 4096):
+        self._lock = threading.Lock()
+        self._rooms: "OrderedDict[int, List[float]]" = OrderedDict()  # room -> [bytes, start, end]
+        self._cap = cap
+
+    def add(self, room: int, m: BatchMetrics) -> None:
+        """Counts one done batch of ``room``."""
+        end = time.perf_counter()
+        start = end - (m.latency_s or 0.0)
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                self._rooms[room] = r = [0, start, end]
+                while len(self._rooms) > self._cap:
+                    self._rooms.popitem(last=False)
+            r[0] += m.bytes_written + m.bytes_read
+            r[1] = min(r[1], start)
+            r[2] = max(r[2], end)
+
+    def take(self, room: int) -> Optional[Tuple[int, float]]:
+        """(bytes, span in seconds) of ``room``, forgotten here; None if nothing was metered."""
+        with self._lock:
+            r = self._rooms.pop(room, None)
+        return None if r is None else (int(r[0]), r[2] - r[1])
+
+
+class _RoomQueue:
+    """A transfer worker's queue that notes, for its thread, the room of the chunk it hands out."""
+
+    def __init__(self, queue, current: threading.local):
+        self._queue = queue
+        self._current = current
+
+    def get(self, *args, **kwargs):
+        chunk = self._queue.get(*args, **kwargs)
+        self._current.room = getattr(chunk, "room", None)
+        return chunk
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
+class _RoomExecutor:
+    """A transfer worker's executor whose tasks run under the room of the chunk that submitted
+    them."""
+
+    def __init__(self, executor, current: threading.local):
+        self._executor = executor
+        self._current = current
+
+    def submit(self, fn, *args, **kwargs):
+        room = getattr(self._current, "room", None)
+
+        def under_room():
+            self._current.room = room
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._current.room = None
+
+        return self._executor.submit(under_room)
+
+    def __getattr__(self, name):
+        return getattr(self._executor, name)
 
 
 class KvtEngine:
@@ -50,6 +131,14 @@ class KvtEngine:
         self.hostname = hostname
         self.ib_device = ib_device
         self.session_id = f"{hostname}:{self.te.get_rpc_port()}"
+        #: Per room: what the library reported for its batches.
+        self.meter = RoomMeter()
+        #: The room the calling thread works for (set by the manager's transfer workers).
+        self.current = threading.local()
+
+    def _on_done(self) -> Optional[Callable[[BatchMetrics], None]]:
+        room = getattr(self.current, "room", None)
+        return None if room is None else functools.partial(self.meter.add, room)
 
     def get_session_id(self) -> str:
         return self.session_id
@@ -75,14 +164,20 @@ class KvtEngine:
         return self.te.batch_unregister_memory(ptrs)
 
     def transfer_sync(self, session_id: str, buffer: int, peer_buffer_address: int, length: int) -> int:
-        return self.te.transfer_sync_write(session_id, buffer, peer_buffer_address, length)
+        return self.batch_transfer_sync(session_id, [buffer], [peer_buffer_address], [length])
 
     def batch_transfer_sync(self, session_id: str, buffers, peer_buffer_addresses, lengths) -> int:
-        return self.te.batch_transfer_sync_write(session_id, buffers, peer_buffer_addresses, lengths)
+        return self.te.batch_transfer_sync_write(
+            session_id, buffers, peer_buffer_addresses, lengths, on_done=self._on_done()
+        )
 
     def transfer_pages(self, session_id: str, table: np.ndarray, local_pages, remote_pages) -> int:
         """One paged write (see :meth:`kvtransfer.mooncake.TransferEngine.transfer_sync_pages`)."""
-        return self.te.transfer_sync_pages(session_id, table, local_pages, remote_pages)
+        return self.te.transfer_sync_pages(session_id, table, local_pages, remote_pages, on_done=self._on_done())
+
+    def metrics(self) -> Dict[str, int]:
+        """The engine's metric totals (:meth:`kvtransfer.TransferEngine.metrics`)."""
+        return self.te._e().metrics()
 
     def send_probe(self, peer_session_id: str) -> int:
         return self.te.send_probe(peer_session_id)
@@ -114,6 +209,19 @@ class KvtKVManager(mc.MooncakeKVManager):
     def teardown(self) -> None:
         super().teardown()
         self.engine.close()
+
+    def transfer_worker(self, queue, executor, *args, **kwargs):
+        # SGLang's worker, told which room each chunk (and the work it hands its executor)
+        # belongs to, so the engine meters the room's batches.
+        current = self.engine.current
+        return super().transfer_worker(
+            _RoomQueue(queue, current), _RoomExecutor(executor, current), *args, **kwargs
+        )
+
+    def room_transfer(self, room: int) -> Optional[Tuple[int, float]]:
+        """(bytes, seconds) the library reported for ``room``'s batches, forgotten here; None
+        when none was metered."""
+        return self.engine.meter.take(room)
 
     def _layer_params(self, dst_kv_ptrs: List[int], dst_layer_ids) -> Optional[List[Tuple[int, int, int]]]:
         """(source base, destination base, item_len) per buffer, paired as SGLang's Mooncake
@@ -207,7 +315,25 @@ class KvtKVManager(mc.MooncakeKVManager):
 
 
 class KvtKVSender(mc.MooncakeKVSender):
-    """SGLang's Mooncake sender, over :class:`KvtKVManager`."""
+    """SGLang's Mooncake sender, over :class:`KvtKVManager`, whose transfer metric comes from
+    the library."""
+
+    _moved: Optional[Tuple[int, float]] = None
+
+    def clear(self) -> None:
+        # SGLang clears a room before it reads the metric: keep the room's numbers here.
+        self._moved = self.kv_mgr.room_transfer(self.bootstrap_room) or self._moved
+        super().clear()
+
+    def get_transfer_metric(self):
+        """SGLang's metric with the library's numbers for this room: bytes its batches moved
+        (KV pages, aux and state) and the span from its first batch's submit to its last
+        batch's end. Where nothing was metered (no batch ran), SGLang's own count stays."""
+        metric = super().get_transfer_metric()
+        self._moved = self.kv_mgr.room_transfer(self.bootstrap_room) or self._moved
+        if self._moved is not None:
+            metric.transfer_total_bytes, metric.transfer_latency_s = self._moved
+        return metric
 
 
 class KvtKVReceiver(mc.MooncakeKVReceiver):
@@ -218,4 +344,4 @@ class KvtKVBootstrapServer(mc.MooncakeKVBootstrapServer):
     """SGLang's bootstrap server (``CommonKVBootstrapServer``), unchanged."""
 
 
-__all__ = ["KVArgs", "KvtEngine", "KvtKVBootstrapServer", "KvtKVManager", "KvtKVReceiver", "KvtKVSender"]
+__all__ = ["KVArgs", "KvtEngine", "RoomMeter", "KvtKVBootstrapServer", "KvtKVManager", "KvtKVReceiver", "KvtKVSender"]

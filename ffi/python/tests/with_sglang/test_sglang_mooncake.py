@@ -155,11 +155,18 @@ def test_two_ranks_chunked_scattered_pages_and_aux(servers, layout):
     bytes_per_page = layout.buffers * layout.item_len
     for rank, sender in zip(prefill.ranks, p.parts):
         metric = sender.get_transfer_metric()
-        assert metric.transfer_total_bytes == PAGES * bytes_per_page
         if prefill.backend.value == "kvtransfer":
             # Each chunk went as one paged library call, none through address lists.
             assert (rank.mgr.paged_chunks, rank.mgr.fallback_chunks) == (len(CHUNKS), 0)
+            # The library's numbers for the room: the KV pages and the aux slot, which is
+            # every byte this rank's engine wrote (its only room).
+            aux_bytes = sum(rank.mgr.kv_args.aux_item_lens)
+            assert metric.transfer_total_bytes == PAGES * bytes_per_page + aux_bytes
+            assert metric.transfer_total_bytes == rank.mgr.engine.metrics()["bytes_written"]
             assert metric.transfer_latency_s is not None and metric.transfer_latency_s > 0
+        else:
+            # SGLang's count: KV pages only.
+            assert metric.transfer_total_bytes == PAGES * bytes_per_page
 
     # The schedulers clear both sides after Success; nothing of the room is left.
     p.clear()
@@ -430,3 +437,19 @@ def test_decode_process_killed_mid_room(servers, sglang_env, mooncake_engine, ba
     errors = p.failure_exceptions()
     assert [e.is_from_another_rank for e in errors] == [False] * TP
     assert all(e.failure_reason.startswith(f"Failed to send kv chunk of {room}") for e in errors)
+
+
+def test_room_meter_sums_a_rooms_batches_and_keeps_only_the_newest_rooms():
+    from kvtransfer import BatchMetrics
+    from kvtransfer.sglang.conn import RoomMeter
+
+    meter = RoomMeter(cap=2)
+    meter.add(1, BatchMetrics(100, 0, 0.5))
+    meter.add(1, BatchMetrics(20, 3, 0.001))
+    moved, span = meter.take(1)
+    assert moved == 123 and 0.5 <= span < 5
+    assert meter.take(1) is None, "taken once"
+    for room in (2, 3, 4):
+        meter.add(room, BatchMetrics(room, 0, None))
+    assert meter.take(2) is None, "the oldest room went at the cap"
+    assert [meter.take(r)[0] for r in (3, 4)] == [3, 4]
