@@ -568,6 +568,12 @@ typedef struct kvt_kv_config {
      * `KVT_FAILURE_PEER_LOST`. 0: `KVT_HEARTBEAT_TIMEOUT_MS`, else 5000. (Added later.)
      */
     uint64_t heartbeat_timeout_ms;
+    /**
+     * Decode: 1 makes every room ask its sender for a digest of each chunk and verify it
+     * before Success (a mismatch fails the room with `KVT_FAILURE_INTEGRITY`); host memory
+     * only. 0: `KVT_KV_INTEGRITY`, else off. (Added later.)
+     */
+    uint32_t integrity;
 } kvt_kv_config;
 
 /**

@@ -50,6 +50,17 @@ pub mod bench_internals {
     pub use crate::transport::rdma::cost::{FakeQp, wr_pipeline};
 }
 
+/// Fault points for tests (not a stable API).
+#[doc(hidden)]
+pub mod testing {
+    /// Each of the next `n` write frames that land in host memory at a TCP target of this
+    /// process gets its first byte flipped after it landed: a corruption in flight that only
+    /// an end-to-end check (KV integrity digests) can see. 0 disarms it.
+    pub fn corrupt_tcp_writes(n: u32) {
+        crate::transport::tcp::io::CORRUPT_WRITES.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Installs a `tracing` subscriber that logs to stderr with `filter` (e.g. `info`,
 /// `kvtransfer=debug`); `RUST_LOG` wins when set. Does nothing if one is already installed.
 pub fn init_logging(filter: &str) {

@@ -80,6 +80,7 @@ fn a_decode_that_parks_huge_destinations_is_capped_and_others_are_served() {
             slot: room as u32,
             aux_index: None,
             pages: all.clone(),
+            digests: false,
         };
         s.write_all(&init.encode()).unwrap();
     }

@@ -420,9 +420,12 @@ fn kv_manager(
         vec![],
     )
     .unwrap();
+    // The decode side checks every chunk against the sender's digest (integrity digests over
+    // RDMA: what landed through the NIC is what the sender posted).
     let kv = KvConfig::new(role)
         .room_timeout(Duration::from_secs(60))
-        .abort_timeout(Duration::from_secs(5));
+        .abort_timeout(Duration::from_secs(5))
+        .integrity(role == KvRole::Decode);
     // SAFETY: the callers keep `mem` alive and in place until the manager is dropped.
     unsafe { KvManager::new(rdma_config(devices), kv, layout) }.unwrap()
 }

@@ -121,6 +121,43 @@ impl TransferEngine {
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.inner.segments.list()
     }
+
+    /// Whether `[addr, addr + len)` is registered host memory (which the CPU can read).
+    pub(crate) fn is_host_memory(&self, addr: u64, len: u64) -> bool {
+        self.inner
+            .segments
+            .pin_local(addr, len.max(1))
+            .is_ok_and(|g| g.segment().info.kind == MemoryKind::Host)
+    }
+
+    /// 64-bit XXH3 of the bytes of `ranges` `(address, length)`, in order, each inside
+    /// registered host memory of this engine (KV integrity digests). GPU memory is refused:
+    /// the CPU cannot read it.
+    pub(crate) fn digest_local(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut scratch = vec![0u8; 64 << 10];
+        let mut guard: Option<crate::memory::SegmentGuard> = None;
+        for &(addr, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let inside = |g: &crate::memory::SegmentGuard| {
+                let s = &g.segment().info;
+                addr >= s.base && addr + len <= s.base + s.len
+            };
+            if !guard.as_ref().is_some_and(inside) {
+                guard = Some(self.inner.segments.pin_local(addr, len)?);
+            }
+            let g = guard.as_ref().expect("pinned above");
+            if g.segment().info.kind != MemoryKind::Host {
+                return Err(Error::InvalidArgument(format!(
+                    "{addr:#x}+{len} is GPU memory: digests cover host memory only"
+                )));
+            }
+            crate::memory::raw::hash_range(g, addr, len as usize, &mut scratch, &mut hasher);
+        }
+        Ok(hasher.digest())
+    }
 }
 
 impl Engine {

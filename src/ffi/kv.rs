@@ -69,6 +69,10 @@ pub struct kvt_kv_config {
     /// A peer manager silent this long (no heartbeat) is lost: its rooms fail with
     /// `KVT_FAILURE_PEER_LOST`. 0: `KVT_HEARTBEAT_TIMEOUT_MS`, else 5000. (Added later.)
     pub heartbeat_timeout_ms: u64,
+    /// Decode: 1 makes every room ask its sender for a digest of each chunk and verify it
+    /// before Success (a mismatch fails the room with `KVT_FAILURE_INTEGRITY`); host memory
+    /// only. 0: `KVT_KV_INTEGRITY`, else off. (Added later.)
+    pub integrity: u32,
 }
 
 impl Versioned for kvt_kv_config {
@@ -85,11 +89,12 @@ impl Versioned for kvt_kv_config {
             abort_timeout_ms: 0,
             connect_timeout_ms: 0,
             heartbeat_timeout_ms: 0,
+            integrity: 0,
         }
     }
     fn fields() -> Vec<(usize, usize)> {
         field_spans!(kvt_kv_config; struct_size, role, room_timeout_ms, buffers, num_buffers,
-            aux, num_aux, abort_timeout_ms, connect_timeout_ms, heartbeat_timeout_ms)
+            aux, num_aux, abort_timeout_ms, connect_timeout_ms, heartbeat_timeout_ms, integrity)
     }
 }
 
@@ -132,6 +137,16 @@ unsafe fn kv_settings(kv: *const kvt_kv_config) -> Result<(KvConfig, KvLayout)> 
     }
     if c.heartbeat_timeout_ms != 0 {
         config = config.heartbeat_timeout(Duration::from_millis(c.heartbeat_timeout_ms));
+    }
+    match c.integrity {
+        0 => {}
+        1 => config = config.integrity(true),
+        other => {
+            return Err(Error::InvalidConfig {
+                field: "integrity".into(),
+                reason: format!("{other} is not 0 (the default) or 1 (on)"),
+            });
+        }
     }
     // SAFETY: the arrays hold num_buffers and num_aux entries by the contract.
     let (buffers, aux) = unsafe {

@@ -74,7 +74,7 @@ impl Endpoint {
         }
     }
 
-    fn has_actions(&self) -> bool {
+    pub(crate) fn has_actions(&self) -> bool {
         match self {
             Endpoint::Decode(e) => e.has_actions(),
             Endpoint::Prefill(e) => e.has_actions(),
@@ -636,6 +636,34 @@ impl Loop {
             }
             Action::Decode(DecodeAction::StopInbound { peer }) => {
                 m.engine.stop_inbound(peer.0, peer.1);
+            }
+            Action::Decode(DecodeAction::Verify {
+                room,
+                seq,
+                last,
+                pages,
+                aux,
+                digest,
+            }) => {
+                // Hashed without the lock: room calls and notifications go on meanwhile.
+                let ranges = m.layout.digest_ranges(&pages, aux);
+                let result = match m.engine.digest_local(&ranges) {
+                    Ok(d) if d == digest => Ok(()),
+                    Ok(d) => Err(format!(
+                        "chunk {seq} ({} pages) differs from what the sender posted: digest \
+                         {d:#018x} here, {digest:#018x} sent",
+                        pages.len()
+                    )),
+                    Err(e) => Err(format!("chunk {seq} could not be checked: {e}")),
+                };
+                if let Err(why) = &result {
+                    tracing::warn!(room, "integrity: {why}");
+                }
+                let now = Instant::now();
+                let mut core = m.driver.core.lock();
+                core.ep.decode().verified(room, seq, last, result, now);
+                m.chunk_counted(&mut core, room, now);
+                m.driver.after(core);
             }
             Action::Prefill(PrefillAction::ConnectData {
                 conn,

@@ -87,6 +87,31 @@ impl KvLayout {
         self.aux.iter().map(|b| b.item_len).sum()
     }
 
+    /// The memory a chunk digest covers, in the order it is hashed: for every page buffer in
+    /// layout order, the item of each of `pages` in order (runs of consecutive pages as one
+    /// range); then, if `aux` is set, that slot of every aux buffer. Pages and slot must be in
+    /// range (checked by the room calls).
+    pub fn digest_ranges(&self, pages: &[i32], aux: Option<u32>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for b in &self.buffers {
+            for &p in pages {
+                let (addr, len) = (b.addr + p as u64 * b.item_len, b.item_len);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == addr => last.1 += len,
+                    _ => out.push((addr, len)),
+                }
+            }
+        }
+        if let Some(slot) = aux {
+            out.extend(
+                self.aux
+                    .iter()
+                    .map(|b| (b.addr + slot as u64 * b.item_len, b.item_len)),
+            );
+        }
+        out
+    }
+
     /// Checks that pages of `self` can be copied to pages of `dst`: the same number of
     /// buffers with the same item sizes, in order, and the same for aux.
     pub fn check_pairs_with(&self, dst: &KvLayout) -> Result<()> {
@@ -120,6 +145,42 @@ impl KvLayout {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn digest_ranges_go_buffer_by_buffer_and_join_consecutive_pages() {
+        let l = super::KvLayout::new(
+            vec![
+                super::KvBuffer {
+                    addr: 0x10000,
+                    len: 8 * 100,
+                    item_len: 100,
+                },
+                super::KvBuffer {
+                    addr: 0x20000,
+                    len: 8 * 10,
+                    item_len: 10,
+                },
+            ],
+            vec![super::KvBuffer {
+                addr: 0x30000,
+                len: 4 * 7,
+                item_len: 7,
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            l.digest_ranges(&[3, 4, 5, 1], Some(2)),
+            vec![
+                (0x10000 + 300, 300),
+                (0x10000 + 100, 100),
+                (0x20000 + 30, 30),
+                (0x20000 + 10, 10),
+                (0x30000 + 14, 7),
+            ]
+        );
+        assert_eq!(l.digest_ranges(&[], Some(0)), vec![(0x30000, 7)]);
+        assert!(l.digest_ranges(&[], None).is_empty());
+    }
+
     use super::*;
 
     fn buf(addr: u64, len: u64, item_len: u64) -> KvBuffer {

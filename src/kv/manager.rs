@@ -52,6 +52,14 @@ pub struct KvConfig {
     /// its rooms fail as peer lost. Heartbeats go out every fifth of it (at most every
     /// second), so a peer stopped for less loses nothing.
     pub heartbeat_timeout: Duration,
+    /// Decode: every room asks its sender for a digest (64-bit XXH3) of each chunk's bytes as
+    /// posted, hashes the chunk's destination when it lands and succeeds only when every
+    /// chunk matched; a mismatch fails the room with [`FailureKind::Integrity`]. Off by
+    /// default (`KVT_KV_INTEGRITY=1` turns it on). Both sides' KV memory must be host memory
+    /// (a sender with GPU memory rejects such rooms). Prefill: ignored (it hashes when asked).
+    ///
+    /// [`FailureKind::Integrity`]: super::FailureKind::Integrity
+    pub integrity: bool,
 }
 
 impl KvConfig {
@@ -64,7 +72,15 @@ impl KvConfig {
             abort_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(5),
+            integrity: false,
         };
+        if let Ok(v) = std::env::var("KVT_KV_INTEGRITY") {
+            match v.trim() {
+                "1" | "true" | "on" => c.integrity = true,
+                "0" | "false" | "off" | "" => c.integrity = false,
+                other => tracing::warn!("ignoring KVT_KV_INTEGRITY: {other:?} is not 0 or 1"),
+            }
+        }
         for (var, field) in [
             ("KVT_ROOM_TIMEOUT_MS", &mut c.room_timeout),
             ("KVT_ABORT_TIMEOUT_MS", &mut c.abort_timeout),
@@ -84,6 +100,12 @@ impl KvConfig {
     /// Sets the room timeout.
     pub fn room_timeout(mut self, d: Duration) -> Self {
         self.room_timeout = d;
+        self
+    }
+
+    /// Turns per-chunk integrity digests on or off (see [`integrity`](Self::integrity)).
+    pub fn integrity(mut self, on: bool) -> Self {
+        self.integrity = on;
         self
     }
 
@@ -235,11 +257,29 @@ impl KvManager {
             layout: layout.clone(),
         };
         let timing = kv.timing();
+        let host = layout
+            .buffers
+            .iter()
+            .chain(&layout.aux)
+            .all(|b| engine.is_host_memory(b.addr, b.len));
         let ep = match kv.role {
-            KvRole::Prefill => Endpoint::Prefill(PrefillEndpoint::new(me, timing)),
+            KvRole::Prefill => {
+                let mut p = PrefillEndpoint::new(me, timing);
+                p.set_can_digest(host);
+                Endpoint::Prefill(p)
+            }
             KvRole::Decode => {
+                if kv.integrity && !host {
+                    return Err(Error::InvalidArgument(
+                        "integrity digests need the KV layout in host memory: the CPU hashes \
+                         what lands, and this layout has GPU memory"
+                            .into(),
+                    ));
+                }
                 let needs_ack = engine.transport() == "rdma";
-                Endpoint::Decode(DecodeEndpoint::new(me, timing, needs_ack))
+                let mut d = DecodeEndpoint::new(me, timing, needs_ack);
+                d.check_digests(kv.integrity);
+                Endpoint::Decode(d)
             }
         };
         let shared = Arc::new(Shared {
@@ -364,8 +404,31 @@ impl Shared {
             tracing::debug!(slot, seq, "notification for no live room");
             return false;
         };
-        // Every byte of the room just came in (Success not yet published: a repeated
-        // notification of a finished room flushes nothing): visible to the GPU first.
+        if let Some(c) = core.cell(room) {
+            c.chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.first.get_or_init(|| now);
+        }
+        let quieted = self.chunk_counted(&mut core, room, now);
+        // A chunk to verify (integrity digests) is the driver's work.
+        let verify = core.ep.has_actions();
+        drop(core);
+        if quieted || verify {
+            self.driver.wake();
+        }
+        true
+    }
+
+    /// Decode side, after a chunk of `room` counted (notified, or verified against its
+    /// digest): when that made every byte of the room land (Success not yet published: a
+    /// repeated notification of a finished room flushes nothing), the bytes are made visible
+    /// to the GPU first; then the room's state is published. Returns whether a room became
+    /// quiet.
+    pub(crate) fn chunk_counted(
+        &self,
+        core: &mut super::driver::Core,
+        room: u64,
+        now: std::time::Instant,
+    ) -> bool {
         let newly_done = core.ep.state(room) == Some(super::KvPoll::Success)
             && core
                 .cell(room)
@@ -377,18 +440,12 @@ impl Shared {
             );
         }
         let quieted = core.publish();
-        if let Some(c) = core.cell(room) {
-            c.chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            c.first.get_or_init(|| now);
-            if c.state() == super::KvPoll::Success {
-                c.done.get_or_init(|| now);
-            }
+        if let Some(c) = core.cell(room)
+            && c.state() == super::KvPoll::Success
+        {
+            c.done.get_or_init(|| now);
         }
-        drop(core);
-        if quieted {
-            self.driver.wake();
-        }
-        true
+        quieted
     }
 }
 

@@ -45,6 +45,24 @@ pub enum KvMessage {
         aux_index: Option<u32>,
         /// Destination pages, in room order.
         pages: Vec<i32>,
+        /// The receiver asks for a [`ChunkDigest`](KvMessage::ChunkDigest) of every chunk.
+        digests: bool,
+    },
+    /// Sender → receiver, when the room asked for digests: a digest of the bytes of chunk
+    /// `seq` as the sender posted them: for every page buffer in layout order, the item of
+    /// each of the chunk's pages (`first..first + count` in room order); then, for the last
+    /// chunk, its aux slot of every aux buffer ([`KvLayout::digest_ranges`]).
+    ChunkDigest {
+        /// Room id.
+        room: u64,
+        /// The chunk's sequence number.
+        seq: u32,
+        /// Its first page in room order.
+        first: u64,
+        /// Its page count.
+        count: u64,
+        /// 64-bit XXH3 of its bytes.
+        digest: u64,
     },
     /// Sender → receiver: the room is paired; data will follow.
     RoomAccepted {
@@ -87,6 +105,7 @@ const ROOM_REJECTED: u8 = 4;
 const ROOM_ABORT: u8 = 5;
 const ROOM_ABORT_ACK: u8 = 6;
 const HEARTBEAT: u8 = 7;
+const CHUNK_DIGEST: u8 = 8;
 const NO_AUX: u32 = u32::MAX;
 
 fn put_text(out: &mut Vec<u8>, s: &str) {
@@ -129,6 +148,7 @@ impl KvMessage {
                 slot,
                 aux_index,
                 pages,
+                digests,
             } => {
                 out.push(ROOM_INIT);
                 out.extend_from_slice(&room.to_le_bytes());
@@ -139,6 +159,21 @@ impl KvMessage {
                 for p in pages {
                     out.extend_from_slice(&p.to_le_bytes());
                 }
+                out.push(u8::from(*digests));
+            }
+            KvMessage::ChunkDigest {
+                room,
+                seq,
+                first,
+                count,
+                digest,
+            } => {
+                out.push(CHUNK_DIGEST);
+                out.extend_from_slice(&room.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(&digest.to_le_bytes());
             }
             KvMessage::RoomAccepted { room } => {
                 out.push(ROOM_ACCEPTED);
@@ -214,16 +249,35 @@ impl KvMessage {
                 check_max("room pages", n as u64, MAX_ROOM_PAGES as u64)?;
                 r.require_items(n, 4, "room pages")?;
                 let raw = r.bytes(n * 4, "room pages")?;
+                let pages = raw
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let digests = match r.u8("digest flag")? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(WireError::Malformed {
+                            what: "digest flag",
+                            detail: format!("{other}, not 0 or 1"),
+                        });
+                    }
+                };
                 KvMessage::RoomInit {
                     room,
                     slot,
                     aux_index: (aux != NO_AUX).then_some(aux),
-                    pages: raw
-                        .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
+                    pages,
+                    digests,
                 }
             }
+            CHUNK_DIGEST => KvMessage::ChunkDigest {
+                room: r.u64("room")?,
+                seq: r.u32("chunk")?,
+                first: r.u64("first page")?,
+                count: r.u64("page count")?,
+                digest: r.u64("digest")?,
+            },
             ROOM_ACCEPTED => KvMessage::RoomAccepted {
                 room: r.u64("room")?,
             },
@@ -326,12 +380,21 @@ mod tests {
                 slot: 3,
                 aux_index: Some(5),
                 pages: vec![0, 7, -1, i32::MAX],
+                digests: false,
             },
             KvMessage::RoomInit {
                 room: 9,
                 slot: 3,
                 aux_index: None,
                 pages: vec![],
+                digests: true,
+            },
+            KvMessage::ChunkDigest {
+                room: 9,
+                seq: 255,
+                first: 40,
+                count: 8,
+                digest: u64::MAX - 1,
             },
             KvMessage::RoomAccepted { room: u64::MAX },
             KvMessage::RoomRejected {
@@ -368,8 +431,19 @@ mod tests {
             slot: 1,
             aux_index: None,
             pages: vec![1, 2],
+            digests: false,
         }
         .encode();
+        let flag_at = init.len() - 1;
+        init[flag_at] = 2;
+        assert!(matches!(
+            KvMessage::decode(&init[4..]),
+            Err(WireError::Malformed {
+                what: "digest flag",
+                ..
+            })
+        ));
+        init[flag_at] = 0;
         assert!(matches!(
             KvMessage::decode(&init[4..init.len() - 1]),
             Err(WireError::Truncated { .. })
@@ -412,8 +486,14 @@ mod tests {
 
         #[test]
         fn room_init_round_trips(room: u64, slot: u32, aux in prop::option::of(0u32..1000),
-                                 pages in prop::collection::vec(any::<i32>(), 0..300)) {
-            round_trip(&KvMessage::RoomInit { room, slot, aux_index: aux, pages });
+                                 pages in prop::collection::vec(any::<i32>(), 0..300),
+                                 digests: bool) {
+            round_trip(&KvMessage::RoomInit { room, slot, aux_index: aux, pages, digests });
+        }
+
+        #[test]
+        fn chunk_digest_round_trips(room: u64, seq: u32, first: u64, count: u64, digest: u64) {
+            round_trip(&KvMessage::ChunkDigest { room, seq, first, count, digest });
         }
     }
 }

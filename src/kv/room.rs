@@ -150,6 +150,16 @@ impl KvSender {
                     reqs,
                     tag: chunk_tag(plan.slot, plan.seq, plan.last),
                     seq: plan.seq,
+                    // The receiver asked for digests: the chunk's source (its pages, then the
+                    // aux slot with the last chunk), hashed by the poster before it posts.
+                    digest: plan.digest.then(|| ChunkSource {
+                        ranges: self
+                            .shared
+                            .layout
+                            .digest_ranges(src_pages, plan.aux.map(|(mine, _)| mine)),
+                        first: plan.first,
+                        count: src_pages.len() as u64,
+                    }),
                 };
                 if let Err(job) = self.shared.poster.submit(job) {
                     // The manager is gone: nothing will post it.
@@ -508,6 +518,15 @@ pub(crate) struct PostJob {
     reqs: Vec<Request>,
     tag: u32,
     seq: u32,
+    digest: Option<ChunkSource>,
+}
+
+/// What a chunk digest covers: the source memory in hashing order, and the chunk's pages in
+/// room order.
+pub(crate) struct ChunkSource {
+    ranges: Vec<(u64, u64)>,
+    first: u64,
+    count: u64,
 }
 
 /// Posts one chunk (on the poster thread) and tells the endpoint; a room that failed or went
@@ -518,7 +537,17 @@ pub(crate) fn post_job(m: &Shared, job: PostJob) {
         core.ep.state(job.room).is_some_and(|s| !s.is_final())
     };
     let engine = &m.engine;
-    let posted = if live {
+    // The digest of the bytes as they are posted (the source must not change until the room
+    // ends, as for any write).
+    let digest = match (&job.digest, live) {
+        (Some(src), true) => engine.digest_local(&src.ranges).map(|d| Some((src, d))),
+        _ => Ok(None),
+    };
+    let posted = if let Err(e) = &digest {
+        Err(Error::InvalidArgument(format!(
+            "the chunk cannot be hashed: {e}"
+        )))
+    } else if live {
         engine
             .submit_notify(job.peer, &job.reqs, m.cfg.room_timeout, job.tag)
             .and_then(|id| Ok((id, engine.batch_handle(id)?)))
@@ -543,6 +572,10 @@ pub(crate) fn post_job(m: &Shared, job: PostJob) {
             local.slices += job.reqs.len() as u64;
             local.open.push((id, b.clone()));
             core.batches.entry(job.room).or_default().push(b);
+            if let Ok(Some((src, d))) = digest {
+                let p = core.ep.prefill();
+                p.digest(job.room, job.seq, src.first, src.count, d, now);
+            }
             core.ep.prefill().posted(job.room, Ok(()), now);
         }
         Err(e) => {

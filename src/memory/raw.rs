@@ -142,6 +142,51 @@ pub(crate) fn copy_in(guard: &SegmentGuard, addr: u64, src: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as usize as *mut u8, src.len()) }
 }
 
+/// Inverts every bit of the byte of registered host memory at `addr` (the TCP target's
+/// corruption fault point, for tests of integrity digests).
+pub(crate) fn flip_byte(guard: &SegmentGuard, addr: u64) {
+    check(guard, addr, 1);
+    assert!(guard.segment().info.kind == super::MemoryKind::Host);
+    let p = addr as usize as *mut u8;
+    // SAFETY: one byte inside a pinned segment of host memory (checked above), which a
+    // write frame has just filled and nothing else writes meanwhile (the registration
+    // contract); read and written through the raw pointer only.
+    unsafe { p.write_volatile(!p.read_volatile()) }
+}
+
+/// Feeds the bytes of registered host memory `[addr, addr + len)` to `hasher`, copied
+/// through `scratch` (not empty) so that no reference is formed over them.
+pub(crate) fn hash_range(
+    guard: &SegmentGuard,
+    addr: u64,
+    len: usize,
+    scratch: &mut [u8],
+    hasher: &mut xxhash_rust::xxh3::Xxh3,
+) {
+    check(guard, addr, len);
+    assert!(
+        guard.segment().info.kind == super::MemoryKind::Host,
+        "hashing segment {} of GPU memory from the CPU",
+        guard.segment().info.id
+    );
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(scratch.len());
+        // SAFETY: the source lies inside a pinned segment of host memory (checked above),
+        // readable by the registration contract; `scratch` is an engine-owned buffer, never
+        // registered memory, so the ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (addr as usize + done) as *const u8,
+                scratch.as_mut_ptr(),
+                n,
+            )
+        };
+        hasher.update(&scratch[..n]);
+        done += n;
+    }
+}
+
 /// Reads from socket `s` into registered memory `[addr, addr + len)` and, in the same call,
 /// up to `tail.len()` further bytes into `tail` (the start of the next frame). Returns bytes
 /// read.
@@ -280,6 +325,45 @@ mod tests {
         assert!(out.is_empty());
         out.clear();
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn hashing_registered_memory_equals_hashing_its_bytes_and_a_flipped_byte_shows() {
+        use crate::memory::{MemoryKind, SegmentTable};
+        let mem = RawAlloc::zeroed(10_000).unwrap();
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        mem.write_at(0, &bytes);
+        let t = SegmentTable::default();
+        let s = t.register(mem.addr(), 10_000, MemoryKind::Host).unwrap();
+        let g = t.pin_range(s.id, 0, 10_000).unwrap();
+        let hash = |addr: u64, len: usize| {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            // A scratch smaller than the range: it is hashed in pieces.
+            hash_range(&g, addr, len, &mut [0u8; 333], &mut h);
+            h.digest()
+        };
+        assert_eq!(hash(mem.addr(), 10_000), xxhash_rust::xxh3::xxh3_64(&bytes));
+        assert_eq!(
+            hash(mem.addr() + 100, 5_000),
+            xxhash_rust::xxh3::xxh3_64(&bytes[100..5_100])
+        );
+        flip_byte(&g, mem.addr() + 4_000);
+        let mut back = vec![0u8; 10_000];
+        mem.read_at(0, &mut back);
+        assert_eq!(back[4_000], !bytes[4_000]);
+        assert_ne!(hash(mem.addr(), 10_000), xxhash_rust::xxh3::xxh3_64(&bytes));
+    }
+
+    #[test]
+    #[should_panic(expected = "outside segment")]
+    fn hashing_past_the_segment_panics_before_reading() {
+        use crate::memory::{MemoryKind, SegmentTable};
+        let mem = RawAlloc::zeroed(4096).unwrap();
+        let t = SegmentTable::default();
+        let s = t.register(mem.addr(), 4096, MemoryKind::Host).unwrap();
+        let g = t.pin_range(s.id, 0, 4096).unwrap();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        hash_range(&g, mem.addr() + 4000, 100, &mut [0u8; 64], &mut h);
     }
 
     #[test]

@@ -114,6 +114,7 @@ int main(void) {
     struct side pre, dec;
     side_init(&pre, KVT_ROLE_PREFILL, 1);
     side_init(&dec, KVT_ROLE_DECODE, 0);
+    dec.kv.integrity = 1; /* every chunk checked against the sender's digest */
 
     /* Config checks before any manager exists. */
     kvt_kv_manager *never = NULL;
@@ -125,6 +126,9 @@ int main(void) {
     bad = pre.kv;
     bad.role = 5;
     FAILS(kvt_kv_manager_create(NULL, &bad, &never), KVT_ERR_INVALID_CONFIG, "role");
+    bad = pre.kv;
+    bad.integrity = 7;
+    FAILS(kvt_kv_manager_create(NULL, &bad, &never), KVT_ERR_INVALID_CONFIG, "integrity");
     bad = pre.kv;
     bad.num_buffers = 0;
     FAILS(kvt_kv_manager_create(NULL, &bad, &never), KVT_ERR_INVALID_ARGUMENT,

@@ -107,6 +107,7 @@ class KvConfig(Structure):
         ("abort_timeout_ms", c_uint64),
         ("connect_timeout_ms", c_uint64),
         ("heartbeat_timeout_ms", c_uint64),
+        ("integrity", c_uint32),
     ]
 
 

@@ -133,7 +133,9 @@ class KVManager(Handle):
     The memory ``args`` points to must stay valid until the manager and every sender and
     receiver made from it are closed; pass its owners (tensors, arrays) as ``keepalive`` to
     have the manager reference them. ``server_args`` and ``is_mla_backend`` are accepted for
-    SGLang's constructor shape and ignored.
+    SGLang's constructor shape and ignored. ``integrity=True`` (decode) checks every chunk
+    against a digest of what the sender posted before a room succeeds (host memory only; a
+    mismatch fails the room with ``FailureKind.Integrity``).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class KVManager(Handle):
         abort_timeout_ms: int = 0,
         connect_timeout_ms: int = 0,
         heartbeat_timeout_ms: int = 0,
+        integrity: bool = False,
         connections_per_peer: int = 0,
         batch_timeout_ms: int = 0,
         devices: Union[str, Sequence[str], None] = None,
@@ -174,6 +177,7 @@ class KVManager(Handle):
         kv.abort_timeout_ms = abort_timeout_ms
         kv.connect_timeout_ms = connect_timeout_ms
         kv.heartbeat_timeout_ms = heartbeat_timeout_ms
+        kv.integrity = 1 if integrity else 0
         kv.buffers = ctypes.cast(bufs, ctypes.POINTER(_lib.KvBuffer))
         kv.num_buffers = nbufs
         kv.aux = ctypes.cast(aux, ctypes.POINTER(_lib.KvBuffer)) if naux else None

@@ -101,6 +101,29 @@ def test_deepseek_room_in_four_chunks_is_verified_byte_for_byte(sides):
     print(f"\n61x256x36KiB room over TCP: {page_bytes / took / 1e9:.2f} GB/s, {m.slices} writes, {took * 1e3:.0f} ms")
 
 
+def test_integrity_digests_check_every_chunk_before_success(sides):
+    """``integrity=True`` on the decode side: the room succeeds with every byte in place, the
+    sender having hashed what it posted and the receiver what landed."""
+    layers, pool, item, n = 4, 64, 4096, 40
+    prefill = sides("prefill", layers, pool, item)
+    decode = sides("decode", layers, pool, item, integrity=True)
+    prefill.fill()
+    src = np.array(scattered(n, pool, 3), dtype=np.int32)
+    dst = np.array(scattered(n, pool, 4), dtype=np.int32)
+    receiver = decode.receiver(prefill, 9)
+    receiver.init(dst, aux_index=1)
+    sender = prefill.sender(9)
+    sender.init(n, aux_index=2)
+    wait_state(sender, KVPoll.WaitingForInput)
+    sender.send(src[:16])
+    sender.send(src[16:])  # completes the 40 pages: the last chunk
+    assert wait_final(receiver, 30) == KVPoll.Success, receiver.failure_reason()
+    for l in range(layers):
+        assert np.array_equal(decode.mem[l][dst], prefill.mem[l][src]), f"layer {l} differs"
+    for got, sent in zip(decode.aux, prefill.aux):
+        assert np.array_equal(got[1], sent[2])
+
+
 def test_bad_pages_counts_and_duplicate_rooms_are_refused_and_nothing_is_written(sides):
     prefill = sides("prefill", 2, 16, 4096, room_timeout_ms=30_000)
     decode = sides("decode", 2, 16, 4096, room_timeout_ms=30_000)

@@ -44,6 +44,35 @@ pub enum DecodeAction {
         /// The sending engine `(id, epoch)`.
         peer: (u64, u64),
     },
+    /// Chunk `seq` of `room` landed and its digest came: hash its destination
+    /// ([`KvLayout::digest_ranges`](crate::kv::KvLayout::digest_ranges) of `pages` and `aux`)
+    /// and report whether it equals `digest` with [`DecodeEndpoint::verified`].
+    Verify {
+        /// The room.
+        room: u64,
+        /// The chunk.
+        seq: u32,
+        /// Whether it ends the room.
+        last: bool,
+        /// Its destination pages, in room order.
+        pages: Vec<i32>,
+        /// The aux slot it carries (last chunk only).
+        aux: Option<u32>,
+        /// The sender's digest.
+        digest: u64,
+    },
+}
+
+/// A room that checks digests: its destination, and the halves of each chunk's check that
+/// have arrived (the notification over the data path, the digest over the channel).
+#[derive(Debug, Default)]
+struct Check {
+    pages: Vec<i32>,
+    aux: Option<u32>,
+    /// Chunks notified and not yet verified: seq → last.
+    notified: HashMap<u32, bool>,
+    /// Digests of chunks not yet verified: seq → (first, count, digest).
+    digests: HashMap<u32, (u64, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -81,6 +110,8 @@ struct Room {
     /// The engine the room was announced to (it may write into the slot), and the link
     /// token its data path presents.
     peer: Option<((u64, u64), u64)>,
+    /// Digest checks, when this endpoint asks for them (set when the room is announced).
+    check: Option<Check>,
     /// We told the sender the room failed.
     told: bool,
     /// No write of the room can land any more (never announced, acknowledged, or cut off).
@@ -104,6 +135,8 @@ pub struct DecodeEndpoint {
     rooms: HashMap<u64, Room>,
     slots: HashMap<u32, u64>,
     next_slot: u32,
+    /// Rooms ask their sender for a digest of every chunk and succeed only once each matched.
+    digests: bool,
     out: Queues<DecodeAction>,
 }
 
@@ -120,8 +153,15 @@ impl DecodeEndpoint {
             rooms: HashMap::new(),
             slots: HashMap::new(),
             next_slot: 0,
+            digests: false,
             out: Queues::default(),
         }
+    }
+
+    /// Makes rooms announced from now on ask for digests and verify every chunk against its
+    /// digest before it counts (see [`DecodeAction::Verify`]).
+    pub fn check_digests(&mut self, on: bool) {
+        self.digests = on;
     }
 
     /// The timing in force.
@@ -149,6 +189,7 @@ impl DecodeEndpoint {
                 slot: None,
                 dest: None,
                 peer: None,
+                check: None,
                 told: false,
                 quiet: true,
                 ack_until: None,
@@ -262,6 +303,13 @@ impl DecodeEndpoint {
         };
         r.peer = Some((engine, c.link));
         r.quiet = false;
+        if self.digests {
+            r.check = Some(Check {
+                pages: pages.clone(),
+                aux: aux_index,
+                ..Check::default()
+            });
+        }
         c.live.said(now);
         self.out.transmits.push_back(Transmit {
             conn,
@@ -270,6 +318,7 @@ impl DecodeEndpoint {
                 slot,
                 aux_index,
                 pages,
+                digests: self.digests,
             },
         });
     }
@@ -395,6 +444,23 @@ impl DecodeEndpoint {
             }
             return None;
         }
+        match &mut r.check {
+            Some(check) => {
+                if !r.session.state().is_final() {
+                    check.notified.insert(seq, last);
+                    self.try_verify(room, seq);
+                }
+            }
+            None => self.count_chunk(room, seq, last),
+        }
+        Some(room)
+    }
+
+    /// Chunk `seq` of the room counts as arrived.
+    fn count_chunk(&mut self, room: u64, seq: u32, last: bool) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
         let before = r.session.state();
         r.session.notified(seq, last);
         let after = r.session.state();
@@ -408,7 +474,53 @@ impl DecodeEndpoint {
         if after != before {
             self.out.changed.push(room);
         }
-        Some(room)
+    }
+
+    /// Asks the driver to verify chunk `seq` once both its notification and its digest came.
+    fn try_verify(&mut self, room: u64, seq: u32) {
+        let Some(check) = self.rooms.get_mut(&room).and_then(|r| r.check.as_mut()) else {
+            return;
+        };
+        let (Some(&last), Some(&(first, count, digest))) =
+            (check.notified.get(&seq), check.digests.get(&seq))
+        else {
+            return;
+        };
+        check.notified.remove(&seq);
+        check.digests.remove(&seq);
+        // In range: checked when the digest came.
+        let pages = check.pages[first as usize..(first + count) as usize].to_vec();
+        let aux = if last { check.aux } else { None };
+        self.out.actions.push_back(DecodeAction::Verify {
+            room,
+            seq,
+            last,
+            pages,
+            aux,
+            digest,
+        });
+    }
+
+    /// The driver hashed chunk `seq` of `room` (see [`DecodeAction::Verify`]): `Ok` when it
+    /// matched the digest, and the chunk counts; `Err` fails the room with kind Integrity.
+    pub fn verified(
+        &mut self,
+        room: u64,
+        seq: u32,
+        last: bool,
+        result: std::result::Result<(), String>,
+        now: Instant,
+    ) {
+        let Some(r) = self.rooms.get(&room) else {
+            return;
+        };
+        if r.session.state().is_final() {
+            return;
+        }
+        match result {
+            Ok(()) => self.count_chunk(room, seq, last),
+            Err(text) => self.fail(room, FailureKind::Integrity, text, now),
+        }
     }
 
     /// Every byte of `room` landed but could not be made visible to its GPU (the driver's
@@ -543,12 +655,49 @@ impl DecodeEndpoint {
             KvMessage::RoomAccepted { room }
             | KvMessage::RoomRejected { room, .. }
             | KvMessage::RoomAbort { room, .. }
-            | KvMessage::RoomAbortAck { room } => *room,
+            | KvMessage::RoomAbortAck { room }
+            | KvMessage::ChunkDigest { room, .. } => *room,
             _ => return,
         };
         let Some(r) = self.rooms.get_mut(&room).filter(|r| r.conn == Some(conn)) else {
             return;
         };
+        if let KvMessage::ChunkDigest {
+            seq,
+            first,
+            count,
+            digest,
+            ..
+        } = msg
+        {
+            let Some(check) = r.check.as_mut() else {
+                self.out
+                    .refuse(format!("a digest for room {room}, which asked for none"));
+                return;
+            };
+            if seq >= crate::kv::MAX_CHUNKS || check.digests.contains_key(&seq) {
+                self.out.refuse(format!(
+                    "room {room}: a digest for chunk {seq} out of range or repeated"
+                ));
+                return;
+            }
+            if r.session.state().is_final() {
+                return;
+            }
+            let total = check.pages.len() as u64;
+            if first.checked_add(count).is_none_or(|end| end > total) {
+                let text = format!(
+                    "the digest of chunk {seq} names pages {first}..{} of a room of {total}",
+                    first.saturating_add(count)
+                );
+                self.out.refuse(format!("room {room}: {text}"));
+                self.fail(room, FailureKind::Integrity, text, now);
+                return;
+            }
+            check.digests.insert(seq, (first, count, digest));
+            self.try_verify(room, seq);
+            return;
+        }
         match msg {
             KvMessage::RoomAccepted { .. } => {
                 let before = r.session.state();

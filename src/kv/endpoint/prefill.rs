@@ -76,6 +76,11 @@ pub struct ChunkPlan {
     pub dst: Vec<i32>,
     /// For the last chunk: (our aux slot, the receiver's aux slot).
     pub aux: Option<(u32, u32)>,
+    /// Its first page in room order.
+    pub first: u64,
+    /// The receiver asked for its digest: hash the source (pages of this chunk, then aux)
+    /// and hand the digest to [`PrefillEndpoint::digest`].
+    pub digest: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +118,7 @@ struct Dest {
     slot: u32,
     aux: Option<u32>,
     pages: Vec<i32>,
+    digests: bool,
 }
 
 #[derive(Debug)]
@@ -151,6 +157,8 @@ pub struct PrefillEndpoint {
     pending: HashMap<u64, Pending>,
     tombstones: HashMap<u64, Tombstone>,
     owing: HashSet<u64>,
+    /// Whether this manager can hash its source memory (host memory only).
+    can_digest: bool,
     out: Queues<PrefillAction>,
 }
 
@@ -165,8 +173,38 @@ impl PrefillEndpoint {
             pending: HashMap::new(),
             tombstones: HashMap::new(),
             owing: HashSet::new(),
+            can_digest: true,
             out: Queues::default(),
         }
+    }
+
+    /// Whether rooms that ask for digests can be served: the source must be memory this
+    /// process can read (host memory). Rooms that ask otherwise are rejected.
+    pub fn set_can_digest(&mut self, on: bool) {
+        self.can_digest = on;
+    }
+
+    /// The digest of chunk `seq` of `room` (pages `first..first + count`), for its receiver.
+    pub fn digest(
+        &mut self,
+        room: u64,
+        seq: u32,
+        first: u64,
+        count: u64,
+        digest: u64,
+        now: Instant,
+    ) {
+        let Some(conn) = self.room_conn(room) else {
+            return;
+        };
+        let msg = KvMessage::ChunkDigest {
+            room,
+            seq,
+            first,
+            count,
+            digest,
+        };
+        self.transmit(conn, msg, now);
     }
 
     /// The timing in force.
@@ -332,6 +370,8 @@ impl PrefillEndpoint {
             last: chunk.last,
             dst,
             aux,
+            first: chunk.offset,
+            digest: d.digests,
         }))
     }
 
@@ -495,6 +535,7 @@ impl PrefillEndpoint {
                 slot,
                 aux_index,
                 pages,
+                digests,
             } => self.on_room_init(
                 room,
                 Dest {
@@ -502,6 +543,7 @@ impl PrefillEndpoint {
                     slot,
                     aux: aux_index,
                     pages,
+                    digests,
                 },
                 now,
             ),
@@ -638,6 +680,15 @@ impl PrefillEndpoint {
             let e = Error::InvalidPages { room, reason };
             self.reject(conn, room, &e, FailureKind::InvalidPages, now);
             return self.fail_or_tombstone(room, FailureKind::InvalidPages, e.to_string(), now);
+        }
+        if dest.digests && !self.can_digest {
+            let e = Error::InvalidArgument(
+                "the receiver asks for chunk digests, but this sender's KV cache is not in \
+                 host memory it can hash"
+                    .into(),
+            );
+            self.reject(conn, room, &e, FailureKind::Integrity, now);
+            return self.fail_or_tombstone(room, FailureKind::Integrity, e.to_string(), now);
         }
         if let Some(r) = self.rooms.get(&room) {
             if r.dest.is_some() {

@@ -77,6 +77,8 @@ struct Net {
     flying: Vec<(u64, ChunkPlan)>,
     /// The link token the prefill's data path presents (what its ConnectData said).
     data_link: u64,
+    /// Chunks the decode asked to verify against their digests.
+    verify: Vec<DecodeAction>,
     log: Vec<String>,
 }
 
@@ -121,6 +123,7 @@ impl Net {
             held: Vec::new(),
             flying: Vec::new(),
             data_link: 0,
+            verify: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -197,6 +200,7 @@ impl Net {
                 }
             }
             DecodeAction::Fence { .. } | DecodeAction::StopInbound { .. } => {}
+            v @ DecodeAction::Verify { .. } => self.verify.push(v),
         }
     }
 
@@ -395,6 +399,7 @@ fn duplicate_rooms_are_refused_on_both_sides() {
         slot: 9,
         aux_index: None,
         pages: vec![0],
+        digests: false,
     };
     n.p.handle(pc, msg, n.now);
     let out = n.p.poll_transmit().unwrap().msg;
@@ -827,6 +832,7 @@ fn what_a_peer_can_park_is_bounded() {
             slot: room as u32,
             aux_index: None,
             pages: big.clone(),
+            digests: false,
         };
         n.p.handle(pc, msg, n.now);
     }
@@ -1010,6 +1016,7 @@ fn a_room_stays_with_the_decode_engine_that_claimed_it() {
             slot: 5,
             aux_index: None,
             pages: vec![0, 1],
+            digests: false,
         },
         n.now,
     );
@@ -1072,4 +1079,100 @@ fn channels_per_host_and_in_all_are_bounded() {
     }
     let open = id as usize - std::iter::from_fn(|| p.poll_action()).count() - closed;
     assert_eq!(open, prefill::MAX_CHANNELS);
+}
+
+#[test]
+fn with_digests_a_chunk_counts_once_it_landed_and_matched_and_a_mismatch_fails_as_integrity() {
+    let mut n = Net::new();
+    n.d.check_digests(true);
+    n.pair(1, 4);
+    // Chunk 0 lands before its digest comes.
+    n.send(1, 2, false);
+    let plan = n.flying[0].1.clone();
+    assert!(
+        plan.digest && plan.first == 0,
+        "the room asked for digests: {plan:?}"
+    );
+    n.land();
+    assert!(n.verify.is_empty(), "nothing to check without the digest");
+    n.p.digest(1, plan.seq, 0, 2, 0xab, n.now);
+    n.step();
+    let want = DecodeAction::Verify {
+        room: 1,
+        seq: 0,
+        last: false,
+        pages: vec![0, 1],
+        aux: None,
+        digest: 0xab,
+    };
+    assert_eq!(n.verify, vec![want]);
+    n.verify.clear();
+    n.d.verified(1, 0, false, Ok(()), n.now);
+    // The last chunk's digest comes before it lands; the aux slot goes with it.
+    n.send(1, 2, true);
+    let plan = n.flying[0].1.clone();
+    assert_eq!(plan.first, 2);
+    n.p.digest(1, plan.seq, 2, 2, 0xcd, n.now);
+    n.step();
+    assert!(n.verify.is_empty(), "nothing to check before it lands");
+    n.land();
+    assert_eq!(
+        n.states(1).0,
+        Some(Transferring),
+        "not Success before it is checked"
+    );
+    let want = DecodeAction::Verify {
+        room: 1,
+        seq: 1,
+        last: true,
+        pages: vec![2, 3],
+        aux: Some(1),
+        digest: 0xcd,
+    };
+    assert_eq!(n.verify, vec![want]);
+    n.verify.clear();
+    n.d.verified(1, 1, true, Ok(()), n.now);
+    n.step();
+    assert_eq!(n.states(1), (Some(Success), Some(Success)));
+
+    // A chunk whose bytes differ fails the room as an integrity failure, and the sender hears.
+    n.pair(2, 2);
+    n.send(2, 2, true);
+    n.land();
+    n.p.digest(2, 0, 0, 2, 1, n.now);
+    n.step();
+    assert_eq!(n.verify.len(), 1);
+    n.verify.clear();
+    n.d.verified(2, 0, true, Err("differs".into()), n.now);
+    n.step();
+    assert_eq!(n.states(2).0, Some(Failed));
+    assert_eq!(n.kinds(2).0, Some(FailureKind::Integrity));
+    assert_eq!(n.d.failure(2).unwrap().text, "differs");
+
+    // A digest naming pages outside its room fails it too (and is logged as refused).
+    n.pair(3, 2);
+    n.send(3, 2, true);
+    n.p.digest(3, 0, 1, 5, 0, n.now);
+    n.step();
+    assert_eq!(n.kinds(3).0, Some(FailureKind::Integrity));
+    assert!(n.d.poll_refusal().is_some_and(|t| t.contains("pages 1..6")));
+    n.land();
+    assert!(n.verify.is_empty(), "a failed room checks nothing more");
+}
+
+#[test]
+fn a_digest_for_a_room_that_asked_for_none_is_refused_and_changes_nothing() {
+    let mut n = Net::new();
+    n.pair(1, 2);
+    n.send(1, 2, true);
+    assert!(!n.flying[0].1.digest);
+    n.p.digest(1, 0, 0, 2, 7, n.now);
+    n.step();
+    assert!(
+        n.d.poll_refusal()
+            .is_some_and(|t| t.contains("asked for none"))
+    );
+    n.land();
+    assert_eq!(n.states(1), (Some(Success), Some(Success)));
+    assert!(n.verify.is_empty());
 }

@@ -66,6 +66,12 @@ pub(crate) fn write_all_nb(s: &TcpStream, out: &mut Out<'_>, stall: Duration) ->
     Ok(())
 }
 
+/// Test-only fault point: each of the next this-many write frames that land in host memory
+/// at a TCP target of this process gets its first byte flipped once it landed, a corruption
+/// in flight that no transport check sees ([`crate::testing::corrupt_tcp_writes`]).
+pub(crate) static CORRUPT_WRITES: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(0);
+
 /// Where the payload of the frame being read goes.
 #[derive(Debug)]
 pub(crate) enum Sink {
@@ -147,6 +153,23 @@ impl Sink {
                 })
             }
             other => Err(other),
+        }
+    }
+
+    /// The [`CORRUPT_WRITES`] fault point, for a write frame that just completed: one load
+    /// of an atomic while it is not armed.
+    pub(crate) fn maybe_corrupt(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if CORRUPT_WRITES.load(Relaxed) == 0 {
+            return;
+        }
+        if let Sink::Memory { guard, addr, .. } = self
+            && guard.segment().info.kind == crate::memory::MemoryKind::Host
+            && CORRUPT_WRITES
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            raw::flip_byte(guard, *addr);
         }
     }
 

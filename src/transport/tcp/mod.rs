@@ -11,7 +11,7 @@
 //! writing for every connection).
 
 mod conn;
-mod io;
+pub(crate) mod io;
 pub(crate) mod poller;
 pub(crate) mod sender;
 mod target;

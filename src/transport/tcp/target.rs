@@ -680,6 +680,9 @@ impl FrameHandler for Target {
     }
 
     fn on_frame(&mut self, hdr: &FrameHeader, sink: Sink) -> io::Result<()> {
+        if hdr.op == FrameOp::Write {
+            sink.maybe_corrupt();
+        }
         // A staged write reaches GPU memory here (or, gathered, before its batch's ack or
         // anything else that may depend on it); then the pin goes.
         match sink.take_deferred() {
